@@ -1,0 +1,45 @@
+"""minildm: latent diffusion (Stable Diffusion v1) from scratch in plain PyTorch.
+
+The package follows the data flow of a latent diffusion model, one concept per module:
+
+    schedule.py   the noise schedule and the forward process
+    samplers.py   DDPM, DDIM, PLMS and the k-diffusion samplers; classifier-free guidance
+    toy.py        a 2-D diffusion model that trains in seconds
+    unet.py       the conditional UNet that predicts noise
+    tokenizer.py  the CLIP byte-pair-encoding tokenizer
+    clip_text.py  the CLIP text transformer that turns tokens into a context
+    vae.py        the KL autoencoder between pixels and latents, and its losses
+    convert.py    the only module that knows checkpoint key names
+    ldm.py        the composed model: text -> context, noise -> latents -> image
+    data.py       data sets: CIFAR-10, a folder of images, generated shapes
+    train.py      the training command line
+    sample.py     the sampling command line
+
+Names are imported lazily, so `import minildm` stays cheap.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "NoiseSchedule": "schedule",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+    "CLIPTokenizer": "tokenizer",
+    "CLIPTextModel": "clip_text",
+    "CLIPTextConfig": "clip_text",
+    "AutoencoderKL": "vae",
+    "VAEConfig": "vae",
+    "LatentDiffusion": "ldm",
+    "load_stable_diffusion": "ldm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'minildm' has no attribute {name!r}")
