@@ -1,0 +1,357 @@
+"""The composed latent diffusion model: text -> context, noise -> latents -> image.
+
+Everything before this file is one part of Stable Diffusion; here they meet. The whole data flow of
+text-to-image is `LatentDiffusion.generate`:
+
+    prompt --tokenizer--> tokens --CLIP--> context          (and "" or a negative prompt -> uncond_context)
+    z_T ~ N(0, I) --sampler(cfg_denoiser(UNet))--> z_0 --(/ scale_factor)--> VAE decoder --> x
+
+img2img starts from an image instead: x --VAE encoder--> z_0 --(* scale_factor)--> noised to the level of
+the step where `strength` says to start. Inpainting also keeps, at every step, the original latents
+(re-noised to the current level) outside the mask.
+
+This is the only module that applies the latent scale factor (0.18215 for SD v1): the VAE works on
+unscaled latents, the UNet and samplers on scaled ones, which have roughly unit variance.
+
+Notation (code -> paper): x image in [-1, 1] (x in the paper), z latent z_0 = scale_factor * E(x),
+z_t noisy latent, context tau_theta(y), guidance_scale w (classifier-free guidance), strength
+(fraction of the sampler's steps that img2img runs), mask m (1 = repaint, 0 = keep).
+Shapes: B batch, C=3 image channels, H/W pixels, zc latent channels, h/w = H/f, W/f latent size,
+f the VAE's downsampling factor (8 for SD), L tokens (77), D context width (768 for SD v1).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import convert, samplers
+from .clip_text import CLIPTextConfig, CLIPTextModel
+from .schedule import NoiseSchedule
+from .tokenizer import CLIPTokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+
+class LatentDiffusion(nn.Module):
+    """Tokenizer + CLIP text encoder + UNet + VAE + noise schedule + latent scale factor."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 schedule: NoiseSchedule | None = None, scale_factor: float | None = None):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.schedule = schedule if schedule is not None else NoiseSchedule.sd()
+        self.scale_factor = float(scale_factor if scale_factor is not None else vae.cfg.scale_factor)
+        self.vae_tile_size = None  # latent tile size for decoding large images piece by piece
+
+    # ----- devices and memory options -------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD)."""
+        return self.vae.cfg.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must divide by this: the VAE's factor times the UNet's own downsampling."""
+        return self.vae.cfg.downsample_factor * self.unet.cfg.downsample_factor
+
+    @property
+    def default_size(self) -> int:
+        """The image size the model was trained at: 512 for SD v1, 32 for the small presets."""
+        return 512 if self.unet.cfg.model_channels >= 320 else 32
+
+    def set_attention_slicing(self, slice_size: int | None) -> None:
+        """Attend `slice_size` query positions at a time in the UNet (less memory, same result)."""
+        self.unet.set_attention_slicing(slice_size)
+
+    def set_vae_tiling(self, tile_size: int | None) -> None:
+        """Decode latents in overlapping tiles of `tile_size` latent pixels (None: all at once)."""
+        self.vae_tile_size = tile_size
+
+    # ----- the three encoders/decoders ------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """Prompts -> context (B, L, D): tokens, then the CLIP text transformer."""
+        tokens = self.tokenizer(prompts).to(self.device)                  # (B, L)
+        return self.text_encoder(tokens)                                  # (B, L, D)
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     sample: bool = False) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean (or a sample)."""
+        posterior = self.vae.encode(x.to(self.device, self.vae_dtype))
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z.float() * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z (B, zc, h, w) -> images x (B, 3, H, W) in [-1, 1] (clamped)."""
+        z = (z / self.scale_factor).to(self.device, self.vae_dtype)
+        if self.vae_tile_size is not None and max(z.shape[-2:]) > self.vae_tile_size:
+            x = self._decode_tiled(z, self.vae_tile_size)
+        else:
+            x = self.vae.decode(z)
+        return x.float().clamp(-1, 1)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _decode_tiled(self, z, tile):
+        """Decode overlapping latent tiles and blend them with linear ramps, so no seam shows."""
+        f, overlap = self.downsample_factor, max(tile // 4, 1)
+        B, _, h, w = z.shape
+        out = torch.zeros(B, self.vae.cfg.in_channels, h * f, w * f, device=z.device)
+        weight = torch.zeros(1, 1, h * f, w * f, device=z.device)
+        stride = tile - overlap
+        for top in range(0, max(h - overlap, 1), stride):
+            for left in range(0, max(w - overlap, 1), stride):
+                top_, left_ = min(top, max(h - tile, 0)), min(left, max(w - tile, 0))
+                piece = self.vae.decode(z[:, :, top_:top_ + tile, left_:left_ + tile]).float()
+                ph, pw = piece.shape[-2:]
+                ramp_h = _ramp(ph, overlap * f, top_ > 0, top_ + tile < h, z.device)
+                ramp_w = _ramp(pw, overlap * f, left_ > 0, left_ + tile < w, z.device)
+                mask = ramp_h[:, None] * ramp_w[None, :]
+                out[:, :, top_ * f:top_ * f + ph, left_ * f:left_ * f + pw] += piece * mask
+                weight[:, :, top_ * f:top_ * f + ph, left_ * f:left_ * f + pw] += mask
+        return out / weight
+
+    # ----- sampling -------------------------------------------------------------------------------
+
+    def _unet(self, z_t, t, context):
+        """The UNet in its own dtype; the samplers keep z_t in float32."""
+        return self.unet(z_t.to(self.dtype), t, context.to(self.dtype)).float()
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "",
+                 num_images: int = 1, num_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 init_image: torch.Tensor | None = None, strength: float = 0.8, mask: torch.Tensor | None = None,
+                 callback=None, output_type: str = "image", **sampler_options) -> torch.Tensor:
+        """Text-to-image, image-to-image and inpainting with classifier-free guidance.
+
+        prompt: one prompt or one per image; num_images images per prompt. negative_prompt: what the
+        guidance steers away from ("" is the unconditional context). seed or generator pins the noise
+        (drawn on the CPU, so a seed gives the same image on any device); latents (B, zc, h, w) gives
+        it explicitly. init_image (1 or B, 3, H, W) in [-1, 1]: img2img, running the last `strength`
+        fraction of the sampler's steps (0 returns the init image's reconstruction). mask (1 or B, 1,
+        H, W), 1 = repaint, 0 = keep: inpainting of init_image. callback(info) is called every step
+        with the sampler's dict (z_t, x0_pred, ...); `self.decode_latents(info["x0_pred"])` turns the
+        prediction into a picture. Returns images (B, 3, H, W) in [0, 1], or the latents z_0 with
+        output_type="latent".
+        """
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        if mask is not None and init_image is None:
+            raise ValueError("inpainting needs an init image to go with the mask")
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = [n for n in negatives for _ in range(num_images)]
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        B = len(prompts)
+        if init_image is not None:
+            height, width = init_image.shape[-2:]
+        height, width = height or self.default_size, width or self.default_size
+        self.check_size(height, width)
+
+        context = self.encode_prompt(prompts)                              # (B, L, D)
+        uncond_context = self.encode_prompt(negatives)                     # (B, L, D)
+        eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
+
+        f = self.downsample_factor
+        shape = (B, self.unet.cfg.in_channels, height // f, width // f)
+        noise = latents if latents is not None else torch.randn(shape, generator=generator)
+        noise = noise.to(self.device, torch.float32)
+        if init_image is None:
+            z, first_step = noise, 0
+        else:
+            z0 = self.encode_image(init_image).expand(B, -1, -1, -1)       # (B, zc, h, w)
+            first_step = num_steps - int(num_steps * strength)
+            if first_step >= num_steps:  # strength 0: nothing to denoise
+                return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
+            a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
+            z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
+            if mask is not None:
+                m = self.latent_mask(mask, B)
+                eps_fn = self._inpainting(eps_fn, z0, noise, m)
+
+        sample = samplers.SAMPLERS[sampler]
+        z = sample(eps_fn, z, self.schedule, num_steps, first_step=first_step, generator=generator,
+                   callback=callback, **sampler_options)
+        if mask is not None:
+            z = m * z + (1 - m) * z0
+        if output_type == "latent":
+            return z
+        return self.to_unit(self.decode_latents(z))
+
+    def _inpainting(self, eps_fn, z0, noise, m):
+        """Wrap eps_fn so that outside the mask the sampler follows the original latents.
+
+        The UNet sees the sampler's z_t inside the mask and the original re-noised to the current level
+        outside it; outside the mask the returned eps is the one that makes x0_pred exactly z0, so every
+        sampler steps the kept region along the original image's own noising path.
+        """
+        def inpaint_eps(z_t, t):
+            abar = 1.0 / (1.0 + self.schedule.t_to_sigma(t.float().cpu()) ** 2)
+            abar = abar.to(z_t.device).view(-1, 1, 1, 1)
+            kept = abar.sqrt() * z0 + (1 - abar).sqrt() * noise             # q_sample(z0, t, noise)
+            eps_pred = eps_fn(m * z_t + (1 - m) * kept, t)
+            eps_kept = (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
+            return m * eps_pred + (1 - m) * eps_kept
+
+        return inpaint_eps
+
+    def latent_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """A pixel mask (1 or B, 1, H, W) -> latent mask (B, 1, h, w); a latent pixel is repainted if any
+        of its f x f pixels is."""
+        m = (mask.float() > 0.5).float().to(self.device)
+        m = F.max_pool2d(m, self.downsample_factor)                        # (B, 1, h, w)
+        return m.expand(batch, -1, -1, -1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError unless the model can generate images of height x width."""
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        m = self.size_multiple
+        if height % m or width % m:
+            raise ValueError(f"this model needs height and width divisible by {m}, got {height}x{width}")
+
+    @staticmethod
+    def to_unit(x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> [0, 1]."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+def _ramp(n, overlap, fade_in, fade_out, device):
+    """Blend weights along one side of a tile: linear ramps over `overlap` pixels at shared edges."""
+    w = torch.ones(n, device=device)
+    k = min(overlap, n)
+    ramp = torch.linspace(1.0 / (k + 1), 1.0 - 1.0 / (k + 1), k, device=device)
+    if fade_in:
+        w[:k] = torch.minimum(w[:k], ramp)
+    if fade_out:
+        w[n - k:] = torch.minimum(w[n - k:], ramp.flip(0))
+    return w
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _build(name, cls, cfg, state, dtype, device):
+    """A model with no memory behind its parameters, then the checkpoint's tensors assigned into it."""
+    with convert.empty_parameters():
+        model = cls(cfg)
+    return convert.load_module(name, model, state, dtype=dtype, device=device).eval()
+
+
+def _check_schedule(schedule, buffers):
+    """Warn when the file's alphas_cumprod disagrees with the schedule we sample with."""
+    stored = buffers.get("alphas_cumprod")
+    if stored is not None and stored.shape == schedule.alphas_cumprod.shape:
+        diff = (stored.float() - schedule.alphas_cumprod).abs().max().item()
+        if diff > 1e-4:
+            warnings.warn(f"the checkpoint's alphas_cumprod differ from the schedule by up to {diff:.2g}; "
+                          "sampling uses the standard SD v1 schedule", stacklevel=3)
+
+
+def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool = True, *,
+                          unet_config: UNetConfig | None = None, vae_config: VAEConfig | None = None,
+                          text_config: CLIPTextConfig | None = None,
+                          tokenizer: CLIPTokenizer | None = None) -> LatentDiffusion:
+    """A LatentDiffusion from SD v1 weights or a minildm checkpoint.
+
+    path: an original `.safetensors`/`.ckpt` (CompVis layout, EMA weights used when present and
+    `use_ema`), a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ with their config.json), or a
+    checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). Original
+    files are assumed to be SD v1 sized unless configs are given. dtype: float32, or float16 on CUDA.
+    Raises convert.CheckpointError when the file cannot be used, saying what it seems to be.
+    """
+    path = os.fspath(path)
+    device = torch.device(device)
+    schedule = None
+    if os.path.isdir(path):
+        ckpt, configs = convert.read_diffusers_folder(path)
+        unet_config, vae_config, text_config = configs["unet"], configs["vae"], configs["text_encoder"]
+        sched = configs["schedule"] or {}
+        if sched.get("beta_schedule", "scaled_linear") == "scaled_linear":
+            schedule = NoiseSchedule.scaled_linear(sched.get("num_train_timesteps", 1000),
+                                                   sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012))
+        elif sched.get("beta_schedule") == "linear":
+            schedule = NoiseSchedule.linear(sched.get("num_train_timesteps", 1000),
+                                            sched.get("beta_start", 0.0001), sched.get("beta_end", 0.02))
+        scale_factor = configs["scale_factor"]
+        if tokenizer is None and configs["tokenizer"]:
+            tokenizer = CLIPTokenizer.from_folder(configs["tokenizer"])
+    else:
+        ckpt = convert.read_checkpoint(path)
+        meta = ckpt.meta or {}
+        if ckpt.kind == "vae" or ckpt.unet is None:
+            raise convert.CheckpointError(f"{path} is {convert.describe('vae')}")
+        if ckpt.text_encoder is None:
+            raise convert.CheckpointError(f"{path} has no text encoder weights "
+                                          "(cond_stage_model.transformer.*), so prompts cannot be encoded")
+        if meta:
+            unet_config = unet_config or UNetConfig.from_dict(meta["unet"])
+            vae_config = vae_config or (VAEConfig.from_dict(meta["vae"]) if meta.get("vae") else None)
+            text_config = text_config or CLIPTextConfig.from_dict(meta["text_encoder"])
+            if meta.get("schedule"):
+                schedule = NoiseSchedule.from_dict(meta["schedule"])
+            scale_factor = meta.get("scale_factor")
+            if meta.get("prediction", "eps") != "eps":
+                raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
+        else:
+            unet_config = unet_config or UNetConfig.sd15()
+            to_k = ckpt.unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+            if to_k is not None and to_k.shape[1] != unet_config.context_dim:
+                raise convert.CheckpointError(
+                    f"{path} has a {to_k.shape[1]}-wide text context, SD v1 has {unet_config.context_dim}: "
+                    f"it is probably {convert.describe('sd2')}")
+            vae_config = vae_config or VAEConfig.sd()
+            text_config = text_config or CLIPTextConfig.vit_l14()
+            scale_factor = None
+        if ckpt.vae is None or vae_config is None:
+            raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
+        schedule = schedule or NoiseSchedule.sd()
+        _check_schedule(schedule, ckpt.buffers)
+
+    unet = _build("UNet", UNet, unet_config, ckpt.unet_state(use_ema), dtype, device)
+    vae = _build("VAE", AutoencoderKL, vae_config, ckpt.vae, dtype, device)
+    text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder, dtype, device)
+    if tokenizer is None:
+        tokenizer = CLIPTokenizer.default()
+    if scale_factor is None:
+        scale_factor = vae_config.scale_factor
+    return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)
+
+
+def find_latest_checkpoint(runs_dir="runs") -> str | None:
+    """The newest runs/<name>/model.safetensors written by `python -m minildm.train`, or None."""
+    found = glob.glob(os.path.join(os.fspath(runs_dir), "*", "model.safetensors"))
+    return max(found, key=os.path.getmtime) if found else None
