@@ -1,0 +1,355 @@
+"""Samplers: turn a noise predictor into samples by running the diffusion backwards.
+
+Every sampler is a plain function with one signature (k-diffusion style):
+
+    sample_<name>(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None,
+                  **options) -> z_0
+
+    eps_fn(z_t, t) -> eps_pred   the denoiser: a model that predicts the noise in z_t at timestep t
+    z                            the starting latent in the variance-preserving scale, at the noise level
+                                 of step `first_step` (pure N(0, I) noise for text-to-image)
+    first_step                   skip the first steps of the num_steps-step sequence (img2img starts
+                                 from a partly noised image; noise_level() says how noised)
+    generator                    a torch.Generator for the noise that stochastic samplers add
+    callback(info)               called once per step with a dict: step, num_steps, t, z_t, x0_pred,
+                                 eps_pred (z_t always in the variance-preserving scale)
+
+Two families live here.
+
+* Discrete-time samplers (DDPM, DDIM, PLMS) walk a subsequence of the integer training timesteps and
+  work on z_t directly. They follow the original Stable Diffusion (CompVis) code: DDIM and PLMS use
+  timesteps 1, 1 + T/n, 1 + 2T/n, ... (uniform spacing with a +1 offset) and, after the last one,
+  the signal level abar_0 rather than 1.
+* The k-diffusion samplers (Euler, Euler ancestral, Heun, DPM-Solver++(2M)) see the same model as
+  the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma of the variance-exploding variable
+  x = z_t / sqrt(abar_t) = x0 + sigma eps (Karras et al. 2022). They walk a decreasing sequence of sigmas ending at 0,
+  placed like diffusers' schedulers do (timesteps evenly spaced from T-1 to 0, or Karras spacing).
+
+Notation (code -> paper): abar = alphas_cumprod (abar_t), a / a_prev = abar at this and the next
+step, x0_pred (x_0 estimate), eps_pred (epsilon_theta), eta (DDIM's eta), sigma (k-diffusion sigma),
+h (DPM-Solver step in lambda = -log sigma), d (the ODE derivative dx/dsigma).
+Shapes: z, z_t, x (B, ...), e.g. (B, C, h, w) latents or (B, 2) toy points; t (B,) float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedule import NoiseSchedule
+
+KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5: the spacing exponent they found best
+
+
+# ---------------------------------------------------------------------------- timestep sequences
+
+
+def ddpm_timesteps(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+    """Timesteps of an n-step DDPM run, most noisy first: 0, T/n, 2T/n, ... reversed (LongTensor (n,))."""
+    stride = schedule.num_timesteps // num_steps
+    return (torch.arange(num_steps) * stride).flip(0)
+
+
+def ddim_timesteps(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+    """Timesteps of an n-step DDIM/PLMS run as in the original SD code: uniform with a +1 offset.
+
+    When n does not divide T the original code takes ceil(T / stride) steps; here it is always n.
+    The offset is dropped when it would run past T-1 (e.g. n = T).
+    """
+    stride = schedule.num_timesteps // num_steps
+    offset = 1 if (num_steps - 1) * stride + 1 < schedule.num_timesteps else 0
+    return (torch.arange(num_steps) * stride + offset).flip(0)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """Karras et al. eq. 5: sigmas evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_grid(schedule: NoiseSchedule, num_steps: int, karras: bool = False):
+    """The sigmas (n+1,) ending in 0, and the model timesteps (n,), of an n-step k-diffusion run.
+
+    Default spacing as diffusers' Euler/Heun/DPM++ schedulers: timesteps evenly spaced from T-1 down to
+    0 (fractional) with sigma interpolated linearly in the table. With `karras`, sigmas follow
+    karras_sigmas between sigma(0) and sigma(T-1), and the timesteps are schedule.sigma_to_t(sigma).
+    """
+    table = schedule.sigmas.double()
+    timesteps = torch.linspace(schedule.num_timesteps - 1, 0, num_steps, dtype=torch.float64)
+    if karras:
+        sigmas = karras_sigmas(table[0].item(), table[-1].item(), num_steps)
+        timesteps = schedule.sigma_to_t(sigmas.float()).double()
+    else:
+        low = timesteps.floor().long()
+        high = timesteps.ceil().long()
+        w = timesteps - low
+        sigmas = (1 - w) * table[low] + w * table[high]
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas.float(), timesteps.float()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _noise_like(z: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+
+
+def _call(eps_fn, z_t: torch.Tensor, t) -> torch.Tensor:
+    """Evaluate the denoiser with one float32 timestep per sample."""
+    t = torch.full((z_t.shape[0],), float(t), device=z_t.device, dtype=torch.float32)
+    return eps_fn(z_t, t)
+
+
+def _report(callback, step, num_steps, t, z_t, x0_pred, eps_pred):
+    if callback is not None:
+        callback({"step": step, "num_steps": num_steps, "t": float(t), "z_t": z_t,
+                  "x0_pred": x0_pred, "eps_pred": eps_pred})
+
+
+# ---------------------------------------------------------------------------- DDPM, DDIM, PLMS
+
+
+@torch.no_grad()
+def sample_ddpm(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None):
+    """Ancestral sampling from the DDPM posterior q(z_prev | z_t, x0_pred) with its "fixed small" variance.
+
+    With fewer steps than training timesteps, each step jumps between non-adjacent timesteps and the
+    posterior is that of the jump (beta becomes 1 - abar_t / abar_prev).
+    """
+    timesteps = ddpm_timesteps(schedule, num_steps)
+    abar = schedule.alphas_cumprod.to(z.device)
+    for i in range(first_step, num_steps):
+        t = int(timesteps[i])
+        a = abar[t]
+        a_prev = abar[timesteps[i + 1]] if i + 1 < num_steps else torch.ones_like(a)
+        beta = 1 - a / a_prev
+        eps_pred = _call(eps_fn, z, t)
+        x0_pred = (z - (1 - a).sqrt() * eps_pred) / a.sqrt()
+        _report(callback, i, num_steps, t, z, x0_pred, eps_pred)
+        # DDPM eqs. 6-7: the mean and variance of the Gaussian posterior
+        mean = (a_prev.sqrt() * beta / (1 - a)) * x0_pred + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * z
+        if t > 0:
+            variance = ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20)
+            z = mean + variance.sqrt() * _noise_like(z, generator)
+        else:
+            z = mean
+    return z
+
+
+def _ddim_alphas(schedule, timesteps, device):
+    """abar at each step and at the step after it; after the last step comes abar_0 (as CompVis)."""
+    abar = schedule.alphas_cumprod.to(device)
+    a = abar[timesteps]
+    a_prev = torch.cat([a[1:], abar[:1]])
+    return a, a_prev
+
+
+def _ddim_step(z, eps_pred, a, a_prev, sigma=0.0):
+    """DDIM eq. 12 without its noise term: predict x0, then re-noise it to the next level along eps."""
+    x0_pred = (z - (1 - a).sqrt() * eps_pred) / a.sqrt()
+    z_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).sqrt() * eps_pred
+    return z_prev, x0_pred
+
+
+@torch.no_grad()
+def sample_ddim(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021): deterministic for eta = 0, DDPM-like noise for eta = 1."""
+    timesteps = ddim_timesteps(schedule, num_steps)
+    a_all, a_prev_all = _ddim_alphas(schedule, timesteps, z.device)
+    # DDIM eq. 16: the noise scale that interpolates between the ODE (eta=0) and DDPM (eta=1)
+    sigmas = eta * ((1 - a_prev_all) / (1 - a_all) * (1 - a_all / a_prev_all)).sqrt()
+    for i in range(first_step, num_steps):
+        t = int(timesteps[i])
+        eps_pred = _call(eps_fn, z, t)
+        z_prev, x0_pred = _ddim_step(z, eps_pred, a_all[i], a_prev_all[i], sigmas[i])
+        _report(callback, i, num_steps, t, z, x0_pred, eps_pred)
+        if eta > 0:
+            z_prev = z_prev + sigmas[i] * _noise_like(z, generator)
+        z = z_prev
+    return z
+
+
+@torch.no_grad()
+def sample_plms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None):
+    """Pseudo linear multistep (Liu et al. 2022) as the original PLMSSampler runs it.
+
+    A DDIM step driven by an Adams-Bashforth combination of the last eps predictions (orders 2, 3, 4);
+    the very first step has no history, so it takes a trial step and averages eps at both ends (Heun).
+    """
+    timesteps = ddim_timesteps(schedule, num_steps)
+    a_all, a_prev_all = _ddim_alphas(schedule, timesteps, z.device)
+    old_eps = []
+    for i in range(first_step, num_steps):
+        t = int(timesteps[i])
+        a, a_prev = a_all[i], a_prev_all[i]
+        eps_pred = _call(eps_fn, z, t)
+        if not old_eps:
+            z_trial, _ = _ddim_step(z, eps_pred, a, a_prev)
+            eps_next = _call(eps_fn, z_trial, int(timesteps[min(i + 1, num_steps - 1)]))
+            eps_prime = (eps_pred + eps_next) / 2
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps_pred - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps_pred - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps_pred - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        z_prev, x0_pred = _ddim_step(z, eps_prime, a, a_prev)
+        _report(callback, i, num_steps, t, z, x0_pred, eps_prime)
+        old_eps = (old_eps + [eps_pred])[-3:]
+        z = z_prev
+    return z
+
+
+# ---------------------------------------------------------------------------- k-diffusion samplers
+# x = z_t / sqrt(abar) = z_t * sqrt(1 + sigma^2); the model still sees z_t = x / sqrt(1 + sigma^2).
+
+
+def _denoise(eps_fn, x, sigma, t):
+    """eps and the x0 estimate at noise level sigma (model timestep t), for x in the sigma scale."""
+    eps_pred = _call(eps_fn, x / (sigma**2 + 1).sqrt(), t)
+    return eps_pred, x - sigma * eps_pred
+
+
+def _k_start(z, sigmas, first_step):
+    return z * (sigmas[first_step] ** 2 + 1).sqrt()
+
+
+def _k_report(callback, i, num_steps, t, x, sigma, x0_pred, eps_pred):
+    if callback is not None:
+        _report(callback, i, num_steps, t, x / (sigma**2 + 1).sqrt(), x0_pred, eps_pred)
+
+
+@torch.no_grad()
+def sample_euler(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma (Karras et al. alg. 1)."""
+    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    sigmas = sigmas.to(z.device)
+    x = _k_start(z, sigmas, first_step)
+    for i in range(first_step, num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
+        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        d = (x - x0_pred) / sigma
+        x = x + d * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_a(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of size sigma_up.
+
+    sigma_down^2 + sigma_up^2 = sigma_next^2, with sigma_up chosen as in DDPM's ancestral step.
+    """
+    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    sigmas = sigmas.to(z.device)
+    x = _k_start(z, sigmas, first_step)
+    for i in range(first_step, num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
+        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
+        sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
+        d = (x - x0_pred) / sigma
+        x = x + d * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
+    """Heun's second-order method on the ODE (Karras et al. alg. 1); the last step, to sigma=0, is Euler."""
+    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    sigmas = sigmas.to(z.device)
+    x = _k_start(z, sigmas, first_step)
+    for i in range(first_step, num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
+        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        d = (x - x0_pred) / sigma
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+            continue
+        _, x0_next = _denoise(eps_fn, x_euler, sigma_next, timesteps[i + 1])
+        d_next = (x_euler - x0_next) / sigma_next
+        x = x + (d + d_next) / 2 * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
+    """DPM-Solver++(2M) (Lu et al. 2022): exact integration of the linear part in lambda = -log sigma,
+    with x0_pred extrapolated linearly from the last two steps. First and last steps are first order."""
+    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    sigmas = sigmas.to(z.device)
+    x = _k_start(z, sigmas, first_step)
+    x0_old, h_old = None, None
+    for i in range(first_step, num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
+        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        if sigma_next == 0:
+            x = x0_pred  # the exact solution once the noise level reaches 0
+            continue
+        h = sigma.log() - sigma_next.log()
+        if x0_old is None:
+            x0_mix = x0_pred
+        else:
+            r = h_old / h
+            x0_mix = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_old
+        # DPM-Solver++ eq. 9 in the sigma scale: x_next = (sigma_next/sigma) x + (1 - e^{-h}) x0
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_mix
+        x0_old, h_old = x0_pred, h
+    return x
+
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def noise_level(sampler_name: str, schedule: NoiseSchedule, num_steps: int, first_step: int = 0,
+                **options) -> float:
+    """The abar at which a sampler expects its starting z when it begins at `first_step`.
+
+    img2img noises its clean latent to this level (q_sample with abar) before sampling.
+    """
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {sorted(SAMPLERS)}")
+    if not 0 <= first_step < num_steps:
+        raise ValueError(f"first_step must be in [0, {num_steps}), got {first_step}")
+    if sampler_name == "ddpm":
+        return float(schedule.alphas_cumprod[ddpm_timesteps(schedule, num_steps)[first_step]])
+    if sampler_name in ("ddim", "plms"):
+        return float(schedule.alphas_cumprod[ddim_timesteps(schedule, num_steps)[first_step]])
+    sigmas, _ = sigma_grid(schedule, num_steps, options.get("karras", False))
+    return 1.0 / (1.0 + float(sigmas[first_step]) ** 2)
+
+
+# ---------------------------------------------------------------------------- classifier-free guidance
+
+
+def cfg_denoiser(model, context: torch.Tensor, uncond_context: torch.Tensor, guidance_scale: float):
+    """Classifier-free guidance (Ho & Salimans 2022) as an eps_fn for any sampler.
+
+    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond), with the conditional and
+    unconditional predictions from one batched model call. model(z_t, t, context) -> eps;
+    context (B, L, D); uncond_context (B, L, D) or (1, L, D).
+    """
+    def eps_fn(z_t, t):
+        if guidance_scale == 1.0:  # the unconditional half would cancel out exactly
+            return model(z_t, t, context)
+        batch = z_t.shape[0]
+        uncond = uncond_context.expand(batch, *uncond_context.shape[1:])
+        eps_uncond, eps_cond = model(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                                     torch.cat([uncond, context])).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    return eps_fn
