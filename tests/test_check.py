@@ -1,0 +1,291 @@
+"""The exercise checker: the package's own answers pass, wrong answers fail with a useful message."""
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minildm import check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(number, **overrides):
+    """Run a chapter's checks on the reference answers with some functions replaced."""
+    impl = check.CHAPTERS[number].reference()
+    for name, value in overrides.items():
+        setattr(impl, name, value)
+    return {r.exercise: r for r in check.run_chapter(number, impl)}
+
+
+@pytest.mark.parametrize("number", list(check.CHAPTERS))
+def test_reference_passes_every_check(number):
+    """The package's own implementations pass every check of every chapter."""
+    results = check.run_chapter(number, check.CHAPTERS[number].reference())
+    failed = [r for r in results if r.status != "pass"]
+    assert not failed, check.format_results(failed)
+
+
+@pytest.mark.parametrize("number", list(check.CHAPTERS))
+def test_stubs_report_not_implemented(number):
+    """Every untouched exercise file imports, and each of its exercises reports TODO, not a failure."""
+    results = check.run_chapter(number)
+    assert results and all(r.status == "todo" for r in results), check.format_results(results)
+
+
+def _abar(schedule, t, like):
+    a = schedule.alphas_cumprod[torch.as_tensor(t)]
+    return a.reshape(-1, *([1] * (like.ndim - 1))) if a.ndim else a
+
+
+def test_q_sample_without_sqrt_fails():
+    """q_sample with abar instead of sqrt(abar) fails, naming the call and the largest difference."""
+    def q_sample(schedule, x0, t, noise):
+        a = _abar(schedule, t, x0)
+        return a * x0 + (1 - a) * noise
+
+    r = _run("01", q_sample=q_sample)["q_sample"]
+    assert r.status == "fail"
+    assert "q_sample(schedule=sd()" in r.message and "max abs diff" in r.message
+    assert "mean abs diff" in r.message and "shape (4, 3, 8, 8)" in r.message
+
+
+def test_q_sample_in_place_fails():
+    """A q_sample that writes into its input is caught."""
+    def q_sample(schedule, x0, t, noise):
+        a = _abar(schedule, t, x0)
+        return x0.mul_(a.sqrt()).add_((1 - a).sqrt() * noise)
+
+    r = _run("01", q_sample=q_sample)["q_sample"]
+    assert r.status == "fail" and "in place" in r.message
+
+
+def test_q_sample_wrong_shape_fails():
+    """A result with the wrong shape reports expected and got shapes."""
+    r = _run("01", q_sample=lambda schedule, x0, t, noise: x0[0])["q_sample"]
+    assert r.status == "fail"
+    assert "expected (4, 3, 8, 8), got (3, 8, 8)" in r.message
+
+
+def test_ddim_step_with_eta_sign_wrong_fails():
+    """A DDIM step that adds sigma^2 under the square root instead of subtracting it fails at eta > 0."""
+    def ddim_step(z_t, eps_pred, a, a_prev, eta, noise):
+        x0 = (z_t - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        out = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev + sigma**2) * eps_pred
+        return out + sigma * noise if eta > 0 else out
+
+    r = _run("02", ddim_step=ddim_step)["ddim_step"]
+    assert r.status == "fail"
+    assert "eta=0.5" in r.message and "max abs diff" in r.message
+
+
+def test_ddim_step_with_wrong_timestep_fails():
+    """A DDIM step that re-noises to abar_t instead of abar_prev fails against the package's loop."""
+    def ddim_step(z_t, eps_pred, a, a_prev, eta, noise):
+        x0 = (z_t - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * eps_pred
+
+    r = _run("02", ddim_step=ddim_step)["ddim_step"]
+    assert r.status == "fail" and "step 0 of sample_ddim" in r.message
+
+
+def test_guidance_reversed_fails():
+    """Guidance that starts from the conditional prediction fails already at scale 1."""
+    r = _run("02", guidance=lambda u, c, s: c + s * (u - c))["guidance"]
+    assert r.status == "fail" and "guidance_scale=1.0" in r.message and "max abs diff" in r.message
+
+
+def test_attention_without_scale_fails():
+    """Attention without the 1/sqrt(hd) scale fails on the weights."""
+    def attention(q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return w @ v, w
+
+    r = _run("03", attention=attention)["attention"]
+    assert r.status == "fail" and "weights: values differ" in r.message
+
+
+def test_attention_softmax_over_wrong_axis_fails():
+    """A softmax over the queries instead of the keys fails."""
+    def attention(q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-2)
+        return w @ v, w
+
+    assert _run("03", attention=attention)["attention"].status == "fail"
+
+
+def test_cross_attention_heads_mixed_up_fails():
+    """Splitting channels into heads in the wrong order fails against the package's module."""
+    def cross_attention(module, x, context):
+        B, N, C = x.shape
+        nh, M = module.num_heads, context.shape[1]
+        q = module.to_q(x).view(B, N, C // nh, nh).permute(0, 3, 1, 2)
+        k = module.to_k(context).view(B, M, C // nh, nh).permute(0, 3, 1, 2)
+        v = module.to_v(context).view(B, M, C // nh, nh).permute(0, 3, 1, 2)
+        out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // nh), -1) @ v
+        return module.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+    r = _run("03", cross_attention=cross_attention)["cross_attention"]
+    assert r.status == "fail" and "max abs diff" in r.message
+
+
+def test_bpe_highest_rank_first_fails():
+    """A merge loop that takes the highest rank first fails and names the word."""
+    ref = check.reference_04()
+
+    def bpe(symbols, ranks):
+        symbols = tuple(symbols)
+        while len(symbols) > 1:
+            pairs = [p for p in zip(symbols[:-1], symbols[1:]) if p in ranks]
+            if not pairs:
+                break
+            symbols = ref.merge_pair(symbols, max(pairs, key=ranks.get))
+        return symbols
+
+    r = _run("04", bpe=bpe)["bpe"]
+    assert r.status == "fail" and "LOWEST rank" in r.message
+
+
+def test_merge_pair_overlapping_fails():
+    """merge_pair that does not skip past a merged pair (so it merges overlaps twice) fails."""
+    def merge_pair(symbols, pair):
+        out = []
+        for i, s in enumerate(symbols):
+            if i + 1 < len(symbols) and (s, symbols[i + 1]) == tuple(pair):
+                out.append(s + symbols[i + 1])
+            elif not (i > 0 and (symbols[i - 1], s) == tuple(pair)):
+                out.append(s)
+        return tuple(out)
+
+    r = _run("04", merge_pair=merge_pair)["merge_pair"]
+    assert r.status == "fail" and "expected ('aa', 'a', 'a</w>')" in r.message
+
+
+def test_reparameterize_with_variance_fails():
+    """Scaling the noise by the variance instead of the standard deviation fails."""
+    r = _run("05", reparameterize=lambda m, lv, n: m + lv.clamp(-30, 20).exp() * n)["reparameterize"]
+    assert r.status == "fail" and "reparameterize(" in r.message
+
+
+def test_reparameterize_without_gradient_fails():
+    """A sample detached from the graph fails: gradients must reach mean and logvar."""
+    def reparameterize(mean, logvar, noise):
+        return (mean + (0.5 * logvar.clamp(-30, 20)).exp() * noise).detach()
+
+    r = _run("05", reparameterize=reparameterize)["reparameterize"]
+    assert r.status == "fail" and "no gradient" in r.message
+
+
+def test_kl_with_wrong_sign_fails():
+    """The KL with its sign flipped fails."""
+    def gaussian_kl(mean, logvar):
+        lv = logvar.clamp(-30, 20)
+        return -0.5 * (mean**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3))
+
+    r = _run("05", gaussian_kl=gaussian_kl)["gaussian_kl"]
+    assert r.status == "fail" and "gaussian_kl(" in r.message and "max abs diff" in r.message
+
+
+def test_ema_key_keeping_dots_fails():
+    """An EMA key that keeps its dots fails and shows the expected key."""
+    r = _run("07", ema_key=lambda k: "model_ema.diffusion_model." + k)["ema_key"]
+    assert r.status == "fail" and "expected 'model_ema.diffusion_modeltime_embed0weight'" in r.message
+
+
+def test_unet_weights_ignoring_ema_fails():
+    """Returning the non-EMA weights when EMA ones exist and are asked for fails."""
+    def unet_weights(state, use_ema):
+        prefix = "model.diffusion_model."
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    r = _run("07", unet_weights=unet_weights)["unet_weights"]
+    assert r.status == "fail" and "non-EMA weight" in r.message
+
+
+def test_lerp_is_not_slerp():
+    """Straight-line interpolation fails the slerp check."""
+    r = _run("08", slerp=lambda a, b, t: (1 - t) * a + t * b)["slerp"]
+    assert r.status == "fail"
+
+
+def test_break_it_wrong_and_missing_answers():
+    """A wrong prediction fails without revealing the answer; a missing one is TODO."""
+    results = _run("09", SNR_RATIO_UNSCALED=1 / 0.18215, EMA_INIT_SHARE=None, NO_GUIDANCE_CHOICE="a")
+    assert results["wrong latent scale"].status == "fail"
+    assert "not within 1%" in results["wrong latent scale"].message
+    assert str(round((1 / 0.18215) ** 2, 2)) not in results["wrong latent scale"].message
+    assert results["no EMA"].status == "todo"
+    assert results["no guidance"].status == "fail"
+
+
+def test_crash_in_learner_code_is_reported_with_its_line():
+    """An exception in the learner's function is an ERROR naming the exception, not a traceback."""
+    def q_sample(schedule, x0, t, noise):
+        return x0 + noise[:2]
+
+    r = _run("01", q_sample=q_sample)["q_sample"]
+    assert r.status == "error" and "RuntimeError" in r.message and "test_check.py" in r.message
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "minildm.check", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_on_a_stub_reports_not_implemented():
+    """The CLI on an untouched stub says "not implemented", exits 1, and prints no traceback."""
+    proc = _cli("01", "--impl", "lessons/exercises/ex01_forward_diffusion.py")
+    assert proc.returncode == 1
+    assert "TODO" in proc.stdout and "not implemented" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_passes_a_correct_file_and_fails_a_wrong_one(tmp_path):
+    """A correct answer file exits 0 with PASS lines; a wrong one exits 1 with the difference."""
+    good = tmp_path / "good.py"
+    good.write_text(textwrap.dedent("""
+        def ema_key(unet_key):
+            return "model_ema." + ("diffusion_model." + unet_key).replace(".", "")
+
+        def unet_weights(state, use_ema):
+            p = "model.diffusion_model."
+            unet = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+            has_ema = any(k.startswith("model_ema.") and k not in
+                          ("model_ema.decay", "model_ema.num_updates") for k in state)
+            if use_ema and has_ema:
+                return {k: state[ema_key(k)] for k in unet}
+            return unet
+    """))
+    proc = _cli("07", "--impl", str(good))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASS") == 2
+
+    bad = tmp_path / "bad.py"
+    bad.write_text(good.read_text().replace('.replace(".", "")', ""))
+    proc = _cli("07", "--impl", str(bad))
+    assert proc.returncode == 1 and "FAIL" in proc.stdout and "expected 'model_ema." in proc.stdout
+
+
+def test_cli_list_and_unknown_chapter():
+    """--list names every exercise file; an unknown chapter is a one-line error with exit 2."""
+    proc = _cli("--list")
+    assert proc.returncode == 0
+    for c in check.CHAPTERS.values():
+        assert c.path.name in proc.stdout
+    proc = _cli("42")
+    assert proc.returncode == 2 and "no exercises for chapter 42" in proc.stderr
+
+
+def test_exercise_files_exist_for_every_chapter():
+    """Each chapter's exercise file exists and defines every function the checks call."""
+    for c in check.CHAPTERS.values():
+        assert c.path.exists(), c.path
+        impl = check.load_impl(c.path)
+        ref = c.reference()
+        missing = [name for name in vars(ref) if not hasattr(impl, name)]
+        assert not missing, f"{c.path.name} lacks {missing}"
