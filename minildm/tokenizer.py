@@ -86,7 +86,7 @@ def clean_text(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip().lower()
 
 
-def _clip_vocab_file() -> str:
+def clip_vocab_file() -> str:
     """Path of the BPE file shipped by the `clip` package, found without importing the package."""
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
@@ -136,7 +136,7 @@ class CLIPTokenizer:
     @classmethod
     def default(cls, path: str | None = None) -> "CLIPTokenizer":
         """The tokenizer from the `clip` package's bpe_simple_vocab_16e6.txt.gz (or another such file)."""
-        path = path or _clip_vocab_file()
+        path = path or clip_vocab_file()
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # Line 0 is a version header; CLIP uses the first NUM_MERGES merges of the file.

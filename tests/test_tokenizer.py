@@ -26,7 +26,7 @@ import ftfy
 import pytest
 import torch
 
-from minildm.tokenizer import CLIPTokenizer, _clip_vocab_file
+from minildm.tokenizer import CLIPTokenizer, clip_vocab_file
 
 SOT, EOT = 49406, 49407
 
@@ -64,7 +64,7 @@ PROMPTS = [
 
 def _load_simple_tokenizer_module():
     """clip/simple_tokenizer.py as a private module (importing `clip` would load its model code)."""
-    path = os.path.join(os.path.dirname(_clip_vocab_file()), "simple_tokenizer.py")
+    path = os.path.join(os.path.dirname(clip_vocab_file()), "simple_tokenizer.py")
     spec = importlib.util.spec_from_file_location("_clip_simple_tokenizer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
