@@ -474,6 +474,67 @@ def reference_05():
 
 
 # ----------------------------------------------------------------------------------------------
+# 06 training: the loss and the EMA of the weights
+# ----------------------------------------------------------------------------------------------
+
+def check_training_loss(impl) -> None:
+    """training_loss(model, schedule, z0, context, t, noise) equals train.diffusion_loss."""
+    from .schedule import NoiseSchedule
+    from .train import diffusion_loss
+
+    model = _FakeConditionalModel()
+    schedule = NoiseSchedule.sd()
+    z0, noise = _randn(3, 4, 4, 4, seed=21), _randn(3, 4, 4, 4, seed=22)
+    context, t = _randn(3, 5, 8, seed=23), torch.tensor([3, 400, 990])
+    expected = diffusion_loss(model, schedule, z0, context, t, noise)
+    got = impl.training_loss(model, schedule, z0, context, t, noise)
+    compare(f"training_loss(model, schedule=sd(), {inputs(z0=z0, context=context, t=t, noise=noise)})",
+            torch.as_tensor(got), expected, atol=1e-6)
+
+
+def check_ema_update(impl) -> None:
+    """ema_update(shadow, weights, decay, num_updates) follows train.EMA, warm-up included."""
+    from .train import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99)
+    shadow = {k: v.clone() for k, v in ema.shadow.items()}
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=_gen(step)))
+        ema.update(model)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        got = impl.ema_update(shadow, weights, 0.99, step)
+        if not isinstance(got, dict) or set(got) != set(shadow):
+            raise CheckFailed(f"ema_update should return a dict with the keys {sorted(shadow)}")
+        for k in shadow:
+            compare(f"ema_update(..., decay=0.99, num_updates={step})[{k!r}] after {step} updates",
+                    got[k], ema.shadow[k], atol=1e-6)
+        shadow = got
+
+
+def reference_06():
+    from .train import EMA, diffusion_loss
+
+    def training_loss(model, schedule, z0, context, t, noise):
+        return diffusion_loss(model, schedule, z0, context, t, noise)
+
+    def ema_update(shadow, weights, decay, num_updates):
+        holder = torch.nn.Module()
+        for i, k in enumerate(weights):
+            holder.register_buffer(f"w{i}", weights[k].clone())
+        ema = EMA(holder, decay)
+        ema.shadow = {f"w{i}": shadow[k].clone() for i, k in enumerate(weights)}
+        ema.num_updates = num_updates - 1
+        ema.update(holder)
+        return {k: ema.shadow[f"w{i}"] for i, k in enumerate(weights)}
+
+    return SimpleNamespace(training_loss=training_loss, ema_update=ema_update)
+
+
+# ----------------------------------------------------------------------------------------------
 # 07 Stable Diffusion: the checkpoint's EMA key names and picking the UNet's weights
 # ----------------------------------------------------------------------------------------------
 
@@ -641,6 +702,8 @@ CHAPTERS = {c.number: c for c in [
             {"merge_pair": check_merge_pair, "bpe": check_bpe}, reference_04),
     Chapter("05", "05_vae", "the VAE's posterior",
             {"reparameterize": check_reparameterize, "gaussian_kl": check_gaussian_kl}, reference_05),
+    Chapter("06", "06_training", "the training step",
+            {"training_loss": check_training_loss, "ema_update": check_ema_update}, reference_06),
     Chapter("07", "07_stable_diffusion", "checkpoint keys",
             {"ema_key": check_ema_key, "unet_weights": check_unet_weights}, reference_07),
     Chapter("08", "08_views", "interpolating noise",

@@ -191,6 +191,25 @@ def test_kl_with_wrong_sign_fails():
     assert r.status == "fail" and "gaussian_kl(" in r.message and "max abs diff" in r.message
 
 
+def test_training_loss_against_x0_fails():
+    """A loss that regresses the clean latent instead of the noise fails."""
+    def training_loss(model, schedule, z0, context, t, noise):
+        z_t = schedule.q_sample(z0, t, noise)
+        return torch.nn.functional.mse_loss(model(z_t, t, context), z0)
+
+    r = _run("06", training_loss=training_loss)["training_loss"]
+    assert r.status == "fail" and "training_loss(" in r.message
+
+
+def test_ema_without_warm_up_fails():
+    """An EMA that ignores the original's decay warm-up fails at the first update."""
+    def ema_update(shadow, weights, decay, num_updates):
+        return {k: decay * shadow[k] + (1 - decay) * weights[k] for k in shadow}
+
+    r = _run("06", ema_update=ema_update)["ema_update"]
+    assert r.status == "fail" and "num_updates=1" in r.message
+
+
 def test_ema_key_keeping_dots_fails():
     """An EMA key that keeps its dots fails and shows the expected key."""
     r = _run("07", ema_key=lambda k: "model_ema.diffusion_model." + k)["ema_key"]
