@@ -28,6 +28,11 @@ def _hf_config(cfg):
     )
 
 
+def _text_model(ref):
+    """transformers' text transformer: the model itself from transformers 5.6 on, .text_model before."""
+    return getattr(ref, "text_model", ref)
+
+
 def _randomize(model, generator):
     """Weights far from the initialisation, so attention patterns and layer norms matter."""
     with torch.no_grad():
@@ -60,7 +65,7 @@ def test_matches_transformers_clip_text_model(tmp_path):
     ).eval()
     # The loader fills parameters non-strictly; make sure every one came from our checkpoint.
     ours_sd = ours.state_dict()
-    for key, value in ref.state_dict().items():
+    for key, value in _text_model(ref).state_dict().items():
         assert torch.equal(value, ours_sd[key]), f"{key} was not loaded from the checkpoint"
 
     generator = torch.Generator().manual_seed(2)
@@ -82,7 +87,7 @@ def test_shorter_sequences_match_transformers():
     ours = CLIPTextModel(cfg).eval()
     _randomize(ours, torch.Generator().manual_seed(3))
     ref = transformers.CLIPTextModel(_hf_config(cfg)).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    _text_model(ref).load_state_dict(ours.state_dict(), strict=True)
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         diff = (ours(tokens) - ref(input_ids=tokens).last_hidden_state).abs()
@@ -102,7 +107,8 @@ def test_vit_l14_parameter_count_and_checkpoint_keys():
 
     # What a real checkpoint holds: transformers' weights under the original prefix, plus the
     # position_ids buffer that transformers no longer saves but SD v1 files carry.
-    expected = {TEXT_PREFIX + k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ref_keys = _text_model(ref).state_dict()
+    expected = {TEXT_PREFIX + k: tuple(v.shape) for k, v in ref_keys.items()}
     expected[TEXT_PREFIX + "embeddings.position_ids"] = (1, cfg.context_length)
     ckpt = _as_checkpoint(ours)
     got = {k: tuple(v.shape) for k, v in ckpt.items()}
@@ -116,7 +122,7 @@ def test_vit_l14_parameter_count_and_checkpoint_keys():
     converted = single_file_utils.convert_ldm_clip_checkpoint(ckpt)
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     converted.pop("embeddings.position_ids")
-    assert set(converted) == set(ref.state_dict())
+    assert set(converted) == set(ref_keys)
 
 
 def test_causal_context_ignores_later_tokens():

@@ -106,7 +106,9 @@ def vocab_folder(tmp_path_factory, clip_reference):
 @pytest.fixture(scope="module")
 def fast_reference(vocab_folder):
     transformers = pytest.importorskip("transformers")
-    return transformers.CLIPTokenizer.from_pretrained(str(vocab_folder))
+    # The Rust tokenizer is CLIPTokenizerFast in transformers 4 (where CLIPTokenizer is the Python
+    # one) and CLIPTokenizer, with CLIPTokenizerFast as an alias, in transformers 5.
+    return transformers.CLIPTokenizerFast.from_pretrained(str(vocab_folder))
 
 
 def _sd_row(ids):
