@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -111,6 +112,11 @@ def read_safetensors(path, device="cpu"):
     return state, metadata
 
 
+def _last_line(error):
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def read_ckpt(path):
     """The state dict of a pickled .ckpt, refusing any pickle that wants to run code."""
     try:
@@ -121,13 +127,16 @@ def read_ckpt(path):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        culprit = str(e).split("\n")[0][:200]
-        raise CheckpointError(
-            f"refusing to load {path}: its pickle wants to run code, not just store tensors ({culprit}). "
-            "Only load .ckpt files you trust, or use a .safetensors file instead") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated or not a "
-                              f".ckpt file?): {str(e).splitlines()[0][:200]}") from None
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if culprit:
+            raise CheckpointError(
+                f"refusing to load {path}: its pickle wants to call {culprit.group(1)}, which is code, not "
+                "tensors. Only load .ckpt files you trust, or use a .safetensors file instead") from None
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (damaged, or not a "
+                              ".ckpt file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a "
+                              f".ckpt file?): {_last_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
