@@ -175,7 +175,7 @@ def identify(state, metadata=None):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
-    to_k = state.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    to_k = next((v for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
     if to_k is not None and to_k.shape[-1] == 1024:
         return "sd2"
     if any(k.startswith(UNET_PREFIX) or k.startswith(EMA_PREFIX) for k in keys):
@@ -574,11 +574,18 @@ def text_to_diffusers(state):
 
 
 def text_from_diffusers(state):
-    """transformers' CLIPTextModel keys in the original layout (the position_ids buffer dropped)."""
-    unknown = [k for k in state if not k.startswith("text_model.")]
-    if unknown:
-        raise CheckpointError(f"{len(unknown)} text encoder keys are not under text_model.: {summarise_keys(unknown)}")
-    out = strip_prefix(state, "text_model.")
+    """transformers' CLIPTextModel keys in the original layout (the position_ids buffer dropped).
+
+    Folders saved with transformers 4 (all released SD v1 folders) put every key under "text_model.";
+    transformers 5 saves them without that prefix. Both are accepted.
+    """
+    if any(k.startswith("text_model.") for k in state):
+        unknown = [k for k in state if not k.startswith("text_model.")]
+        if unknown:
+            raise CheckpointError(f"{len(unknown)} text encoder keys are not under text_model.: "
+                                  f"{summarise_keys(unknown)}")
+        state = strip_prefix(state, "text_model.")
+    out = dict(state)
     out.pop(POSITION_IDS, None)
     return out
 

@@ -276,7 +276,7 @@ def _check_schedule(schedule, buffers):
     stored = buffers.get("alphas_cumprod")
     if stored is not None and stored.shape == schedule.alphas_cumprod.shape:
         diff = (stored.float() - schedule.alphas_cumprod).abs().max().item()
-        if diff > 1e-4:
+        if diff > max(1e-5, 2 * torch.finfo(stored.dtype).eps):  # float16 files round it
             warnings.warn(f"the checkpoint's alphas_cumprod differ from the schedule by up to {diff:.2g}; "
                           "sampling uses the standard SD v1 schedule", stacklevel=3)
 
@@ -308,7 +308,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
                                             sched.get("beta_start", 0.0001), sched.get("beta_end", 0.02))
         scale_factor = configs["scale_factor"]
         if tokenizer is None and configs["tokenizer"]:
-            tokenizer = CLIPTokenizer.from_folder(configs["tokenizer"])
+            tokenizer = _tokenizer_from_folder(configs["tokenizer"])
     else:
         ckpt = convert.read_checkpoint(path)
         meta = ckpt.meta or {}
@@ -328,7 +328,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
                 raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
         else:
             unet_config = unet_config or UNetConfig.sd15()
-            to_k = ckpt.unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+            to_k = next((v for k, v in ckpt.unet.items() if k.endswith("attn2.to_k.weight")), None)
             if to_k is not None and to_k.shape[1] != unet_config.context_dim:
                 raise convert.CheckpointError(
                     f"{path} has a {to_k.shape[1]}-wide text context, SD v1 has {unet_config.context_dim}: "
@@ -349,6 +349,25 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
     if scale_factor is None:
         scale_factor = vae_config.scale_factor
     return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)
+
+
+def _tokenizer_from_folder(folder) -> CLIPTokenizer:
+    """The tokenizer of a diffusers folder: vocab.json + merges.txt, or only the tokenizer.json that
+    folders saved by transformers 5 contain."""
+    import json
+
+    if os.path.exists(os.path.join(folder, "vocab.json")) or not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return CLIPTokenizer.from_folder(folder)
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        bpe = json.load(f)["model"]
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    pad = "<|endoftext|>"
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            pad = json.load(f).get("pad_token") or pad
+        pad = pad["content"] if isinstance(pad, dict) else pad
+    return CLIPTokenizer(merges, bpe["vocab"], pad_text=pad)
 
 
 def find_latest_checkpoint(runs_dir="runs") -> str | None:

@@ -1,0 +1,285 @@
+"""The composed model: loading every layout, parity with diffusers' StableDiffusionPipeline, img2img,
+inpainting, determinism and the memory options."""
+import gzip
+import json
+import os
+
+import pytest
+import torch
+
+from minildm import convert
+from minildm.clip_text import CLIPTextConfig
+from minildm.ldm import LatentDiffusion, find_latest_checkpoint, load_stable_diffusion
+from minildm.schedule import NoiseSchedule
+from minildm.tokenizer import CLIPTokenizer
+from test_convert import original_state, tiny_configs, tiny_models, write_safetensors
+
+SIZE = 32  # pixels; the tiny VAE makes 16x16 latents
+
+
+def write_tokenizer_folder(folder):
+    """vocab.json + merges.txt built directly from the clip package's BPE file, in CLIP's id order."""
+    import importlib.util
+
+    folder_of_clip = importlib.util.find_spec("clip").submodule_search_locations[0]  # importing clip needs pkg_resources
+    bpe = os.path.join(folder_of_clip, "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # GPT-2's byte table
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=1)
+
+
+@pytest.fixture(scope="module")
+def original_file(models, tmp_path_factory):
+    """The tiny models as an original-layout .safetensors, EMA weights equal to the raw ones."""
+    path = tmp_path_factory.mktemp("orig") / "sd.safetensors"
+    return write_safetensors(path, original_state(*models, ema_offset=0.0))
+
+
+def load_original(path, **kw):
+    unet_cfg, vae_cfg, text_cfg = tiny_configs()
+    return load_stable_diffusion(path, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg, **kw)
+
+
+def diffusers_parts(models, tokenizer_dir):
+    """diffusers/transformers models holding the same weights (converted by diffusers' own converter)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig as HFTextConfig
+    from transformers import CLIPTextModel as HFTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    unet, vae, text = models
+    state = original_state(unet, vae, text, ema_offset=0.0)
+    d_unet = UNet2DConditionModel(**convert.unet_config_to_diffusers(unet.cfg))
+    d_unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(dict(state), d_unet.config, extract_ema=True))
+    d_vae = AutoencoderKL(**convert.vae_config_to_diffusers(vae.cfg))
+    d_vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(dict(state), d_vae.config))
+    d_text = HFTextModel(HFTextConfig(**convert.text_config_to_diffusers(text.cfg)))
+    clip_state = sfu.convert_ldm_clip_checkpoint(dict(state))
+    clip_state.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in d_text.state_dict()):  # transformers 5 dropped the wrapper
+        clip_state = convert.strip_prefix(clip_state, "text_model.")
+    d_text.load_state_dict(clip_state, strict=True)
+    tokenizer = HFTokenizer(os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt"),
+                            pad_token="<|endoftext|>", model_max_length=77)
+    return d_unet.eval(), d_vae.eval(), d_text.eval(), tokenizer
+
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        set_alpha_to_one=False, steps_offset=1, clip_sample=False, skip_prk_steps=True,
+                        timestep_spacing="leading", prediction_type="epsilon")
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(models, tmp_path_factory):
+    """The same weights saved by diffusers as a pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("diffusers")
+    tok_dir = write_tokenizer_folder(str(root / "tok"))
+    unet, vae, text, tokenizer = diffusers_parts(models, tok_dir)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                                              if k != "skip_prk_steps"}),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return str(root / "pipe")
+
+
+def test_original_and_diffusers_folder_give_identical_images(original_file, diffusers_folder):
+    """The same weights as an original file and as a diffusers folder generate identical images."""
+    a = load_original(original_file)
+    b = load_stable_diffusion(diffusers_folder)
+    assert b.unet.cfg == a.unet.cfg and b.text_encoder.cfg == a.text_encoder.cfg
+    assert b.scale_factor == a.scale_factor == 0.5
+    kw = dict(num_steps=3, seed=7, height=SIZE, width=SIZE, negative_prompt="blurry")
+    x_a, x_b = a.generate("a red cube on a table", **kw), b.generate("a red cube on a table", **kw)
+    assert torch.equal(x_a, x_b), f"max diff {(x_a - x_b).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", "DDIMScheduler"), ("plms", "PNDMScheduler")])
+def test_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, scheduler):
+    """Same weights, scheduler and initial latents: our images equal StableDiffusionPipeline's to float32 precision."""
+    import diffusers
+
+    ours = load_original(original_file)
+    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    config = dict(SCHEDULER_CONFIG)
+    if scheduler == "DDIMScheduler":
+        config.pop("skip_prk_steps")
+    else:
+        config.pop("clip_sample")
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=getattr(diffusers, scheduler)(**config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, negative = ["a photo of an astronaut riding a horse", "a cat in a hat"], "low quality"
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE, latents=latents, sampler=sampler)
+    z = ours.generate(prompts, negative_prompt=negative, output_type="latent", **kw)
+    x = ours.generate(prompts, negative_prompt=negative, **kw)
+    d_kw = dict(negative_prompt=[negative] * 2, num_inference_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE,
+                latents=latents)
+    with torch.no_grad():
+        z_ref = pipe(prompts, output_type="latent", **d_kw).images
+        x_ref = pipe(prompts, output_type="pt", **d_kw).images
+    for name, a, b in (("latents", z, z_ref), ("images", x, x_ref)):
+        diff = (a - b).abs()
+        assert diff.max() < 1e-4 * max(1.0, b.abs().max().item()), \
+            f"{sampler} {name}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_float16_file_loads_as_float32_or_float16(models, tmp_path):
+    """A float16 file loads into float32 (values equal to the half-precision ones) or stays float16."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in original_state(*models).items()}
+    path = write_safetensors(tmp_path / "half.safetensors", state)
+    m32 = load_original(path)
+    m16 = load_original(path, dtype=torch.float16)
+    k = "input_blocks.1.0.in_layers.2.weight"
+    assert m32.unet.state_dict()[k].dtype == torch.float32
+    assert m16.unet.state_dict()[k].dtype == torch.float16
+    assert torch.equal(m32.unet.state_dict()[k], state[convert.ema_key(k)].float())  # EMA chosen
+
+
+def test_ema_can_be_switched_off(models, tmp_path):
+    """use_ema=False loads the raw UNet weights instead of model_ema.*."""
+    path = write_safetensors(tmp_path / "ema.safetensors", original_state(*models, ema_offset=1.0))
+    k = "out.2.bias"
+    assert torch.equal(load_original(path).unet.state_dict()[k], models[0].state_dict()[k] + 1.0)
+    assert torch.equal(load_original(path, use_ema=False).unet.state_dict()[k], models[0].state_dict()[k])
+
+
+def test_minildm_checkpoint_loads_with_its_configs(models, tmp_path):
+    """A checkpoint from save_checkpoint loads without configs and generates like the models it holds."""
+    unet, vae, text = models
+    path = convert.save_checkpoint(tmp_path / "runs" / "a" / "model.safetensors", unet=unet, vae=vae,
+                                   text_encoder=text, schedule=NoiseSchedule.sd(), scale_factor=0.5)
+    loaded = load_stable_diffusion(path)
+    direct = LatentDiffusion(unet, vae, text, CLIPTokenizer.default(), NoiseSchedule.sd(), 0.5)
+    kw = dict(num_steps=2, seed=0, height=SIZE, width=SIZE)
+    assert torch.equal(loaded.generate("x", **kw), direct.generate("x", **kw))
+    assert find_latest_checkpoint(tmp_path / "runs") == str(path)
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_wrong_context_width_is_named_sd2(models, tmp_path):
+    """An original file whose cross-attention reads a 1024-wide context is reported as SD 2.x."""
+    path = write_safetensors(tmp_path / "m.safetensors", original_state(*models))
+    unet_cfg, vae_cfg, text_cfg = tiny_configs()
+    unet_cfg.context_dim = 1024
+    with pytest.raises(convert.CheckpointError, match="2.x"):
+        load_stable_diffusion(path, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg)
+
+
+@pytest.fixture(scope="module")
+def model(original_file):
+    return load_original(original_file)
+
+
+def test_same_seed_same_image(model):
+    """Generation is deterministic for a seed, and a generator gives the same as its seed."""
+    kw = dict(num_steps=3, height=SIZE, width=SIZE, num_images=2, sampler="euler_a")
+    a = model.generate("a dog", seed=11, **kw)
+    b = model.generate("a dog", generator=torch.Generator().manual_seed(11), **kw)
+    c = model.generate("a dog", seed=12, **kw)
+    assert a.shape == (2, 3, SIZE, SIZE) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m"])
+def test_every_sampler_runs_with_a_callback(model, sampler):
+    """Each sampler generates finite images and calls the callback once per step with a decodable x0_pred."""
+    seen = []
+
+    def callback(info):
+        seen.append(model.decode_latents(info["x0_pred"]).shape)
+
+    x = model.generate("", num_steps=3, seed=0, height=SIZE, width=SIZE, sampler=sampler, callback=callback)
+    assert torch.isfinite(x).all() and len(seen) == 3 and seen[0] == (1, 3, SIZE, SIZE)
+
+
+def test_img2img_strength_zero_returns_the_reconstruction(model):
+    """With strength 0 img2img runs no step and returns decode(encode(x))."""
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = model.generate("anything", init_image=x, strength=0.0, num_steps=10)
+    rec = model.to_unit(model.decode_latents(model.encode_image(x)))
+    assert torch.equal(out, rec)
+
+
+def test_img2img_runs_the_last_strength_fraction_of_steps(model):
+    """img2img with strength s runs int(s * num_steps) steps, starting from the init image's latents."""
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    steps = []
+    model.generate("a", init_image=x, strength=0.5, num_steps=10, seed=0, callback=lambda info: steps.append(info["step"]))
+    assert steps == list(range(5, 10))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "euler", "euler_a", "dpmpp_2m"])
+def test_inpainting_keeps_the_unmasked_region(model, sampler):
+    """Outside the mask the final latents are the init image's own; inside they are repainted."""
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 8:20, 4:28] = 1
+    z = model.generate("a hole", init_image=x, mask=mask, strength=1.0, num_steps=4, seed=1, sampler=sampler,
+                       output_type="latent")
+    z0 = model.encode_image(x)
+    keep = model.latent_mask(mask, 1) == 0
+    assert torch.equal(z[keep.expand_as(z)], z0[keep.expand_as(z0)])
+    assert (z - z0)[~keep.expand_as(z)].abs().mean() > 1e-3
+
+
+def test_attention_slicing_and_vae_tiling_change_little(model):
+    """Attention slicing gives the same image; VAE tiling with a tile as large as the latent changes nothing."""
+    kw = dict(num_steps=2, seed=3, height=SIZE, width=SIZE)
+    plain = model.generate("a", **kw)
+    model.set_attention_slicing(7)
+    sliced = model.generate("a", **kw)
+    model.set_attention_slicing(None)
+    assert (plain - sliced).abs().max() < 1e-5
+    z = torch.randn(1, 4, 16, 16)
+    model.set_vae_tiling(16)
+    same = model.decode_latents(z)
+    model.set_vae_tiling(8)
+    tiled = model.decode_latents(z)
+    model.set_vae_tiling(None)
+    assert torch.equal(same, model.decode_latents(z)) and tiled.shape == same.shape and torch.isfinite(tiled).all()
+
+
+def test_bad_sizes_and_options_are_refused(model):
+    """Sizes not divisible by 8, unknown samplers, strengths outside [0, 1] and masks without images raise."""
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.generate("a", height=36, width=32)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.generate("a", sampler="nope")
+    with pytest.raises(ValueError, match="strength"):
+        model.generate("a", init_image=torch.zeros(1, 3, SIZE, SIZE), strength=1.5)
+    with pytest.raises(ValueError, match="init image"):
+        model.generate("a", mask=torch.zeros(1, 1, SIZE, SIZE))
+
+
+def test_scale_factor_is_applied_once(model):
+    """encode_image multiplies the VAE's latent by the scale factor and decode_latents divides it back."""
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    z_raw = model.vae.encode(x).mode()
+    assert torch.allclose(model.encode_image(x), z_raw * 0.5)
+    assert torch.allclose(model.decode_latents(z_raw * 0.5), model.vae.decode(z_raw).clamp(-1, 1))
+
+
+def test_text_config_round_trips_through_transformers_config():
+    """The text encoder config survives the trip through transformers' config.json fields."""
+    cfg = CLIPTextConfig.tiny()
+    assert convert.text_config_from_diffusers(convert.text_config_to_diffusers(cfg)) == cfg
