@@ -193,7 +193,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
 # ---------------------------------------------------------------------------- plots
 
 
-def plot_points(ax, points: torch.Tensor, title: str | None = None, lim: float = 2.5, **scatter_kwargs):
+def plot_points(ax, points: torch.Tensor, title: str | None = None, lim: float = 3.0, **scatter_kwargs):
     """Scatter (N, 2) points on a matplotlib axis with a fixed square view."""
     style = dict(s=2, alpha=0.5)
     style.update(scatter_kwargs)
@@ -222,7 +222,7 @@ def plot_noising(x0: torch.Tensor, schedule: NoiseSchedule, timesteps=(0, 100, 2
     return fig
 
 
-def plot_trajectories(ax, path: torch.Tensor, num_paths: int = 30, title: str | None = None, lim: float = 2.5):
+def plot_trajectories(ax, path: torch.Tensor, num_paths: int = 30, title: str | None = None, lim: float = 3.0):
     """Draw the paths (S, N, 2) of the first num_paths points over their final positions."""
     final = path[-1]
     plot_points(ax, final, title, lim=lim, color="tab:blue")
