@@ -1,0 +1,147 @@
+"""The sampling command line: end to end in a subprocess, PNG names and metadata, and one clear line
+for every bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from minildm import convert
+from minildm.sample import main, slug
+from minildm.schedule import NoiseSchedule
+from test_convert import tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with a tiny trained-looking run in runs/, an init image, masks and a non-image."""
+    root = tmp_path_factory.mktemp("cli")
+    unet, vae, text = tiny_models()
+    convert.save_checkpoint(root / "runs" / "tiny" / "model.safetensors", unet=unet, vae=vae, text_encoder=text,
+                            schedule=NoiseSchedule.sd(), scale_factor=0.5)
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(root / "init.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(root / "mask.png")
+    Image.new("L", (24, 24), 255).save(root / "small_mask.png")
+    (root / "notes.png").write_text("not an image")
+    return root
+
+
+def run(workdir, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "minildm.sample", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cli_error(workdir, monkeypatch, *args):
+    """Run main() in-process and return its one-line error (it must exit non-zero)."""
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code not in (0, None)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_help_lists_every_flag(workdir):
+    """--help exits 0 and documents every flag."""
+    result = run(workdir, "--help")
+    assert result.returncode == 0
+    for flag in ("--ckpt", "--steps", "--sampler", "--guidance", "--negative", "--seed", "--n", "--height",
+                 "--width", "--init-image", "--strength", "--mask", "--out", "--device", "--dtype",
+                 "--save-intermediates"):
+        assert flag in result.stdout
+
+
+@pytest.mark.slow
+def test_end_to_end_in_a_subprocess(workdir):
+    """The newest run is found, PNGs are named by prompt and seed, carry their settings, and a grid is written."""
+    result = run(workdir, "A cat, in a hat!", "--steps", "3", "--n", "2", "--seed", "5", "--out", "out",
+                 "--save-intermediates")
+    assert result.returncode == 0, result.stderr
+    out = workdir / "out"
+    assert {p.name for p in out.glob("*.png")} == {"a-cat-in-a-hat-5.png", "a-cat-in-a-hat-6.png",
+                                                 "a-cat-in-a-hat-5-grid.png"}
+    settings = json.loads(Image.open(out / "a-cat-in-a-hat-6.png").text["minildm"])
+    assert settings["prompt"] == "A cat, in a hat!" and settings["seed"] == 6 and settings["steps"] == 3
+    assert settings["checkpoint"].endswith("model.safetensors")
+    assert len(list((out / "a-cat-in-a-hat-5-steps").glob("step_*.png"))) == 3
+    assert "Traceback" not in result.stderr
+
+
+def test_same_seed_reproduces_one_image_of_a_batch(workdir, monkeypatch):
+    """Image i of --n uses seed + i, so generating seed + i alone gives the same pixels."""
+    monkeypatch.chdir(workdir)
+    main(["a tree", "--steps", "2", "--n", "2", "--seed", "10", "--out", "batch"])
+    main(["a tree", "--steps", "2", "--seed", "11", "--out", "single"])
+    a = Image.open(workdir / "batch" / "a-tree-11.png")
+    b = Image.open(workdir / "single" / "a-tree-11.png")
+    assert a.tobytes() == b.tobytes()
+
+
+def test_empty_prompt_img2img_and_inpainting(workdir, monkeypatch):
+    """An empty prompt is allowed; --init-image with --strength and --mask produce images of the init size."""
+    monkeypatch.chdir(workdir)
+    assert main(["", "--steps", "2", "--seed", "1", "--out", "o1"]) == 0
+    assert (workdir / "o1" / "unconditional-1.png").exists()
+    assert main(["red", "--steps", "4", "--seed", "1", "--init-image", "init.png", "--strength", "0.5",
+                 "--mask", "mask.png", "--out", "o2", "--sampler", "euler"]) == 0
+    image = Image.open(workdir / "o2" / "red-1.png")
+    assert image.size == (32, 32) and json.loads(image.text["minildm"])["strength"] == 0.5
+
+
+def test_no_checkpoint_says_how_to_get_one(workdir, monkeypatch, tmp_path):
+    """Without --ckpt and without runs, the error says how to train a model or where SD weights go."""
+    message = cli_error(tmp_path, monkeypatch, "a cat")
+    assert "python -m minildm.train --dataset cifar" in message and "--ckpt" in message
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (["--ckpt", "notes.png"], "cannot be read"),
+    (["--ckpt", "init.png"], "cannot be read"),
+    (["--init-image", "notes.png"], "cannot read notes.png as an image"),
+    (["--init-image", "nowhere.png"], "image not found: nowhere.png"),
+    (["--init-image", "init.png", "--mask", "small_mask.png"], "the mask is 24x24 but the init image is 32x32"),
+    (["--mask", "mask.png"], "--mask needs --init-image"),
+    (["--height", "36"], "--height must be a positive multiple of 8, got 36"),
+    (["--width", "0"], "--width must be a positive multiple of 8"),
+    (["--strength", "1.5", "--init-image", "init.png"], "--strength must be between 0 and 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+])
+def test_bad_inputs_give_one_clear_line(workdir, monkeypatch, args, words):
+    """Each bad input ends with a one-line error naming the problem and a non-zero exit."""
+    assert words in cli_error(workdir, monkeypatch, "a cat", "--steps", "2", *args)
+
+
+def test_other_checkpoint_kinds_are_named(workdir, monkeypatch):
+    """A LoRA or a VAE-only file given as --ckpt is named in the error."""
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(workdir / "lora.safetensors"))
+    assert "LoRA" in cli_error(workdir, monkeypatch, "x", "--ckpt", "lora.safetensors")
+    _, vae, _ = tiny_models()
+    convert.save_checkpoint(workdir / "vae.safetensors", vae=vae)
+    assert "VAE-only" in cli_error(workdir, monkeypatch, "x", "--ckpt", "vae.safetensors")
+
+
+def test_bad_input_in_a_subprocess_prints_no_traceback(workdir):
+    """The process exits with status 1 and one line on stderr, no traceback."""
+    result = run(workdir, "x", "--init-image", "notes.png")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: cannot read notes.png as an image (UnidentifiedImageError)"
+
+
+def test_slug_names_files_by_prompt():
+    """Prompts become short lower-case file names; an empty prompt is 'unconditional'."""
+    assert slug("A cat, in a hat!") == "a-cat-in-a-hat"
+    assert slug("") == "unconditional" and len(slug("word " * 40)) <= 60
