@@ -506,8 +506,12 @@ def psnr(vae: AutoencoderKL, data, batch_size: int = 128, device="cpu") -> float
     return total / max(1, n)
 
 
-def train_vae(cfg: TrainConfig, resume: bool = False, data=None) -> tuple:
-    """Stage 1: train the VAE on the images; returns (vae, scale_factor) and writes vae.safetensors."""
+def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) -> tuple:
+    """Stage 1: train the VAE on the images; returns (vae, scale_factor) and writes vae.safetensors.
+
+    `callback(stage, step, logs)` runs after every step; when it returns True the stage stops there
+    (its state is saved, so `resume=True` continues it), and (vae, None) is returned.
+    """
     dist = init_distributed(cfg.device)
     device = resolve_device(cfg, dist)
     run = Run(cfg.run_dir, dist.main)
@@ -605,6 +609,10 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None) -> tuple:
         if cfg.save_every and step % cfg.save_every == 0:
             save()
             last_saved = step
+        if callback is not None and callback("vae", step, logs):
+            bar.close()
+            save()
+            return vae, None
     bar.close()
 
     scale = measure_scale_factor(vae, train, cfg, device)
@@ -670,11 +678,12 @@ def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: f
 
 
 def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_factor: Optional[float] = None,
-              resume: bool = False, data=None, vae_path: Optional[str] = None):
+              resume: bool = False, data=None, vae_path: Optional[str] = None, callback=None):
     """Stage 2: train the UNet and the text encoder on the frozen VAE's latents.
 
     The VAE comes from `vae`, from `vae_path`, or from the run's vae.safetensors. Returns the
-    composed `LatentDiffusion` with the EMA UNet, and writes model.safetensors.
+    composed `LatentDiffusion` with the EMA UNet, and writes model.safetensors. `callback(stage,
+    step, logs)` runs after every step and stops the stage (saving its state) by returning True.
     """
     dist = init_distributed(cfg.device)
     device = resolve_device(cfg, dist)
@@ -824,9 +833,13 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             last_saved = step
         if cfg.sample_every and step % cfg.sample_every == 0:
             samples()
+        if callback is not None and callback("ldm", step, {"loss": mean_loss.item(), "lr": lr}):
+            break
     bar.close()
-    save(final=True)
-    samples()
+    final = step >= cfg.ldm_steps or (cfg.max_minutes is not None and budget.elapsed >= 60 * cfg.max_minutes)
+    save(final=final)
+    if final:
+        samples()
     if dist.main:
         print(f"stage 2 done at step {step}; checkpoint {run.model_path}")
     return build_pipeline(ema_unet(), vae, text_encoder.eval(), tokenizer, schedule, scale_factor)
@@ -863,6 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-per-class", type=int, default=None,
                    help="keep the last N images of every class out of training (for evaluation)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels")
+    p.add_argument("--unet-channels", type=int, default=None,
+                   help="override the preset UNet's model_channels (e.g. 64 for a CPU budget)")
     p.add_argument("--batch-size", type=int, default=None, help="stage 2 global batch size")
     p.add_argument("--vae-batch-size", type=int, default=None, help="stage 1 global batch size")
     p.add_argument("--lr", type=float, default=None, help="stage 2 peak learning rate (AdamW)")
@@ -929,6 +944,8 @@ def config_from_args(args) -> TrainConfig:
         cfg.vae_steps = args.vae_steps
     if args.ldm_steps is not None:
         cfg.ldm_steps = args.ldm_steps
+    if args.unet_channels is not None and not args.resume:
+        cfg.unet = dict(cfg.unet, model_channels=args.unet_channels)
     if args.no_cache_latents:
         cfg.cache_latents = False
     if args.amp:
@@ -938,26 +955,26 @@ def config_from_args(args) -> TrainConfig:
     return cfg
 
 
-def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Optional[str] = None):
-    """Train the requested stage(s); returns the LatentDiffusion (stage 2) or (vae, scale) (stage 1)."""
+def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Optional[str] = None,
+        callback=None):
+    """Train the requested stage(s); returns the LatentDiffusion (stage 2) or (vae, scale) (stage 1),
+    or None when `callback` stopped the run early."""
     data = load_dataset(cfg)
     if stage == "vae":
-        return train_vae(cfg, resume=resume, data=data)
+        return train_vae(cfg, resume=resume, data=data, callback=callback)
     if stage == "ldm":
-        return train_ldm(cfg, resume=resume, data=data, vae_path=vae_path)
-    vae, scale = train_vae(cfg, resume=resume, data=data)
-    return train_ldm(cfg, vae=vae, scale_factor=scale, resume=resume, data=data)
+        return train_ldm(cfg, resume=resume, data=data, vae_path=vae_path, callback=callback)
+    vae, scale = train_vae(cfg, resume=resume, data=data, callback=callback)
+    if scale is None:
+        return None
+    return train_ldm(cfg, vae=vae, scale_factor=scale, resume=resume, data=data, callback=callback)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    stage = args.stage
-    if args.resume and stage == "all":
-        # Resume the stage that was running: stage 2 when it has a state, or when stage 1 is done.
-        stage = "all"
     try:
-        run(cfg, stage, resume=bool(args.resume), vae_path=args.vae)
+        run(cfg, args.stage, resume=bool(args.resume), vae_path=args.vae)
     except data_module.DataError as e:
         sys.exit(f"error: {e}")
     except TrainingDiverged as e:
