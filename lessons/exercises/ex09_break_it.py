@@ -11,9 +11,12 @@ says right or wrong without giving the answer away. Leave a value as None until 
 #    At one latent element the UNet predicts eps_uncond = 0.2 and eps_cond = 0.5.
 #    What eps does the sampler use with guidance_scale = 7.5?
 GUIDED_EPS = None
-#    In the notebook's "no guidance" figure (guidance_scale = 1), the samples for each condition
-#    (a) collapse onto a single point, (b) follow their condition only loosely, spilling into the
-#    other condition's region, (c) are as tight as with guidance 4, (d) are pure noise.
+#    In the notebook's guidance figure, the samples with guidance_scale = 1 ("no guidance")
+#    (a) collapse onto a thin arc, tighter than with guidance 3,
+#    (b) form a broad band around the upper moon with a few points off it, and are the closest of
+#        all four panels to the upper moon's data in distribution,
+#    (c) cover both moons evenly, like guidance 0,
+#    (d) are pure noise.
 #    Answer with a letter, e.g. "c".
 NO_GUIDANCE_CHOICE = None
 
