@@ -281,13 +281,13 @@ def reference_02():
 def _tiny_attention(seed=0):
     from .unet import Attention
 
-    torch.manual_seed(seed)
-    return Attention(query_dim=16, context_dim=12, num_heads=4, dropout=0.0).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's random state untouched
+        torch.manual_seed(seed)
+        return Attention(query_dim=16, context_dim=12, num_heads=4, dropout=0.0).eval()
 
 
 def check_attention(impl) -> None:
     """attention(q, k, v) returns the output and the weights softmax(q k^T / sqrt(d)) of the package."""
-    torch.manual_seed(0)
     for shape_q, shape_kv in (((2, 4, 9, 8), (2, 4, 7, 8)), ((1, 1, 5, 3), (1, 1, 5, 3))):
         q, k, v = _randn(*shape_q, seed=12), _randn(*shape_kv, seed=13), _randn(*shape_kv, seed=14)
         out = impl.attention(q, k, v)
@@ -496,8 +496,9 @@ def check_ema_update(impl) -> None:
     """ema_update(shadow, weights, decay, num_updates) follows train.EMA, warm-up included."""
     from .train import EMA
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.99)
     shadow = {k: v.clone() for k, v in ema.shadow.items()}
     for step in range(1, 31):
