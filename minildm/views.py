@@ -293,19 +293,23 @@ class Filmstrip:
 @torch.no_grad()
 def denoising_filmstrip(ldm, prompt: str, *, num_steps: int = 20, sampler: str = "ddim",
                         guidance_scale: float = 7.5, seed: int = 0, height=None, width=None,
-                        max_columns: int = 8, gif_path=None, gif_scale: int = 1) -> Filmstrip:
+                        max_columns: int = 8, every: int = 1, gif_path=None,
+                        gif_scale: int = 1) -> Filmstrip:
     """Watch one image being denoised; returns a `Filmstrip` with a figure (and a GIF if asked).
 
     The sampler's callback hands over z_t, x0_pred and eps_pred at every step. The noisy latent is
     decoded as it is (the VAE has never seen noise, so early frames look like coloured static); the
     predicted x0 is the model's current guess of the final latent; the predicted noise is shown as
-    colours. At most `max_columns` evenly spaced steps go into the figure; the GIF has every step.
+    colours. At most `max_columns` evenly spaced steps go into the figure; the GIF has every kept
+    step. `every` keeps only every k-th step (and the last): decoding twice per step is the slow
+    part with SD's VAE on a CPU.
     """
     noise = make_noise(ldm, [seed], height, width)
     caught = []
 
     def callback(info):
-        caught.append({k: info[k] for k in ("step", "t", "z_t", "x0_pred", "eps_pred")})
+        if info["step"] % every == 0 or info["step"] == info["num_steps"] - 1:
+            caught.append({k: info[k] for k in ("step", "t", "z_t", "x0_pred", "eps_pred")})
 
     context = encode(ldm, [prompt])
     x = generate_from(ldm, context, noise, guidance_scale=guidance_scale, sampler=sampler,

@@ -118,6 +118,8 @@ def test_denoising_filmstrip(ldm, tmp_path):
     assert len(strip.figure.axes) == 3 * 3
     with Image.open(gif) as im:
         assert im.n_frames == 5
+    sparse = views.denoising_filmstrip(ldm, "a red circle", num_steps=5, every=2)
+    assert sparse.steps == [0, 2, 4]
 
 
 def test_attention_maps(ldm):
