@@ -135,6 +135,13 @@ def test_attention_maps(ldm):
     assert len(maps.figure.axes) >= 4 and len(maps.layer_figure.axes) == len(expected) * 3
 
 
+def test_attention_maps_for_a_wide_image(ldm):
+    """Non-square images give maps of the image's own aspect ratio at every layer."""
+    maps = views.attention_maps_view(ldm, "a red circle", num_steps=1, height=32, width=48)
+    assert maps.average.shape == (77, 32, 48) and maps.image.shape == (32, 48, 3)
+    assert {tuple(m.shape[1:]) for m in maps.per_layer.values()} == {(16, 24), (8, 12)}
+
+
 def test_recorder_keeps_the_conditional_half():
     """With guidance the batch is [uncond, cond]; the recorder keeps the conditional half only."""
     class Fake(torch.nn.Module):
