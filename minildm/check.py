@@ -637,7 +637,7 @@ def _hashed(answer) -> str:
 def _ask(impl, name):
     value = getattr(impl, name, None)
     if value is None:
-        raise NotImplementedError(name)
+        raise NotImplementedError(f"no answer yet: set {name} in the file")
     return value
 
 
@@ -737,9 +737,9 @@ def run_chapter(number: str, impl=None) -> list:
         try:
             check(impl)
             results.append(Result(number, name, "pass"))
-        except NotImplementedError:
-            results.append(Result(number, name, "todo", "not implemented yet (the stub still raises "
-                                                          "NotImplementedError)"))
+        except NotImplementedError as e:
+            results.append(Result(number, name, "todo", str(e) or "not implemented yet (the stub still "
+                                                                  "raises NotImplementedError)"))
         except CheckFailed as e:
             results.append(Result(number, name, "fail", str(e)))
         except AttributeError as e:
