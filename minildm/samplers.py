@@ -22,8 +22,9 @@ Two families live here.
   the signal level abar_0 rather than 1.
 * The k-diffusion samplers (Euler, Euler ancestral, Heun, DPM-Solver++(2M)) see the same model as
   the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma of the variance-exploding variable
-  x = z_t / sqrt(abar_t) = x0 + sigma eps (Karras et al. 2022). They walk a decreasing sequence of sigmas ending at 0,
-  placed like diffusers' schedulers do (timesteps evenly spaced from T-1 to 0, or Karras spacing).
+  x = z_t / sqrt(abar_t) = x0 + sigma eps (Karras et al. 2022). DDIM with eta = 0 is Euler's method
+  on this ODE. They walk a decreasing sequence of sigmas ending at 0, placed like diffusers'
+  schedulers do (timesteps evenly spaced from T-1 to 0, or Karras spacing): see sigma_grid.
 
 Notation (code -> paper): abar = alphas_cumprod (abar_t), a / a_prev = abar at this and the next
 step, x0_pred (x_0 estimate), eps_pred (epsilon_theta), eta (DDIM's eta), sigma (k-diffusion sigma),
