@@ -227,7 +227,7 @@ def test_callback_and_first_step(name):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_img2img_start_recovers_a_clean_image_with_exact_denoiser(name):
-    """Noised to noise_level(first_step), a point mass is brought back exactly by every sampler."""
+    """Noised to noise_level(first_step), a point mass comes back with every sampler (up to DDIM's abar_0 noise)."""
     schedule = NoiseSchedule.sd()
     target = torch.full((16, 2), 0.7)
     abar = noise_level(name, schedule, 20, first_step=8)
