@@ -337,20 +337,31 @@ def empty_parameters():
     """Build modules whose parameters live on the meta device (no memory, no random init).
 
     Buffers stay real, so non-persistent buffers computed in __init__ survive; `load_module` then
-    assigns the checkpoint's tensors in place of the empty parameters.
+    assigns the checkpoint's tensors in place of the empty parameters. The in-place initialisers of
+    torch.nn.init do nothing meanwhile: there is nothing to initialise, and on the meta device they
+    would cost seconds of PyTorch importing its reference implementations.
     """
     original = torch.nn.Module.register_parameter
+    initialisers = {name: f for name, f in vars(torch.nn.init).items() if name.endswith("_") and callable(f)
+                    and not name.startswith("_")}
 
     def register(module, name, param):
         if param is not None:
             param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
     torch.nn.Module.register_parameter = register
+    for name in initialisers:
+        setattr(torch.nn.init, name, skip)
     try:
         yield
     finally:
         torch.nn.Module.register_parameter = original
+        for name, f in initialisers.items():
+            setattr(torch.nn.init, name, f)
 
 
 def load_module(name, model, state, dtype=None, device="cpu"):
