@@ -128,6 +128,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 # Building blocks
 # --------------------------------------------------------------------------------------------------
 
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters in place, as the original initialises the end of every residual branch.
+
+    A fresh block is then the identity on its residual path and a fresh UNet predicts eps = 0, which
+    keeps early training stable.
+    """
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input's precision, as the original's GroupNorm32."""
 
@@ -150,6 +161,7 @@ class ResBlock(nn.Module):
         # A 1x1 convolution only where the width changes, so the residual can be added.
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
+        zero_(self.out_layers[-1])
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -272,6 +284,7 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, context_dim, num_heads, dropout) for _ in range(depth)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        zero_(self.proj_out)
 
     def forward(self, x, context):
         B, C, h, w = x.shape
@@ -349,6 +362,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm(G, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        zero_(self.out[-1])
 
         for name, module in self.named_modules():
             if isinstance(module, Attention):
