@@ -81,18 +81,28 @@ def test_matches_diffusers_through_original_layout(name):
     assert diff.max() <= 1e-5, f"max abs diff {diff.max():.3e}, mean {diff.mean():.3e}"
 
 
+# The UNet section of the original SD v1 inference config (v1-inference.yaml), as diffusers reads it.
+SD_V1_ORIGINAL_CONFIG = {"model": {"params": {
+    "unet_config": {"params": dict(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                                   attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
+                                   num_heads=8, use_spatial_transformer=True, transformer_depth=1,
+                                   context_dim=768, use_checkpoint=True, legacy=False)},
+    "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
+
+
 def test_sd15_layout_is_exactly_what_diffusers_expects():
     """sd15() has 859,520,964 parameters and exactly the keys and shapes of a real SD v1.5 UNet."""
     from diffusers import UNet2DConditionModel
-    cfg = UNetConfig.sd15()
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    dcfg = create_unet_diffusers_config_from_ldm(SD_V1_ORIGINAL_CONFIG, {})   # diffusers' own reading
     with torch.device("meta"):
-        ours = UNet(cfg)
-        theirs = UNet2DConditionModel(**diffusers_config(cfg))   # diffusers' SD v1.5 UNet
+        ours = UNet(UNetConfig.sd15())
+        theirs = UNet2DConditionModel(**dcfg)
     assert sum(p.numel() for p in ours.parameters()) == 859_520_964
     assert sum(p.numel() for p in theirs.parameters()) == 859_520_964
 
     source = ours.state_dict()
-    converted = to_diffusers(source, diffusers_config(cfg))
+    converted = to_diffusers(source, dcfg)
     expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
     assert got.keys() == expected.keys(), (
