@@ -166,8 +166,9 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         if mask is not None and init_image is None:
             raise ValueError("inpainting needs an init image to go with the mask")
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        if generator is None:  # a fresh generator, so the caller's global random state is left alone
+            generator = torch.Generator()
+            generator.manual_seed(seed) if seed is not None else generator.seed()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -201,6 +202,9 @@ class LatentDiffusion(nn.Module):
                 m = self.latent_mask(mask, B)
                 eps_fn = self._inpainting(eps_fn, z0, noise, m)
 
+        if self.device.type != "cpu" and generator.device.type == "cpu":  # noise added by ancestral samplers
+            seed_for_device = int(torch.randint(2**62, (1,), generator=generator))
+            generator = torch.Generator(self.device).manual_seed(seed_for_device)
         sample = samplers.SAMPLERS[sampler]
         z = sample(eps_fn, z, self.schedule, num_steps, first_step=first_step, generator=generator,
                    callback=callback, **sampler_options)

@@ -17,13 +17,14 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
 
 import torch
 
-SAMPLER_NAMES = ("ddpm", "ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m")  # = samplers.SAMPLERS
+from .samplers import SAMPLERS
 
 NO_CHECKPOINT = (
     "no checkpoint given and no run found in {runs}/. Train one with `python -m minildm.train "
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint; default: the newest runs/*/model.safetensors")
     p.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
     p.add_argument("--steps", type=int, default=50, help="number of sampler steps")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES, help="sampling method")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     os.makedirs(args.out, exist_ok=True)
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     stem = slug(args.prompt)
     steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * args.strength))
     bar = tqdm(total=args.n * steps_run, desc="sampling", unit="step", file=sys.stderr)
