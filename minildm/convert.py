@@ -252,6 +252,9 @@ def split_original(state, kind="sd1", meta=None):
     """
     if kind not in ("sd1", "minildm", "vae"):
         raise CheckpointError(f"this file is {describe(kind)}")
+    old_text = "cond_stage_model.transformer."  # some files (older transformers) lack "text_model."
+    if any(k.startswith(old_text) and not k.startswith(TEXT_PREFIX) for k in state):
+        state = {(TEXT_PREFIX + k[len(old_text):] if k.startswith(old_text) else k): v for k, v in state.items()}
     parts = {name: strip_prefix(state, prefix) for name, prefix in PREFIXES.items()}
     buffers = {k: v for k, v in state.items() if k in SCHEDULE_BUFFERS}
     parts["text_encoder"].pop(POSITION_IDS, None)  # a buffer of the old transformers CLIP model

@@ -329,3 +329,12 @@ def test_sd15_key_set_loads_on_meta_device():
         convert.load_module(name, model, sd, device="meta")
     n_unet = sum(v.numel() for v in ckpt.unet.values())
     assert n_unet == 859_520_964
+
+
+def test_text_keys_without_text_model_are_accepted():
+    """Old files store the text encoder under cond_stage_model.transformer.* without "text_model."."""
+    unet, vae, text = tiny_models()
+    state = original_state(unet, vae, text)
+    old = {k.replace(convert.TEXT_PREFIX, "cond_stage_model.transformer."): v for k, v in state.items()}
+    ckpt = convert.split_original(old)
+    assert all(torch.equal(ckpt.text_encoder[k], v) for k, v in text.state_dict().items())
