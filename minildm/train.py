@@ -68,6 +68,8 @@ from .vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss, estimate
 
 @dataclass
 class TrainConfig:
+    stage: str = "all"                      # vae | ldm | all
+    vae_path: Optional[str] = None          # stage 2: a trained VAE checkpoint (default: the run's own)
     # data
     dataset: str = "shapes"                 # cifar | folder | shapes
     data_dir: Optional[str] = None          # local copy of the data (see data.py)
@@ -861,8 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model and schedule sizes: tiny (CPU smoke run) or cifar (consumer GPU); "
                         "default cifar for --dataset cifar, else tiny")
-    p.add_argument("--stage", choices=("vae", "ldm", "all"), default="all",
-                   help="train the VAE, the latent diffusion model, or both in turn")
+    p.add_argument("--stage", choices=("vae", "ldm", "all"), default=None,
+                   help="train the VAE, the latent diffusion model, or both in turn (default all; "
+                        "with --resume, the stage(s) the run was started with)")
     p.add_argument("--vae", default=None, help="stage 2: start from this trained VAE checkpoint")
     p.add_argument("--name", default=None, help="run name: files go to <runs-dir>/<name>/")
     p.add_argument("--runs-dir", default="runs", help="folder holding the runs")
@@ -938,6 +941,10 @@ def config_from_args(args) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, fieldname, value)
+    if args.stage is not None:
+        cfg.stage = args.stage
+    if args.vae is not None:
+        cfg.vae_path = args.vae
     if args.max_steps is not None:
         cfg.vae_steps = cfg.ldm_steps = args.max_steps
     if args.vae_steps is not None:
@@ -974,7 +981,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
-        run(cfg, args.stage, resume=bool(args.resume), vae_path=args.vae)
+        run(cfg, cfg.stage, resume=bool(args.resume), vae_path=cfg.vae_path)
     except data_module.DataError as e:
         sys.exit(f"error: {e}")
     except TrainingDiverged as e:
