@@ -126,13 +126,15 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":
-        """A CPU smoke run: VAE 20,823 (32px -> 16x16x4), UNet 1,055,044, text encoder 1,600,672 parameters."""
+        """A CPU smoke run: VAE 43,711 (32px -> 16x16x4), UNet 1,055,044, text encoder 1,600,672 parameters."""
         return cls(**overrides)
 
     @classmethod
     def cifar(cls, **overrides) -> "TrainConfig":
-        """CIFAR-10 on a consumer GPU (or slowly on a CPU): VAE 2,807,943 (32px -> 8x8x4), UNet ~40M
-        (UNetConfig.cifar with a 256-wide context), text encoder 15,827,712 parameters."""
+        """CIFAR-10 on a consumer GPU (or slowly on a CPU): VAE 2,136,823 (32px -> 8x8x4), UNet 34,921,348
+        (UNetConfig.cifar with a 256-wide context), text encoder 15,827,712 parameters.
+
+        For a CPU budget, `--unet-channels 64` gives a 9,031,108-parameter UNet (bench/RESULTS.md)."""
         text = CLIPTextConfig.small()
         unet = UNetConfig.cifar()
         unet.context_dim = text.width
