@@ -117,6 +117,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         assert a == b, f"{stage} losses differ after resume: {a} vs {b}"
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path):
     """A run killed with SIGKILL keeps a loadable checkpoint and finishes after --resume."""
     runs = tmp_path / "runs"
@@ -152,6 +153,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     """Two gloo processes under torchrun give the same stage-2 losses as one process, and one writer."""
     base = [*TINY, "--runs-dir", str(tmp_path / "runs"), "--save-every", "0"]
