@@ -687,7 +687,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
 
     The VAE comes from `vae`, from `vae_path`, or from the run's vae.safetensors. Returns the
     composed `LatentDiffusion` with the EMA UNet, and writes model.safetensors. `callback(stage,
-    step, logs)` runs after every step and stops the stage (saving its state) by returning True.
+    step, logs)` runs after every step and stops the stage (saving its state) by returning True;
+    then None is returned.
     """
     dist = init_distributed(cfg.device)
     device = resolve_device(cfg, dist)
@@ -844,6 +845,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     save(final=final)
     if final:
         samples()
+    if not final:
+        return None
     if dist.main:
         print(f"stage 2 done at step {step}; checkpoint {run.model_path}")
     return build_pipeline(ema_unet(), vae, text_encoder.eval(), tokenizer, schedule, scale_factor)
