@@ -431,17 +431,27 @@ def make_shapes(n: int = 2000, resolution: int = 32, seed: int = 0) -> Captioned
                            source=f"shapes(seed={seed})")
 
 
-def dominant_color(x: torch.Tensor) -> list:
-    """For images x (B, 3, H, W) in [-1, 1]: the name of the palette colour that most of the
-    non-background pixels are closest to (None for an image that is all background)."""
-    pixels = to_uint8(x).float().permute(0, 2, 3, 1)  # (B, H, W, 3)
-    palette = torch.tensor([SHAPE_BACKGROUND] + list(SHAPE_COLORS.values()), dtype=torch.float32)
-    nearest = torch.cdist(pixels.reshape(len(x), -1, 3), palette[None]).argmin(-1)  # (B, H*W)
+def dominant_color(x: torch.Tensor, threshold: float = 48.0) -> list:
+    """For images x (B, 3, H, W) in [-1, 1]: the palette colour of the shape in each image, or None
+    when no pixel stands out from the background.
+
+    Pixels farther than `threshold` (0-255 units) from the background are the shape; their mean
+    offset from the background is compared by direction (cosine) with each palette colour's offset,
+    so a faint or blurry shape still counts as the colour it leans towards.
+    """
+    pixels = to_uint8(x).float().permute(0, 2, 3, 1).reshape(len(x), -1, 3)  # (B, H*W, 3)
+    bg = torch.tensor(SHAPE_BACKGROUND, dtype=torch.float32)
+    offsets = torch.tensor(list(SHAPE_COLORS.values()), dtype=torch.float32) - bg  # (K, 3)
     names = list(SHAPE_COLORS)
     out = []
-    for row in nearest:
-        counts = torch.bincount(row, minlength=len(palette))[1:]
-        out.append(names[int(counts.argmax())] if counts.sum() > 0 else None)
+    for p in pixels:
+        fg = p[(p - bg).norm(dim=-1) > threshold]
+        if len(fg) == 0:
+            out.append(None)
+            continue
+        direction = (fg - bg).mean(0)
+        cos = torch.nn.functional.cosine_similarity(direction[None], offsets, dim=-1)
+        out.append(names[int(cos.argmax())])
     return out
 
 
