@@ -177,6 +177,19 @@ def test_conditioning_arithmetic(ldm):
     assert arith.labels[-1] == "a - b + c" and arith.images.shape[0] == 4
 
 
+def test_views_on_a_saved_run(ldm, tmp_path):
+    """A checkpoint written as train.py writes it loads through load_stable_diffusion and feeds a view."""
+    from minildm.convert import save_checkpoint
+    from minildm.ldm import find_latest_checkpoint, load_stable_diffusion
+
+    save_checkpoint(tmp_path / "runs" / "mine" / "model.safetensors", unet=ldm.unet, vae=ldm.vae,
+                    text_encoder=ldm.text_encoder, schedule=ldm.schedule, scale_factor=0.5)
+    loaded = load_stable_diffusion(find_latest_checkpoint(tmp_path / "runs")).eval()
+    assert loaded.scale_factor == 0.5
+    strip = views.seed_interpolation(loaded, "a red circle", 0, 1, num=2, num_steps=2)
+    assert strip.images.shape == (2, 32, 32, 3)
+
+
 def test_sampler_gallery(ldm):
     """Every sampler and step count gets an image and a wall time."""
     gallery = views.sampler_gallery(ldm, "a red circle", samplers=("ddim", "euler", "heun"), steps=(1, 2))
