@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import samplers
+
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers
@@ -178,6 +180,8 @@ def aggregate_attention(records, latent_hw, size=None):
 
 def cross_attention_modules(unet) -> dict:
     """The UNet's cross-attention modules by name: those with a `record` attribute named ...attn2."""
+    if hasattr(unet, "cross_attention_modules"):
+        return unet.cross_attention_modules()
     found = {name: m for name, m in unet.named_modules() if hasattr(m, "record")}
     cross = {name: m for name, m in found.items() if name.endswith("attn2")}
     return cross or found
@@ -221,12 +225,6 @@ class CrossAttentionRecorder:
 # Running a LatentDiffusion with the view's own hands on the loop
 # ----------------------------------------------------------------------------------------------
 
-def _samplers():
-    from . import samplers
-
-    return samplers
-
-
 def latent_shape(ldm, height=None, width=None) -> tuple:
     """(C, h, w) of the latents for an image of height x width pixels (default: the model's size)."""
     height, width = height or ldm.default_size, width or ldm.default_size
@@ -254,9 +252,10 @@ def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.
     """Sample from given contexts (N, L, D) and noises (N, C, h, w); returns images (N, 3, H, W).
 
     This is LatentDiffusion.generate() with its two inputs exposed, which is all conditioning
-    arithmetic needs. Images come back in [-1, 1].
+    arithmetic needs. Images come back in [-1, 1]. The generator that ancestral samplers draw from
+    is seeded and advanced past the noise as generate() does, so one image with
+    make_noise(ldm, [seed]) and the same seed matches generate(prompt, seed=seed) for every sampler.
     """
-    samplers = _samplers()
     n = noise.shape[0]
     if context.shape[0] != n:
         context = context.expand(n, -1, -1)
@@ -266,6 +265,9 @@ def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.
     # ldm._unet runs the UNet in its own dtype (float16 on a GPU) while the sampler stays in float32.
     eps_fn = samplers.cfg_denoiser(ldm._unet, context, uncond_context, guidance_scale)
     generator = torch.Generator().manual_seed(int(seed))
+    torch.randn(noise.shape, generator=generator)  # generate() drew its noise from it first
+    if ldm.device.type != "cpu":  # as generate(): ancestral noise from a generator on the device
+        generator = torch.Generator(ldm.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     z0 = samplers.SAMPLERS[sampler](eps_fn, noise, ldm.schedule, num_steps, generator=generator,
                                     callback=callback)
     return ldm.decode_latents(z0) if decode else z0

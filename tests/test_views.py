@@ -99,12 +99,13 @@ def test_strip_grid_and_uint8():
 
 # ---------------------------------------------------------------- the views on a tiny model
 
-def test_views_sample_like_generate(ldm):
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_views_sample_like_generate(ldm, sampler):
     """The views' own loop gives the same image as LatentDiffusion.generate for one seed."""
     context = views.encode(ldm, ["a red circle"])
     noise = views.make_noise(ldm, [3])
-    ours = views.generate_from(ldm, context, noise, num_steps=3, guidance_scale=5.0)
-    theirs = ldm.generate("a red circle", num_steps=3, guidance_scale=5.0, seed=3)
+    ours = views.generate_from(ldm, context, noise, num_steps=3, guidance_scale=5.0, sampler=sampler, seed=3)
+    theirs = ldm.generate("a red circle", num_steps=3, guidance_scale=5.0, sampler=sampler, seed=3)
     diff = (ours.add(1).div(2) - theirs).abs()
     assert diff.max() < 1e-5, f"max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
 
