@@ -141,7 +141,7 @@ class TrainConfig:
         base = dict(vae=VAEConfig.cifar().to_dict(), unet=unet.to_dict(), text_encoder=text.to_dict(),
                     vae_steps=20000, vae_batch_size=64, vae_lr=1e-3, rec_loss="l1",
                     ldm_steps=100000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9999,
-                    holdout_per_class=100, log_every=25, save_every=1000, sample_every=2000,
+                    holdout_per_class=500, log_every=25, save_every=1000, sample_every=2000,
                     sample_steps=50)
         base.update(overrides)
         return cls(**base)
