@@ -308,3 +308,17 @@ def test_exercise_files_exist_for_every_chapter():
         ref = c.reference()
         missing = [name for name in vars(ref) if not hasattr(impl, name)]
         assert not missing, f"{c.path.name} lacks {missing}"
+
+
+def test_course_map_links_every_chapter():
+    """lessons/README.md links each chapter's lesson, notebook and exercise check, and they exist."""
+    course = (ROOT / "lessons" / "README.md").read_text()
+    lessons = sorted(p.name for p in (ROOT / "lessons").glob("[0-9][0-9]_*.md"))
+    for name in lessons:
+        stem = name[:-3]
+        assert f"]({name})" in course, f"lessons/README.md does not link {name}"
+        assert f"../notebooks/{stem}.ipynb" in course, f"lessons/README.md does not link {stem}.ipynb"
+        assert (ROOT / "notebooks" / f"{stem}.ipynb").exists(), f"notebooks/{stem}.ipynb is missing"
+    for c in check.CHAPTERS.values():
+        assert f"{c.stem}.md" in lessons, f"exercises for {c.stem} but no lesson"
+        assert f"check {c.number}" in course, f"lessons/README.md does not show `check {c.number}`"
