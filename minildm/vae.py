@@ -43,7 +43,10 @@ reconstruction loss (L1 or squared error) and the KL are each summed over one sa
 averaged over the batch, so `kl_weight` means what it means in the SD config (1e-6). The generator's
 hinge term -mean(D(x_rec)) is multiplied by an adaptive weight
 ||grad rec|| / (||grad gan|| + 1e-4) (clamped to [0, 1e4], times `disc_weight`), both gradients taken
-with respect to the decoder's last layer, and switched on once `step >= disc_start`.
+with respect to the decoder's last layer, and switched on once `step >= disc_start`. There is no
+perceptual (LPIPS) term: it needs an ImageNet-pretrained VGG, and minildm trains offline from nothing.
+Both calls return `logs`, a dict of plain floats (rec, rec_per_element, kl, g, d_weight, loss;
+d_loss, logits_real, logits_fake).
 """
 from __future__ import annotations
 
@@ -453,7 +456,7 @@ class VAELoss(nn.Module):
             g_loss = -self.discriminator(x_rec).mean()
             if torch.is_grad_enabled() and last_layer is not None:
                 d_weight = adaptive_weight(rec, g_loss, last_layer, self.disc_weight)
-            else:  # evaluation: the adaptive weight needs gradients, so report the term unweighted
+            else:  # evaluation: the adaptive weight needs gradients; log the term, add nothing
                 d_weight = torch.zeros((), device=x.device)
             loss = loss + self.disc_factor * d_weight * g_loss
             logs.update(g=g_loss.item(), d_weight=d_weight.item())
