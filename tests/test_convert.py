@@ -304,7 +304,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_sd15_key_set_loads_on_meta_device():
     """The full SD v1.5 key set (diffusers' converter agrees) loads strictly into our models on the meta device."""
-    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
@@ -315,7 +314,7 @@ def test_sd15_key_set_loads_on_meta_device():
     state[convert.TEXT_PREFIX + "embeddings.position_ids"] = torch.empty(1, 77, dtype=torch.long, device="meta")
     state["alphas_cumprod"] = torch.empty(1000, device="meta")
     ckpt = convert.split_original(state)
-    with init_empty_weights():
+    with torch.device("meta"):
         d_unet = UNet2DConditionModel(**convert.unet_config_to_diffusers(UNetConfig.sd15()))
     converted = sfu.convert_ldm_unet_checkpoint(dict(state), d_unet.config, extract_ema=True)
     expected = d_unet.state_dict()
