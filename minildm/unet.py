@@ -288,12 +288,14 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context):
         B, C, h, w = x.shape
-        y = self.proj_in(self.norm(x))
-        y = y.permute(0, 2, 3, 1).reshape(B, h * w, C)     # (B, h*w, C): one token per position
+        # A 1x1 convolution is a linear layer applied at every position; applied as one on the
+        # (B, h, w, C) layout it needs no copy to and from the channels-first layout.
+        y = self.norm(x).permute(0, 2, 3, 1)               # (B, h, w, C)
+        y = F.linear(y, self.proj_in.weight.flatten(1), self.proj_in.bias).reshape(B, h * w, C)
         for block in self.transformer_blocks:
-            y = block(y, context)
-        y = y.reshape(B, h, w, C).permute(0, 3, 1, 2)      # (B, C, h, w)
-        return x + self.proj_out(y)
+            y = block(y, context)                          # (B, h*w, C): one token per position
+        y = F.linear(y, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + y.view(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w)
 
 
 class TimestepEmbedSequential(nn.Sequential):
