@@ -2,8 +2,9 @@
 
     flock /work/heavy.lock python bench/unet_speed.py          # about 8 GB of RAM, a few minutes
 
-Timing: both models live in this process and their forwards alternate (warm-up first, then the
-median of --runs each), so a busy machine slows both alike. Memory: each side is measured in a fresh
+Timing: both models live in this process and their forwards alternate, A B B A ... (one warm-up
+each first, then the median of --runs each), so a busy machine slows both alike; we report wall time
+and CPU time (user + system over all threads), the steadier of the two on a shared machine. Memory: each side is measured in a fresh
 subprocess that builds its model and runs one forward; we report the peak resident set size of the
 whole process (Linux VmHWM) and the peak of the forward alone (VmHWM reset just before it). Weights
 are random but identical on both sides: every tensor is drawn from a generator seeded by its name in
@@ -132,22 +133,30 @@ def main():
     print(f"SD v1.5-shaped UNet (model_channels {cfg.model_channels}) forward, batch {args.batch}, latents {cfg.in_channels}x{args.size}x{args.size}, "
           f"context {args.tokens}x{cfg.context_dim}, float32, CPU, {args.threads} threads, torch {torch.__version__}")
     sides = {side: build(side, cfg) for side in ("minildm", "diffusers")}
-    times = {side: [] for side in sides}
+    wall = {side: [] for side in sides}
+    cpu = {side: [] for side in sides}
     eps = {}
     with torch.no_grad():
-        for i in range(args.runs + 1):
-            for side, (_, forward) in sides.items():
-                start = time.perf_counter()
-                eps[side] = forward(z_t, t, context)
-                if i > 0:                          # run 0 is the warm-up
-                    times[side].append(time.perf_counter() - start)
+        for side, (_, forward) in sides.items():          # warm-up
+            eps[side] = forward(z_t, t, context)
+        for i in range(args.runs):
+            for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):   # ABBA: no side always first
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                sides[side][1](z_t, t, context)
+                wall[side].append(time.perf_counter() - start_wall)
+                cpu[side].append(time.process_time() - start_cpu)
     diff = (eps["minildm"] - eps["diffusers"]).abs()
     print(f"same weights and inputs: max abs diff of eps {diff.max():.2e} (mean {diff.mean():.2e}, "
           f"mean |eps| {eps['diffusers'].abs().mean():.2e})")
-    median = {side: statistics.median(ts) for side, ts in times.items()}
-    for side, ts in times.items():
-        print(f"{side:>9}: median {median[side]:.2f} s per forward  (runs: {', '.join(f'{x:.2f}' for x in ts)})")
-    print(f"ratio minildm / diffusers: {median['minildm'] / median['diffusers']:.3f}")
+    med_wall = {side: statistics.median(ts) for side, ts in wall.items()}
+    med_cpu = {side: statistics.median(ts) for side, ts in cpu.items()}
+    for side in sides:
+        print(f"{side:>9}: median {med_wall[side]:.2f} s wall, {med_cpu[side]:.2f} s CPU per forward  "
+              f"(wall: {', '.join(f'{x:.2f}' for x in wall[side])})")
+    # CPU time (user + system, all threads) is what the forward costs; wall time also counts the
+    # moments another program had the cores, so on a shared machine it is the noisier of the two.
+    print(f"ratio minildm / diffusers: {med_wall['minildm'] / med_wall['diffusers']:.3f} (wall), "
+          f"{med_cpu['minildm'] / med_cpu['diffusers']:.3f} (CPU)")
     del sides, eps
 
     if not args.skip_memory:
