@@ -7,8 +7,8 @@ A training step is forward + MSE loss against the noise + backward + AdamW step,
 (z_t (B, 4, h, w), t (B,), context (B, 77, D)) for both sides. Both models live in this process with
 identical weights (minildm's state dict renamed into diffusers' layout by `convert.unet_to_diffusers`;
 the outputs are compared first), and their steps alternate after a warm-up, so a busy machine slows
-both alike. Reported: median seconds per step, images/s, and the ratio diffusers / minildm (>= 1 means
-minildm is at least as fast).
+both alike. Reported: median and best seconds per step, images/s, and the ratios diffusers / minildm (>= 1
+means minildm is at least as fast).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--context-dim", type=int, default=256, help="text context width (CLIPTextConfig.small: 256)")
     p.add_argument("--latent-size", type=int, default=8, help="h = w of the latents (CIFAR VAE: 8)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--runs", type=int, default=5, help="timed steps per side")
+    p.add_argument("--runs", type=int, default=7, help="timed steps per side")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,9 +91,13 @@ def main():
             step()
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     for k in steps:
-        print(f"{k:10s} {med[k]:.3f} s/step  {B / med[k]:.1f} images/s  (runs: {', '.join(f'{x:.2f}' for x in times[k])})")
-    print(f"ratio diffusers / minildm: {med['diffusers'] / med['minildm']:.2f}x (target >= 1.0x)")
+        print(f"{k:10s} median {med[k]:.3f} s/step ({B / med[k]:.1f} images/s), best {best[k]:.3f} s/step "
+              f"(runs: {', '.join(f'{x:.2f}' for x in times[k])})")
+    # On a shared machine the best run is the least disturbed one; both ratios are printed.
+    print(f"ratio diffusers / minildm: median {med['diffusers'] / med['minildm']:.2f}x, "
+          f"best {best['diffusers'] / best['minildm']:.2f}x (target >= 1.0x)")
 
 
 if __name__ == "__main__":
