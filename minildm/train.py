@@ -455,6 +455,13 @@ class Budget:
             p = max(p, self.elapsed / (60 * self.max_minutes))
         return p
 
+    def left(self) -> str:
+        """Wall-clock time left in the minutes budget, for the progress bar ('' without one)."""
+        if not self.max_minutes:
+            return ""
+        seconds = max(0, int(60 * self.max_minutes - self.elapsed))
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
     def done(self, step: int, dist: Dist) -> bool:
         stop = step >= self.max_steps or (self.max_minutes is not None and
                                           self.elapsed >= 60 * self.max_minutes)
@@ -609,7 +616,8 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
             run.log({"stage": "vae", "step": step, "loss": mean_loss, "rec_per_element": rec_pe,
                      "kl": logs["kl"], "lr": opt.param_groups[0]["lr"], "images_per_s": rate,
                      "elapsed_s": budget.elapsed, **{k: logs[k] for k in ("g", "d_loss") if k in logs}})
-            bar.set_postfix(loss=f"{mean_loss:.4g}", rec=f"{rec_pe:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4g}", rec=f"{rec_pe:.4f}", img_s=f"{rate:.0f}",
+                            **({"budget_left": budget.left()} if cfg.max_minutes else {}))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
             last_saved = step
@@ -832,7 +840,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             t_log, n_images = now, 0
             run.log({"stage": "ldm", "step": step, "loss": mean_loss.item(), "lr": lr,
                      "grad_norm": float(grad_norm), "images_per_s": rate, "elapsed_s": budget.elapsed})
-            bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}",
+                            **({"budget_left": budget.left()} if cfg.max_minutes else {}))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
             last_saved = step
