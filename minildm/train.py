@@ -626,6 +626,9 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
             save()
             return vae, None
     bar.close()
+    if step % cfg.log_every and step > 1:  # the last step, when it fell between two logs
+        run.log({"stage": "vae", "step": step, "loss": _mean_over_processes(torch.tensor(logs["loss"]), dist).item(),
+                 "rec_per_element": logs["rec_per_element"], "kl": logs["kl"], "elapsed_s": budget.elapsed})
 
     scale = measure_scale_factor(vae, train, cfg, device)
     vae_cfg.scale_factor = scale
@@ -850,6 +853,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         if callback is not None and callback("ldm", step, {"loss": mean_loss.item(), "lr": lr}):
             break
     bar.close()
+    if step % cfg.log_every and step > 1:  # the last step, when it fell between two logs
+        run.log({"stage": "ldm", "step": step, "loss": mean_loss.item(), "lr": lr, "elapsed_s": budget.elapsed})
     final = step >= cfg.ldm_steps or (cfg.max_minutes is not None and budget.elapsed >= 60 * cfg.max_minutes)
     save(final=final)
     if final:
