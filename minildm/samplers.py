@@ -88,6 +88,26 @@ def sigma_grid(schedule: NoiseSchedule, num_steps: int, karras: bool = False):
     return sigmas.float(), timesteps.float()
 
 
+def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, karras: bool = False):
+    """The sigmas (n+1,) ending in 0, and the integer model timesteps (n,), of an n-step DPM-Solver run.
+
+    Placed as diffusers' DPMSolverMultistepScheduler places them (its default "linspace" spacing):
+    n+1 timesteps evenly spaced from 0 to T-1 and rounded, the most noisy n kept, each at the exact
+    sigma of its table entry. With `karras`, the sigmas are Euler's Karras sigmas and the timesteps
+    the nearest integers to schedule.sigma_to_t(sigma).
+    """
+    table = schedule.sigmas.double()
+    if karras:
+        sigmas = karras_sigmas(table[0].item(), table[-1].item(), num_steps)
+        timesteps = schedule.sigma_to_t(sigmas).round()
+    else:
+        timesteps = torch.linspace(0, schedule.num_timesteps - 1, num_steps + 1, dtype=torch.float64)
+        timesteps = timesteps.round().flip(0)[:-1]
+        sigmas = table[timesteps.long()]
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas.float(), timesteps.float()
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -281,8 +301,9 @@ def sample_heun(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
 @torch.no_grad()
 def sample_dpmpp_2m(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
     """DPM-Solver++(2M) (Lu et al. 2022): exact integration of the linear part in lambda = -log sigma,
-    with x0_pred extrapolated linearly from the last two steps. First and last steps are first order."""
-    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    with x0_pred extrapolated linearly from the last two steps. First and last steps are first order.
+    Steps are placed by dpm_solver_grid."""
+    sigmas, timesteps = dpm_solver_grid(schedule, num_steps, karras)
     sigmas = sigmas.to(z.device)
     x = _k_start(z, sigmas, first_step)
     x0_old, h_old = None, None
@@ -330,7 +351,8 @@ def noise_level(sampler_name: str, schedule: NoiseSchedule, num_steps: int, firs
         return float(schedule.alphas_cumprod[ddpm_timesteps(schedule, num_steps)[first_step]])
     if sampler_name in ("ddim", "plms"):
         return float(schedule.alphas_cumprod[ddim_timesteps(schedule, num_steps)[first_step]])
-    sigmas, _ = sigma_grid(schedule, num_steps, options.get("karras", False))
+    grid = dpm_solver_grid if sampler_name == "dpmpp_2m" else sigma_grid
+    sigmas, _ = grid(schedule, num_steps, options.get("karras", False))
     return 1.0 / (1.0 + float(sigmas[first_step]) ** 2)
 
 

@@ -170,13 +170,20 @@ class NoiseSchedule:
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def sigma_to_t(self, sigma) -> torch.Tensor:
-        """The fractional timestep whose sigma is `sigma` (inverse of t_to_sigma, clamped to [0, T-1])."""
-        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).clamp(min=1e-10).log()
+        """The fractional timestep whose sigma is `sigma` (inverse of t_to_sigma, clamped to [0, T-1]).
+
+        Interpolates linearly in log sigma, computing in float64; the result is float64 for a float64
+        `sigma`, else float32.
+        """
+        sigma = torch.as_tensor(sigma)
+        out_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+        log_sigma = sigma.double().clamp(min=1e-10).log()
+        table = self.log_sigmas.double()
         # index of the last table entry at or below log_sigma (log_sigmas increases with t)
-        low = (log_sigma.unsqueeze(-1) >= self.log_sigmas).sum(-1).sub(1).clamp(0, self.num_timesteps - 2)
-        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        low = (log_sigma.unsqueeze(-1) >= table).sum(-1).sub(1).clamp(0, self.num_timesteps - 2)
+        lo, hi = table[low], table[low + 1]
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-        return low + w
+        return (low + w).to(out_dtype)
 
     # ------------------------------------------------------------------ helpers
 

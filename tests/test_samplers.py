@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minildm.samplers import (
-    SAMPLERS, cfg_denoiser, ddim_timesteps, noise_level, sample_ddim, sigma_grid,
+    SAMPLERS, cfg_denoiser, ddim_timesteps, dpm_solver_grid, noise_level, sample_ddim, sigma_grid,
 )
 from minildm.schedule import NoiseSchedule
 
@@ -111,22 +111,27 @@ def test_k_samplers_match_diffusers(name, num_steps, karras):
 
 
 @pytest.mark.parametrize("karras", [False, True], ids=["default", "karras"])
-@pytest.mark.parametrize("num_steps", [20, 50])
+@pytest.mark.parametrize("num_steps", [10, 20, 50])
 def test_dpmpp_2m_matches_diffusers(num_steps, karras):
-    """DPM-Solver++(2M) matches diffusers' DPMSolverMultistepScheduler on the same sigma grid.
-
-    diffusers places this scheduler's steps differently from its Euler ones (n+1 rounded timesteps);
-    minildm uses one grid for all k-samplers, so the reference is given our grid and the test
-    compares the update rule.
-    """
+    """DPM-Solver++(2M) matches diffusers' DPMSolverMultistepScheduler as it comes (its own step grid)."""
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
                                                   use_karras_sigmas=karras)
     z = start_noise()
-    grid = sigma_grid(NoiseSchedule.sd(), num_steps, karras)
-    ref = run_diffusers(sched, num_steps, z, patch_grid=grid)
+    ref = run_diffusers(sched, num_steps, z)
+    sigmas, timesteps = dpm_solver_grid(NoiseSchedule.sd(), num_steps, karras)
+    assert torch.equal(timesteps.long(), sched.timesteps), (timesteps, sched.timesteps)
+    assert torch.allclose(sigmas, sched.sigmas, rtol=1e-4, atol=0), report(sigmas, sched.sigmas)
     ours = SAMPLERS["dpmpp_2m"](smooth_eps, z, NoiseSchedule.sd(), num_steps, karras=karras)
     assert torch.allclose(ours, ref, atol=ATOL, rtol=0), report(ours, ref)
+
+
+def test_dpmpp_2m_img2img_start_matches_its_grid():
+    """Starting DPM++ 2M part-way uses its own grid's noise level, not Euler's."""
+    schedule = NoiseSchedule.sd()
+    sigmas, _ = dpm_solver_grid(schedule, 20, False)
+    assert noise_level("dpmpp_2m", schedule, 20, first_step=5) == pytest.approx(1 / (1 + sigmas[5].item() ** 2))
+    assert noise_level("dpmpp_2m", schedule, 20, first_step=5) != noise_level("euler", schedule, 20, first_step=5)
 
 
 def test_sigma_grid_matches_diffusers():
