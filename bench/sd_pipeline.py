@@ -106,7 +106,7 @@ def diffusers_config_folder(folder, preset):
     return folder
 
 
-def run_side(side, path, steps, size, out, preset):
+def run_side(side, path, steps, size, out, preset, load_only=False):
     """Load, generate once, and report times and peak memory (runs in a fresh subprocess)."""
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     if side == "minildm":  # imports and the config folder stay outside the timed region
@@ -122,7 +122,7 @@ def run_side(side, path, steps, size, out, preset):
         model = load_stable_diffusion(path, dtype=torch.float32, unet_config=unet_cfg, vae_config=vae_cfg,
                                       text_config=text_cfg)
         loaded = time.perf_counter()
-        image = model.generate(PROMPT, num_steps=steps, sampler="ddim", guidance_scale=7.5, height=size,
+        image = torch.zeros(1) if load_only else model.generate(PROMPT, num_steps=steps, sampler="ddim", guidance_scale=7.5, height=size,
                                width=size, latents=latents)
     else:
         pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
@@ -131,7 +131,7 @@ def run_side(side, path, steps, size, out, preset):
         loaded = time.perf_counter()
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+            image = torch.zeros(1) if load_only else pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
                          latents=latents, output_type="pt").images
     done = time.perf_counter()
     torch.save(image, out + ".pt")
@@ -148,32 +148,42 @@ def main():
     p.add_argument("--size", type=int, default=512, help="image height and width")
     p.add_argument("--preset", default="sd15", choices=("sd15", "tiny"),
                    help="sd15 for the benchmark; tiny checks the script in seconds")
+    p.add_argument("--load-only", action="store_true", help="measure loading (and its memory) only")
+    p.add_argument("--repeat", type=int, default=1, help="runs per side (fresh processes, alternating order)")
     p.add_argument("--side", choices=("minildm", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
-        return run_side(args.side, args.file, args.steps, args.size, args.out, args.preset)
+        return run_side(args.side, args.file, args.steps, args.size, args.out, args.preset, args.load_only)
 
     if not os.path.exists(args.file):
         print(f"writing random {args.preset} weights to {args.file} ...", flush=True)
         make_checkpoint(args.file, args.preset)
     work = tempfile.mkdtemp()
-    results = {}
-    for side in ("diffusers", "minildm"):
-        out = os.path.join(work, side)
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--file", args.file,
-                        "--steps", str(args.steps), "--size", str(args.size), "--out", out, "--preset", args.preset], check=True, env=env)
-        with open(out + ".json") as f:
-            results[side] = json.load(f)
-        print(json.dumps(results[side]), flush=True)
-    ours, ref = results["minildm"], results["diffusers"]
+    runs = {"diffusers": [], "minildm": []}
+    for r in range(args.repeat):  # fresh processes; the order alternates (A B, B A, ...) over repeats
+        for side in ("diffusers", "minildm") if r % 2 == 0 else ("minildm", "diffusers"):
+            out = os.path.join(work, side)
+            env = dict(os.environ, HF_HUB_OFFLINE="1")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--file", args.file,
+                            "--steps", str(args.steps), "--size", str(args.size), "--out", out, "--preset", args.preset]
+                           + (["--load-only"] if args.load_only else []), check=True, env=env)
+            with open(out + ".json") as f:
+                runs[side].append(json.load(f))
+            print(json.dumps(runs[side][-1]), flush=True)
+
+    def median(side, key):
+        values = sorted(run[key] for run in runs[side])
+        return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
+
     diff = (torch.load(os.path.join(work, "minildm.pt")) - torch.load(os.path.join(work, "diffusers.pt"))).abs()
-    print(f"\n{args.size}x{args.size}, {args.steps} DDIM steps, guidance 7.5, float32, {ours['threads']} threads")
+    print(f"\n{args.size}x{args.size}, {args.steps} DDIM steps, guidance 7.5, float32, "
+          f"{runs['minildm'][0]['threads']} threads, median of {args.repeat}")
     print("| | minildm | diffusers | ratio |\n|---|---|---|---|")
     for key, name in (("load_s", "load float16 .safetensors (s)"), ("generate_s", "txt2img (s)"),
                       ("peak_rss_gb", "peak RSS (GB)")):
-        print(f"| {name} | {ours[key]:.2f} | {ref[key]:.2f} | {ours[key] / ref[key]:.2f}x |")
+        ours, ref = median("minildm", key), median("diffusers", key)
+        print(f"| {name} | {ours:.2f} | {ref:.2f} | {ours / max(ref, 1e-9):.2f}x |")
     print(f"\nimages: max abs difference {diff.max():.2g}, mean {diff.mean():.2g} (pixels in [0, 1])")
 
 

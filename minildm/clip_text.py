@@ -46,11 +46,14 @@ class CLIPTextConfig:
 
     @classmethod
     def small(cls) -> "CLIPTextConfig":
-        """A text encoder to train from scratch with a small (CIFAR-size) model: 15,827,712 parameters.
+        """A text encoder to train from scratch with a small (CIFAR-size) model: 15,816,192 parameters.
 
         The vocabulary stays CLIP's, so the same tokenizer serves; the embedding table is most of it.
+        32 positions instead of 77: CIFAR's template captions are at most 10 tokens, a sentence-long
+        caption fits, and the encoder's cost (and the UNet's cross-attention keys) grows with the
+        length: at 77 positions this encoder would cost more per training image than the CPU UNet.
         """
-        return cls(width=256, num_layers=4, num_heads=4, mlp_width=1024)
+        return cls(context_length=32, width=256, num_layers=4, num_heads=4, mlp_width=1024)
 
     @classmethod
     def tiny(cls) -> "CLIPTextConfig":

@@ -349,7 +349,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
     vae = _build("VAE", AutoencoderKL, vae_config, ckpt.vae, dtype, device)
     text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder, dtype, device)
     if tokenizer is None:
-        tokenizer = CLIPTokenizer.default()
+        tokenizer = CLIPTokenizer.default(context_length=text_config.context_length)
     if scale_factor is None:
         scale_factor = vae_config.scale_factor
     return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)

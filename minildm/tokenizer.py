@@ -134,14 +134,15 @@ class CLIPTokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def default(cls, path: str | None = None) -> "CLIPTokenizer":
-        """The tokenizer from the `clip` package's bpe_simple_vocab_16e6.txt.gz (or another such file)."""
+    def default(cls, path: str | None = None, context_length: int = CONTEXT_LENGTH) -> "CLIPTokenizer":
+        """The tokenizer from the `clip` package's bpe_simple_vocab_16e6.txt.gz (or another such file),
+        padding and truncating to `context_length` (77 for SD; a smaller text encoder may have fewer)."""
         path = path or clip_vocab_file()
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # Line 0 is a version header; CLIP uses the first NUM_MERGES merges of the file.
         merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
-        return cls(merges)
+        return cls(merges, context_length=context_length)
 
     @classmethod
     def from_folder(cls, path: str) -> "CLIPTokenizer":

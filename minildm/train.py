@@ -89,7 +89,7 @@ class TrainConfig:
     rec_loss: str = "l1"                    # l1 | l2
     disc_start: Optional[int] = None        # step at which the patch discriminator starts (None: never)
     disc_weight: float = 0.5
-    scale_batches: int = 16                 # batches used to measure the latent scale factor
+    scale_batches: int = 16                 # batches of 64 images used to measure the latent scale factor
     # stage 2: UNet + text encoder
     ldm_steps: int = 500
     batch_size: int = 32                    # global batch (over processes and accumulation steps)
@@ -132,14 +132,14 @@ class TrainConfig:
     @classmethod
     def cifar(cls, **overrides) -> "TrainConfig":
         """CIFAR-10 on a consumer GPU (or slowly on a CPU): VAE 2,136,823 (32px -> 8x8x4), UNet 34,921,348
-        (UNetConfig.cifar with a 256-wide context), text encoder 15,827,712 parameters.
+        (UNetConfig.cifar with a 256-wide context), text encoder 15,816,192 parameters (32 positions).
 
         For a CPU budget, `--unet-channels 64` gives a 9,031,108-parameter UNet (bench/RESULTS.md)."""
         text = CLIPTextConfig.small()
         unet = UNetConfig.cifar()
         unet.context_dim = text.width
         base = dict(vae=VAEConfig.cifar().to_dict(), unet=unet.to_dict(), text_encoder=text.to_dict(),
-                    vae_steps=20000, vae_batch_size=64, vae_lr=1e-3, rec_loss="l1",
+                    vae_steps=20000, vae_batch_size=16, vae_lr=1e-3, rec_loss="l1",
                     ldm_steps=100000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9999,
                     holdout_per_class=500, log_every=25, save_every=1000, sample_every=2000,
                     sample_steps=50)
@@ -534,7 +534,8 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
                          f"{vae_cfg.downsample_factor}")
 
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(vae_cfg).to(device)
+    # Channels-last activations suit oneDNN's and cuDNN's convolutions: 13% faster here on the CPU.
+    vae = AutoencoderKL(vae_cfg).to(device, memory_format=torch.channels_last)
     disc = PatchDiscriminator(vae_cfg.in_channels, n_layers=2).to(device) if cfg.disc_start is not None else None
     loss_fn = VAELoss(kl_weight=cfg.kl_weight, rec_loss=cfg.rec_loss, discriminator=disc,
                       disc_start=cfg.disc_start or 0, disc_weight=cfg.disc_weight)
@@ -584,7 +585,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
         g = step_generator(cfg.seed, step, "vae")
         idx = global_batch_indices(len(train), cfg.vae_batch_size, cfg.seed, step)
         x, _ = train.batch(idx, g)
-        x = x[dist.rank * local:(dist.rank + 1) * local].to(device)
+        x = x[dist.rank * local:(dist.rank + 1) * local].to(device, memory_format=torch.channels_last)
         g_rank = step_generator(cfg.seed, step, "vae", rank=1 + dist.rank)
         for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
             group["lr"] = cfg.vae_lr * lr_factor(step, 0, budget.progress(step), cfg.min_lr_ratio)
@@ -647,12 +648,12 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
 
 @torch.no_grad()
 def measure_scale_factor(vae: AutoencoderKL, data, cfg: TrainConfig, device) -> float:
-    """1 / std of the latents of `scale_batches` batches (the same batches in every process)."""
+    """1 / std of the latents of `scale_batches` batches of 64 images (the same in every process)."""
     vae.eval()
     g = step_generator(cfg.seed, 0, "scale")
     batches = []
     for i in range(cfg.scale_batches):
-        idx = torch.randint(len(data), (cfg.vae_batch_size,), generator=g)
+        idx = torch.randint(len(data), (64,), generator=g)
         batches.append(data.batch(idx, g)[0].to(device))
     return estimate_scale_factor(vae, batches, generator=g)
 
@@ -724,7 +725,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
                          f"encoder is {text_cfg.width} wide")
     unet = UNet(unet_cfg).to(device, wdtype)
     text_encoder = CLIPTextModel(text_cfg).to(device, wdtype)
-    tokenizer = CLIPTokenizer.default()
+    tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
     schedule = NoiseSchedule.from_dict(cfg.schedule)
     denoiser = Denoiser(unet, text_encoder)
     # No weight decay on biases, norms and embeddings (the usual AdamW split).

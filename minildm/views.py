@@ -611,3 +611,111 @@ def plot_gallery(gallery: Gallery, title: str = ""):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: any view of any checkpoint, saved as PNG (and GIF)
+# ----------------------------------------------------------------------------------------------
+
+VIEWS = ("filmstrip", "attention", "gallery", "interpolate", "seeds", "arithmetic")
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m minildm.views",
+        description="Look inside generation: save a view of a checkpoint (your CIFAR run by default, or "
+                    "Stable Diffusion v1 weights) as PNG files.",
+        epilog='examples:  python -m minildm.views filmstrip "a photo of a cat"\n'
+               '           python -m minildm.views attention "a red car on a road" --ckpt v1-5.safetensors\n'
+               '           python -m minildm.views interpolate "a photo of a cat" "a photo of a dog"\n'
+               '           python -m minildm.views arithmetic "a photo of a cat" "cat" "dog"',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("view", choices=VIEWS, help="filmstrip: denoising step by step (+ GIF); attention: each "
+                   "token's cross-attention map; gallery: samplers x step counts; interpolate: prompt A to "
+                   "prompt B; seeds: one prompt, seed A to seed B; arithmetic: A - B + C")
+    p.add_argument("prompts", nargs="+", help="one prompt (filmstrip, attention, gallery, seeds), two "
+                   "(interpolate) or three (arithmetic)")
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: the newest run in --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help="where `python -m minildm.train` writes runs")
+    p.add_argument("--out", default="views", help="folder for the PNG/GIF files")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=sorted(samplers.SAMPLERS), help="sampler")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    p.add_argument("--seed-b", type=int, default=1, help="the second seed of `seeds`")
+    p.add_argument("--num", type=int, default=5, help="images in an interpolation strip")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="float32, float16 or auto (float16 on CUDA)")
+    return p
+
+
+def main(argv=None) -> int:
+    import os
+    import re
+
+    from .sample import NO_CHECKPOINT, fail, resolve_device
+
+    args = build_parser().parse_args(argv)
+    wanted = {"interpolate": 2, "arithmetic": 3}.get(args.view, 1)
+    if len(args.prompts) != wanted:
+        fail(f"the {args.view} view takes {wanted} prompt{'s' if wanted > 1 else ''}, got {len(args.prompts)}")
+    if args.steps < 1:
+        fail(f"--steps must be at least 1, got {args.steps}")
+    ckpt = args.ckpt
+    if ckpt is None:
+        from .ldm import find_latest_checkpoint
+
+        ckpt = find_latest_checkpoint(args.runs_dir)
+        if ckpt is None:
+            fail(NO_CHECKPOINT.format(runs=args.runs_dir))
+    if not os.path.exists(ckpt):
+        fail(f"checkpoint not found: {ckpt}")
+    device, dtype = resolve_device(args.device, args.dtype)
+
+    from .convert import CheckpointError
+    from .ldm import load_stable_diffusion
+
+    try:
+        ldm = load_stable_diffusion(ckpt, device=device, dtype=dtype)
+    except CheckpointError as e:
+        fail(str(e))
+    if args.size is not None:
+        try:
+            ldm.check_size(args.size, args.size)
+        except ValueError as e:
+            fail(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.view + "-" + re.sub(r"[^a-z0-9]+", "_", args.prompts[0].lower()).strip("_")[:40]
+                        + f"-s{args.seed}")
+    common = dict(seed=args.seed, height=args.size, width=args.size)
+    sampling = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance)
+    written = []
+    if args.view == "filmstrip":
+        size = args.size or ldm.default_size  # small images are enlarged in the GIF to about 256 pixels
+        strip = denoising_filmstrip(ldm, args.prompts[0], gif_path=stem + ".gif", gif_scale=max(1, 256 // size),
+                                    **sampling, **common)
+        figure, written = strip.figure, [stem + ".gif"]
+    elif args.view == "attention":
+        maps = attention_maps_view(ldm, args.prompts[0], **sampling, **common)
+        maps.layer_figure.savefig(stem + "-layers.png", dpi=120)
+        figure, written = maps.figure, [stem + "-layers.png"]
+    elif args.view == "gallery":
+        figure = sampler_gallery(ldm, args.prompts[0], guidance_scale=args.guidance, **common).figure
+    elif args.view == "interpolate":
+        figure = prompt_interpolation(ldm, *args.prompts, num=args.num, **sampling, **common).figure
+    elif args.view == "seeds":
+        figure = seed_interpolation(ldm, args.prompts[0], args.seed, args.seed_b, num=args.num,
+                                    height=args.size, width=args.size, **sampling).figure
+    else:
+        figure = context_arithmetic(ldm, *args.prompts, **sampling, **common).figure
+    figure.savefig(stem + ".png", dpi=120)
+    for path in [stem + ".png"] + written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from minildm import convert
-from minildm.clip_text import CLIPTextConfig
+from minildm.clip_text import CLIPTextConfig, CLIPTextModel
 from minildm.ldm import LatentDiffusion, find_latest_checkpoint, load_stable_diffusion
 from minildm.schedule import NoiseSchedule
 from minildm.tokenizer import CLIPTokenizer
+from minildm.unet import UNet
+from minildm.vae import AutoencoderKL
 from test_convert import original_state, tiny_configs, tiny_models, write_safetensors
 
 SIZE = 32  # pixels; the tiny VAE makes 16x16 latents
@@ -175,6 +177,20 @@ def test_minildm_checkpoint_loads_with_its_configs(models, tmp_path):
     assert torch.equal(loaded.generate("x", **kw), direct.generate("x", **kw))
     assert find_latest_checkpoint(tmp_path / "runs") == str(path)
     assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_text_encoder_with_fewer_positions_gets_a_matching_tokenizer(tmp_path):
+    """A checkpoint whose text encoder has 16 positions loads with a 16-token tokenizer and generates."""
+    unet_cfg, vae_cfg, text_cfg = tiny_configs()
+    text_cfg.context_length = 16
+    torch.manual_seed(0)
+    unet, vae, text = UNet(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
+    path = convert.save_checkpoint(tmp_path / "short.safetensors", unet=unet, vae=vae, text_encoder=text,
+                                   schedule=NoiseSchedule.sd(), scale_factor=0.5)
+    loaded = load_stable_diffusion(path)
+    assert loaded.tokenizer.context_length == 16
+    assert loaded.encode_prompt(["a photo of a cat", ""]).shape == (2, 16, text_cfg.width)
+    assert loaded.generate("a photo of a cat", num_steps=2, seed=0, height=SIZE, width=SIZE).shape == (1, 3, SIZE, SIZE)
 
 
 def test_wrong_context_width_is_named_sd2(models, tmp_path):

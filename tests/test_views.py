@@ -1,5 +1,6 @@
 """The views: their pure helpers, and every view's figure from a tiny random LatentDiffusion."""
 import math
+import os
 
 import matplotlib
 
@@ -197,3 +198,33 @@ def test_sampler_gallery(ldm):
     assert set(gallery.images) == {(s, n) for s in ("ddim", "euler", "heun") for n in (1, 2)}
     assert all(math.isfinite(t) and t > 0 for t in gallery.seconds.values())
     assert len(gallery.figure.axes) == 6
+
+
+@pytest.mark.parametrize("view,prompts", [("filmstrip", ["a red circle"]), ("attention", ["a red circle"]),
+                                          ("interpolate", ["a red circle", "a blue square"]),
+                                          ("seeds", ["a red circle"]),
+                                          ("arithmetic", ["a red circle", "red", "blue"])])
+def test_views_command_line(ldm, tmp_path, view, prompts, capsys):
+    """`python -m minildm.views` loads the newest run and writes the view's PNG (and GIF) files."""
+    from minildm.convert import save_checkpoint
+
+    save_checkpoint(tmp_path / "runs" / "mine" / "model.safetensors", unet=ldm.unet, vae=ldm.vae,
+                    text_encoder=ldm.text_encoder, schedule=ldm.schedule, scale_factor=0.5)
+    out = tmp_path / "views"
+    assert views.main([view, *prompts, "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+                       "--steps", "2", "--num", "3"]) == 0
+    written = capsys.readouterr().out.split()
+    assert written and all(os.path.getsize(p) > 0 for p in written)
+    assert {os.path.dirname(p) for p in written} == {str(out)}
+    if view == "filmstrip":
+        assert any(p.endswith(".gif") for p in written)
+
+
+def test_views_command_line_errors(tmp_path):
+    """Wrong prompt counts and a missing checkpoint are one-line errors."""
+    with pytest.raises(SystemExit, match="takes 2 prompts, got 1"):
+        views.main(["interpolate", "a cat", "--runs-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: "):
+        views.main(["filmstrip", "a cat", "--runs-dir", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        views.main(["filmstrip", "a cat", "--ckpt", str(tmp_path / "missing.safetensors")])
