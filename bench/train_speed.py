@@ -4,7 +4,7 @@
     flock /work/heavy.lock python bench/train_speed.py --model-channels 64  # the CPU benchmark's width
 
 A training step is forward + MSE loss against the noise + backward + AdamW step, on the same inputs
-(z_t (B, 4, h, w), t (B,), context (B, 77, D)) for both sides. Both models live in this process with
+(z_t (B, 4, h, w), t (B,), context (B, L, D)) for both sides. Both models live in this process with
 identical weights (minildm's state dict renamed into diffusers' layout by `convert.unet_to_diffusers`;
 the outputs are compared first), and their steps alternate after a warm-up, so a busy machine slows
 both alike. Reported: median and best seconds per step, images/s, and the ratios diffusers / minildm (>= 1
@@ -57,6 +57,7 @@ def main():
     p.add_argument("--model-channels", type=int, default=128, help="UNetConfig.cifar() width (128)")
     p.add_argument("--context-dim", type=int, default=256, help="text context width (CLIPTextConfig.small: 256)")
     p.add_argument("--latent-size", type=int, default=8, help="h = w of the latents (CIFAR VAE: 8)")
+    p.add_argument("--context-length", type=int, default=32, help="text tokens L (CLIPTextConfig.small: 32)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--runs", type=int, default=7, help="timed steps per side")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -70,13 +71,14 @@ def main():
     B, s = args.batch_size, args.latent_size
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(B, cfg.in_channels, s, s, generator=g), torch.randint(0, 1000, (B,), generator=g),
-             torch.randn(B, 77, cfg.context_dim, generator=g), torch.randn(B, cfg.in_channels, s, s, generator=g))
+             torch.randn(B, args.context_length, cfg.context_dim, generator=g), torch.randn(B, cfg.in_channels, s, s, generator=g))
 
     with torch.no_grad():
         a = ours(*batch[:3])
         b = theirs(batch[0], batch[1], encoder_hidden_states=batch[2]).sample
     diff = (a - b).abs()
-    print(f"UNet {n_params:,} parameters, batch {B}, latents {cfg.in_channels}x{s}x{s}, context 77x{cfg.context_dim}")
+    print(f"UNet {n_params:,} parameters, batch {B}, latents {cfg.in_channels}x{s}x{s}, "
+          f"context {args.context_length}x{cfg.context_dim}")
     print(f"same weights, same output: max |diff| {diff.max():.2e}, mean {diff.mean():.2e} "
           f"(output mean |eps_pred| {a.abs().mean():.3f})")
 
