@@ -27,7 +27,9 @@ Everything lands in runs/<name>/:
     state_ldm.pt          RNG states), a plain dict of tensors: torch.load(..., weights_only=True)
     metrics.jsonl       one JSON line per logged step (stage, step, loss, lr, images/s, ...)
     loss.png            the loss curves
-    samples/            sample grids for fixed prompts and seeds, every --sample-every steps
+    samples/            stage 1: vae_step_N.png, 8 fixed images over their reconstructions, at every
+                          checkpoint; stage 2: step_N.png, sample grids for fixed prompts and seeds,
+                          every --sample-every steps
 
 Reproducibility: the data order of epoch e is a permutation drawn from (seed, e), and all randomness
 of step s (timesteps, noise, caption dropout, templates, flips) comes from a generator seeded with
@@ -576,7 +578,10 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
         if dist.main:
             save_checkpoint(run.vae_path, vae=vae, scale_factor=scale)
             run.plot_losses()
+            reconstruction_grid(vae, fixed_images, run.dir / "samples" / f"vae_step_{step:07d}.png")
 
+    # The same 8 images at every checkpoint (held-out ones when there are), originals over reconstructions.
+    fixed_images = (held if len(held) else train).images[:8]
     budget = Budget(cfg.vae_steps, cfg.max_minutes, elapsed)
     bar = _progress_bar(cfg.vae_steps, "stage 1 (VAE)", dist.main, initial=step)
     vae.train()
@@ -682,6 +687,19 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, schedule, scale_factor):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def reconstruction_grid(vae: AutoencoderKL, images: torch.Tensor, path) -> None:
+    """Originals (top row) over their reconstructions (posterior mode), as a PNG."""
+    import torchvision
+    was_training = vae.training
+    vae.eval()
+    x = data_module.to_float(images).to(next(vae.parameters()).device)
+    x_rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(torch.cat([x, x_rec]).float().cpu() / 2 + 0.5, path, nrow=len(x), padding=1)
+    vae.train(was_training)
+
+
 def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: float, seed: int = 0,
                 resolution: Optional[int] = None) -> torch.Tensor:
     """One image per prompt from fixed noise (`seed`), saved as a grid; returns images (B, 3, H, W) in [0, 1]."""

@@ -79,7 +79,8 @@ def test_end_to_end_cli_then_sample(tmp_path):
     for name in ("config.json", "vae.safetensors", "model.safetensors", "metrics.jsonl", "loss.png",
                  "state_vae.pt", "state_ldm.pt"):
         assert (run / name).exists(), name
-    assert list((run / "samples").glob("*.png"))
+    assert list((run / "samples").glob("step_*.png"))          # stage 2 sample grids
+    assert list((run / "samples").glob("vae_step_*.png"))      # stage 1 originals over reconstructions
     state = torch.load(run / "state_ldm.pt", weights_only=True)
     assert state["step"] == 3 and state["done"]
     from minildm.convert import load_checkpoint
