@@ -687,7 +687,6 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, schedule, scale_factor):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reconstruction_grid(vae: AutoencoderKL, images: torch.Tensor, path) -> None:
     """Originals (top row) over their reconstructions (posterior mode), as a PNG."""
     import torchvision
@@ -700,6 +699,7 @@ def reconstruction_grid(vae: AutoencoderKL, images: torch.Tensor, path) -> None:
     vae.train(was_training)
 
 
+@torch.no_grad()
 def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: float, seed: int = 0,
                 resolution: Optional[int] = None) -> torch.Tensor:
     """One image per prompt from fixed noise (`seed`), saved as a grid; returns images (B, 3, H, W) in [0, 1]."""
