@@ -116,8 +116,10 @@ def score(args) -> None:
     print(f"judge: held-out accuracy {saved['held_out_accuracy']:.1%} on real images")
 
     path = args.run
-    if path is None or Path(path).is_dir():
-        path = find_latest_checkpoint(path or "runs") if path is None else str(Path(path) / "model.safetensors")
+    if path is None:
+        path = find_latest_checkpoint("runs")
+    elif Path(path).is_dir():
+        path = str(Path(path) / "model.safetensors")
     model = load_stable_diffusion(path)
     results, grid_rows = {}, None
     grid_scale = next((g for g in args.guidance if g != 1), args.guidance[0])

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,16 +174,12 @@ def main():
                 runs[side].append(json.load(f))
             print(json.dumps(runs[side][-1]), flush=True)
 
-    def median(side, key):
-        values = sorted(run[key] for run in runs[side])
-        return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
-
     print(f"\n{args.size}x{args.size}, {args.steps} DDIM steps, guidance 7.5, float32, "
           f"{runs['minildm'][0]['threads']} threads, median of {args.repeat}")
     print("| | minildm | diffusers | ratio |\n|---|---|---|---|")
     rows = [("load_s", "load float16 .safetensors (s)")] + ([] if args.load_only else [("generate_s", "txt2img (s)")])
     for key, name in rows + [("peak_rss_gb", "peak RSS (GB)")]:
-        ours, ref = median("minildm", key), median("diffusers", key)
+        ours, ref = (statistics.median(run[key] for run in runs[side]) for side in ("minildm", "diffusers"))
         print(f"| {name} | {ours:.2f} | {ref:.2f} | {ours / ref:.2f}x |")
     if not args.load_only:
         diff = (torch.load(os.path.join(work, "minildm.pt")) - torch.load(os.path.join(work, "diffusers.pt"))).abs()

@@ -130,6 +130,28 @@ def resolve_device(name: str, dtype_name: str):
     return device, getattr(torch, dtype_name)
 
 
+def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True):
+    """(LatentDiffusion, checkpoint path) for a command line: `ckpt`, or the newest run in `runs_dir`
+    when it is None; every problem is a one-line error."""
+    if ckpt is None:
+        from .ldm import find_latest_checkpoint
+
+        ckpt = find_latest_checkpoint(runs_dir)
+        if ckpt is None:
+            fail(NO_CHECKPOINT.format(runs=runs_dir))
+    if not os.path.exists(ckpt):
+        fail(f"checkpoint not found: {ckpt}")
+    device, dtype = resolve_device(device_name, dtype_name)
+
+    from .convert import CheckpointError
+    from .ldm import load_stable_diffusion
+
+    try:
+        return load_stable_diffusion(ckpt, device=device, dtype=dtype, use_ema=use_ema), ckpt
+    except CheckpointError as e:
+        fail(str(e))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
@@ -154,25 +176,8 @@ def main(argv=None) -> int:
                 fail(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the init image is "
                      f"{image.size[0]}x{image.size[1]}; they must be the same size")
 
-    ckpt = args.ckpt
-    if ckpt is None:
-        from .ldm import find_latest_checkpoint
-
-        ckpt = find_latest_checkpoint(args.runs_dir)
-        if ckpt is None:
-            fail(NO_CHECKPOINT.format(runs=args.runs_dir))
-    if not os.path.exists(ckpt):
-        fail(f"checkpoint not found: {ckpt}")
-    device, dtype = resolve_device(args.device, args.dtype)
-
-    from .convert import CheckpointError
-    from .ldm import load_stable_diffusion
-
     started = time.time()
-    try:
-        model = load_stable_diffusion(ckpt, device=device, dtype=dtype, use_ema=not args.no_ema)
-    except CheckpointError as e:
-        fail(str(e))
+    model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
     print(f"loaded {ckpt} in {time.time() - started:.1f} s", file=sys.stderr)
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
@@ -206,7 +211,7 @@ def main(argv=None) -> int:
     for i in range(args.n):
         settings = {"prompt": args.prompt, "negative": args.negative, "seed": seed + i, "steps": args.steps,
                     "sampler": args.sampler, "guidance": args.guidance, "height": height, "width": width,
-                    "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(dtype)[6:]}
+                    "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
         if init is not None:
             settings.update(init_image=os.path.abspath(args.init_image), strength=args.strength)
         if mask is not None:

@@ -656,7 +656,7 @@ def main(argv=None) -> int:
     import os
     import re
 
-    from .sample import NO_CHECKPOINT, fail, resolve_device
+    from .sample import fail, load_model
 
     args = build_parser().parse_args(argv)
     wanted = {"interpolate": 2, "arithmetic": 3}.get(args.view, 1)
@@ -664,24 +664,7 @@ def main(argv=None) -> int:
         fail(f"the {args.view} view takes {wanted} prompt{'s' if wanted > 1 else ''}, got {len(args.prompts)}")
     if args.steps < 1:
         fail(f"--steps must be at least 1, got {args.steps}")
-    ckpt = args.ckpt
-    if ckpt is None:
-        from .ldm import find_latest_checkpoint
-
-        ckpt = find_latest_checkpoint(args.runs_dir)
-        if ckpt is None:
-            fail(NO_CHECKPOINT.format(runs=args.runs_dir))
-    if not os.path.exists(ckpt):
-        fail(f"checkpoint not found: {ckpt}")
-    device, dtype = resolve_device(args.device, args.dtype)
-
-    from .convert import CheckpointError
-    from .ldm import load_stable_diffusion
-
-    try:
-        ldm = load_stable_diffusion(ckpt, device=device, dtype=dtype)
-    except CheckpointError as e:
-        fail(str(e))
+    ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
     if args.size is not None:
         try:
             ldm.check_size(args.size, args.size)
