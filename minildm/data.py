@@ -14,7 +14,8 @@ loop simple and its data order exactly reproducible (the loop draws batches with
 Three sources:
 
     load_cifar10(data_dir=None)      torchvision's pickled batches (archive or folder), or an
-                                     ImageFolder tree <class>/<image>; downloads into data/ if online
+                                     ImageFolder tree <class>/<image> (folder or archive);
+                                     downloads into data/ if online
     load_folder(data_dir, resolution) your images, captions from captions.jsonl or a .txt beside
                                      each image, else the folder (class) name
     make_shapes(n, resolution, seed)  coloured circles, squares and triangles with captions naming
@@ -31,7 +32,7 @@ import os
 import pickle
 import sys
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -58,7 +59,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 CIFAR_URL_HINT = ("connect to the internet so torchvision can download CIFAR-10 into data/, or pass "
                   "--data-dir with cifar-10-python.tar.gz, its extracted cifar-10-batches-py folder, "
-                  "or an ImageFolder tree <class>/<image>")
+                  "or an ImageFolder tree <class>/<image> (a folder or a .tar.gz of one)")
 
 
 class DataError(RuntimeError):
@@ -197,26 +198,59 @@ def _load_pickle(f):
     return pickle.load(f, encoding="bytes")
 
 
-def _cifar_pickles(path: Path, split: str):
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if path.is_file():  # cifar-10-python.tar.gz
-        with tarfile.open(path) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in names if n not in members]
-            if missing:
-                raise DataError(f"{path} does not look like cifar-10-python.tar.gz (no {missing[0]} inside)")
-            return [_load_pickle(io.BytesIO(tar.extractfile(members[n]).read())) for n in names]
+CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar_pickles(folder: Path, split: str):
     batches = []
-    for n in names:
-        with open(path / n, "rb") as f:
+    for n in CIFAR_BATCHES[split]:
+        with open(folder / n, "rb") as f:
             batches.append(_load_pickle(f))
     return batches
+
+
+def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> CaptionedImages:
+    """CIFAR-10 from a .tar(.gz) without extracting it: torchvision's cifar-10-python.tar.gz, or an
+    archive of an ImageFolder tree <class>/<image> (read in file-name order, as from a folder)."""
+    try:
+        with tarfile.open(path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            by_name = {PurePosixPath(m.name).name: m for m in members}
+            if "data_batch_1" in by_name or "test_batch" in by_name:
+                missing = [n for n in CIFAR_BATCHES[split] if n not in by_name]
+                if missing:
+                    raise DataError(f"{path} does not look like cifar-10-python.tar.gz (no {missing[0]} inside)")
+                batches = [_load_pickle(io.BytesIO(tar.extractfile(by_name[n]).read())) for n in CIFAR_BATCHES[split]]
+                images, labels = _cifar_from_batches(batches)
+                return CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
+                                       flip=True, class_names=CIFAR10_CLASSES, source=str(path))
+            index = {c: k for k, c in enumerate(CIFAR10_CLASSES)}
+            files = sorted((m for m in members if PurePosixPath(m.name).suffix.lower() in IMAGE_EXTENSIONS
+                            and PurePosixPath(m.name).parent.name in index), key=lambda m: PurePosixPath(m.name).parts)
+            if not files:
+                raise DataError(f"{path} holds neither cifar-10-python's batches nor CIFAR-10 images "
+                                "in <class>/<image> folders")
+            labels = [index[PurePosixPath(m.name).parent.name] for m in files]
+            if max_images is not None:  # the same balanced head as for a folder, without decoding the rest
+                per, taken, keep = max(1, max_images // len(CIFAR10_CLASSES)), [0] * len(CIFAR10_CLASSES), []
+                for i, k in enumerate(labels):
+                    if taken[k] < per:
+                        taken[k] += 1
+                        keep.append(i)
+                files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+            pixels = [None] * len(files)
+            for i in sorted(range(len(files)), key=lambda i: files[i].offset_data):  # one pass through the file
+                pixels[i] = load_image(tar.extractfile(files[i]), 32)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path} cannot be read as a tar archive ({type(e).__name__}: {e})") from None
+    return CaptionedImages(torch.stack(pixels), [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
+                           flip=True, class_names=CIFAR10_CLASSES, source=str(path))
 
 
 def _find_cifar_source(root: Path):
     """('pickle', folder_or_archive) or ('folder', imagefolder_root) under `root`, or None."""
     if root.is_file():
-        return ("pickle", root) if root.name.endswith((".tar.gz", ".tgz", ".tar")) else None
+        return ("archive", root) if root.name.endswith((".tar.gz", ".tgz", ".tar")) else None
     candidates = [root]
     for depth in range(3):
         nxt = []
@@ -224,7 +258,7 @@ def _find_cifar_source(root: Path):
             if (d / "data_batch_1").is_file():
                 return "pickle", d
             if (d / "cifar-10-python.tar.gz").is_file():
-                return "pickle", d / "cifar-10-python.tar.gz"
+                return "archive", d / "cifar-10-python.tar.gz"
             subdirs = sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
             if {p.name for p in subdirs} >= set(CIFAR10_CLASSES):
                 return "folder", d
@@ -239,7 +273,8 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
 
     `data_dir` may be torchvision's cifar-10-python.tar.gz, the extracted cifar-10-batches-py
     folder (or a folder holding either), or an ImageFolder tree <class>/<image> (e.g. the JPEG
-    re-encoding of the training split). Without it, `download_root` is searched and, when online,
+    re-encoding of the training split), as a folder or as a .tar(.gz) read without extracting it.
+    `max_images` keeps an equal share of each class, the first in file order. Without it, `download_root` is searched and, when online,
     torchvision downloads the data set there. Offline with nothing local raises `DataError`.
     """
     if data_dir is not None:
@@ -255,6 +290,8 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
         if found is None:
             found = ("pickle", _download_cifar10(download_root))
     kind, path = found
+    if kind == "archive":
+        return _cifar_from_archive(path, split, max_images)
     if kind == "pickle":
         images, labels = _cifar_from_batches(_cifar_pickles(path, split))
         data = CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,

@@ -897,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training data: cifar (CIFAR-10 with template captions), folder (your images), "
                         "shapes (generated, no download); default cifar")
     p.add_argument("--data-dir", default=None,
-                   help="local data: CIFAR-10 archive/folder or ImageFolder tree, or your image folder")
+                   help="local data: CIFAR-10 archive/folder or ImageFolder tree (folder or .tar.gz), or your image folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model and schedule sizes: tiny (CPU smoke run) or cifar (consumer GPU); "
                         "default cifar for --dataset cifar, else tiny")

@@ -59,6 +59,39 @@ def test_cifar_imagefolder_tree(tmp_path):
     assert len(train) == 10 and len(held) == 10 and held.labels.tolist() == list(range(10))
 
 
+def test_cifar_imagefolder_archive_matches_folder(tmp_path):
+    """A .tar.gz of an ImageFolder tree loads without extraction, equal to the extracted folder,
+    and max_images keeps the same balanced head of each class."""
+    root = tmp_path / "tree" / "cifar10" / "train"
+    for k, name in enumerate(reversed(data.CIFAR10_CLASSES)):  # archive order differs from name order
+        (root / name).mkdir(parents=True)
+        for j in (2, 0, 1):
+            Image.new("RGB", (32, 32), (k * 20, j * 100, 7)).save(root / name / f"{j:04d}.png")
+    archive = tmp_path / "cifar10-train.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "cifar10", arcname="cifar10")
+    folder, packed = data.load_cifar10(str(tmp_path / "tree")), data.load_cifar10(str(archive))
+    assert len(packed) == 30 and torch.equal(packed.images, folder.images)
+    assert packed.labels.tolist() == folder.labels.tolist() == [k for k in range(10) for _ in range(3)]
+    assert packed.caption(0) == folder.caption(0) and packed.flip
+    head, head_folder = data.load_cifar10(str(archive), max_images=20), data.load_cifar10(str(tmp_path / "tree"), max_images=20)
+    assert torch.equal(head.images, head_folder.images) and head.labels.tolist() == [k for k in range(10) for _ in range(2)]
+
+
+def test_archive_without_cifar_is_a_clear_error(tmp_path):
+    """An archive with neither CIFAR batches nor class folders, or a broken one, is a one-line DataError."""
+    other = tmp_path / "notes.tar.gz"
+    (tmp_path / "readme.txt").write_text("hello")
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(tmp_path / "readme.txt", arcname="readme.txt")
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(other.read_bytes()[:20])
+    for path, words in ((other, "neither"), (broken, "cannot be read")):
+        with pytest.raises(data.DataError) as e:
+            data.load_cifar10(str(path))
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
 def test_offline_without_data_says_both_fixes(tmp_path, monkeypatch):
     """With no local copy and no network, the error is one line naming both ways to fix it."""
     import torchvision
