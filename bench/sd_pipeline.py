@@ -8,6 +8,8 @@ subprocess, so its peak resident memory is its own:
                 diffusers: StableDiffusionPipeline.from_single_file with a local config folder)
     generate    one 512x512 image, 20 DDIM steps, guidance 7.5, from the same initial latents
     peak RSS    the subprocess's maximum resident set size
+    floor       (with --load-only) the least any float32 loader must do: open the file and cast every
+                tensor to float32, nothing else; minildm's load is compared with it too
 
     python bench/sd_pipeline.py --file /tmp/sd15_random_fp16.safetensors
     python bench/sd_pipeline.py --file /tmp/sd15_random_fp16.safetensors --load-only --repeat 3
@@ -111,6 +113,18 @@ def diffusers_config_folder(folder, preset):
 def run_side(side, path, steps, size, out, preset, load_only=False):
     """Load, generate once, and report times and peak memory (runs in a fresh subprocess)."""
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    if side == "floor":
+        from safetensors import safe_open
+
+        start = time.perf_counter()
+        with safe_open(path, framework="pt") as f:
+            tensors = [f.get_tensor(k).float() for k in f.keys()]
+        result = dict(side=side, load_s=time.perf_counter() - start, generate_s=0.0,
+                      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      threads=torch.get_num_threads(), tensors=len(tensors))
+        with open(out + ".json", "w") as f:
+            json.dump(result, f)
+        return
     if side == "minildm":  # imports and the config folder stay outside the timed region
         from minildm.ldm import load_stable_diffusion
 
@@ -151,8 +165,8 @@ def main():
     p.add_argument("--preset", default="sd15", choices=("sd15", "tiny"),
                    help="sd15 for the benchmark; tiny checks the script in seconds")
     p.add_argument("--load-only", action="store_true", help="measure loading (and its memory) only")
-    p.add_argument("--repeat", type=int, default=1, help="runs per side (fresh processes, alternating order)")
-    p.add_argument("--side", choices=("minildm", "diffusers"), help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="runs per side (fresh processes, order rotating)")
+    p.add_argument("--side", choices=("minildm", "diffusers", "floor"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -162,9 +176,10 @@ def main():
         print(f"writing random {args.preset} weights to {args.file} ...", flush=True)
         make_checkpoint(args.file, args.preset)
     work = tempfile.mkdtemp()
-    runs = {"diffusers": [], "minildm": []}
-    for r in range(args.repeat):  # fresh processes; the order alternates (A B, B A, ...) over repeats
-        for side in ("diffusers", "minildm") if r % 2 == 0 else ("minildm", "diffusers"):
+    sides = ("diffusers", "minildm") + (("floor",) if args.load_only else ())
+    runs = {side: [] for side in sides}
+    for r in range(args.repeat):  # fresh processes; the order rotates over repeats
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
             out = os.path.join(work, side)
             env = dict(os.environ, HF_HUB_OFFLINE="1")
             subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--file", args.file,
@@ -181,6 +196,14 @@ def main():
     for key, name in rows + [("peak_rss_gb", "peak RSS (GB)")]:
         ours, ref = (statistics.median(run[key] for run in runs[side]) for side in ("minildm", "diffusers"))
         print(f"| {name} | {ours:.2f} | {ref:.2f} | {ours / ref:.2f}x |")
+    if args.load_only:
+        floor = statistics.median(run["load_s"] for run in runs["floor"])
+        ours = statistics.median(run["load_s"] for run in runs["minildm"])
+        ref = statistics.median(run["load_s"] for run in runs["diffusers"])
+        print(f"\nfloor (open the file, cast every tensor to float32): {floor:.2f} s; "
+              f"minildm {ours / floor:.2f}x the floor, diffusers {ref / floor:.2f}x")
+        for side in sides:
+            print(f"{side:9s} loads (s): " + ", ".join(f"{run['load_s']:.2f}" for run in runs[side]))
     if not args.load_only:
         diff = (torch.load(os.path.join(work, "minildm.pt")) - torch.load(os.path.join(work, "diffusers.pt"))).abs()
         print(f"\nimages: max abs difference {diff.max():.2g}, mean {diff.mean():.2g} (pixels in [0, 1])")

@@ -94,7 +94,10 @@ def _safetensors_header(path):
             header = json.loads(f.read(n))
         except ValueError:
             raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is damaged: its safetensors header does not describe tensors") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated (an incomplete download?): it should be "
                               f"{8 + n + end:,} bytes but has {size:,}")
@@ -106,9 +109,12 @@ def read_safetensors(path, device="cpu"):
     from safetensors import safe_open
 
     _safetensors_header(path)
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type for a header it cannot use (an unknown dtype, ...)
+        raise CheckpointError(f"{path} is damaged or not a safetensors file: {_last_line(e)}") from None
     return state, metadata
 
 
@@ -150,6 +156,8 @@ def read_state_dict(path, device="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path} cannot be read (permission denied)")
     if path.endswith(".safetensors"):
         return read_safetensors(path, device)
     with open(path, "rb") as f:

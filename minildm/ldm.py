@@ -11,7 +11,8 @@ the step where `strength` says to start. Inpainting also keeps, at every step, t
 (re-noised to the current level) outside the mask.
 
 This is the only module that applies the latent scale factor (0.18215 for SD v1): the VAE works on
-unscaled latents, the UNet and samplers on scaled ones, which have roughly unit variance.
+unscaled latents, the UNet and samplers on scaled ones, which have roughly unit variance. Training
+(train.py) crosses the same border through `to_diffusion_latents`.
 
 Notation (code -> paper): x image in [-1, 1] (x in the paper), z latent z_0 = scale_factor * E(x),
 z_t noisy latent, context tau_theta(y), guidance_scale w (classifier-free guidance), strength
@@ -37,6 +38,16 @@ from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
+
+
+def to_diffusion_latents(z: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """VAE latents -> the diffusion model's latents, of about unit variance."""
+    return z * scale_factor
+
+
+def from_diffusion_latents(z: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """The diffusion model's latents -> VAE latents, ready for the decoder."""
+    return z / scale_factor
 
 
 class LatentDiffusion(nn.Module):
@@ -100,12 +111,12 @@ class LatentDiffusion(nn.Module):
         """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean (or a sample)."""
         posterior = self.vae.encode(x.to(self.device, self.vae_dtype))
         z = posterior.sample(generator) if sample else posterior.mode()
-        return z.float() * self.scale_factor
+        return to_diffusion_latents(z.float(), self.scale_factor)
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents z (B, zc, h, w) -> images x (B, 3, H, W) in [-1, 1] (clamped)."""
-        z = (z / self.scale_factor).to(self.device, self.vae_dtype)
+        z = from_diffusion_latents(z, self.scale_factor).to(self.device, self.vae_dtype)
         if self.vae_tile_size is not None and max(z.shape[-2:]) > self.vae_tile_size:
             x = self._decode_tiled(z, self.vae_tile_size)
         else:

@@ -58,6 +58,7 @@ from torch import nn
 from . import data as data_module
 from .clip_text import CLIPTextConfig, CLIPTextModel
 from .convert import load_checkpoint, load_module, save_checkpoint
+from .ldm import LatentDiffusion, to_diffusion_latents
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -681,7 +682,6 @@ def cache_latents(vae: AutoencoderKL, data, device, batch_size: int = 256) -> tu
 
 def build_pipeline(unet, vae, text_encoder, tokenizer, schedule, scale_factor):
     """The composed model that samples (ldm.LatentDiffusion)."""
-    from .ldm import LatentDiffusion
     return LatentDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                            schedule=schedule, scale_factor=scale_factor)
 
@@ -825,7 +825,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             x, captions = train.batch(idx, g)
             with torch.no_grad():
                 z = vae.encode(x.to(device)).sample(g).cpu()
-        z = z * scale_factor
+        z = to_diffusion_latents(z, scale_factor)
         captions = drop_captions(captions, cfg.caption_dropout, g)
         t = torch.randint(0, schedule.num_timesteps, (cfg.batch_size,), generator=g)
         noise = torch.randn(z.shape, generator=g)

@@ -275,6 +275,52 @@ def test_attention_slicing_and_vae_tiling_change_little(model):
     assert torch.equal(same, model.decode_latents(z)) and tiled.shape == same.shape and torch.isfinite(tiled).all()
 
 
+def test_vae_tiling_blends_to_the_untiled_result_for_a_local_decoder(model, monkeypatch):
+    """With a decoder that is pointwise (each latent cell -> its own f x f pixels), tiled decoding must
+    equal untiled decoding for any tile size: tiles cover the image, sit at the right offsets, and
+    their blend weights sum to one. (The real decoder's attention and GroupNorm see only their tile,
+    which is what tiling trades for memory.)"""
+    f = model.downsample_factor
+
+    def local_decode(z):
+        return torch.tanh(z[:, :3]).repeat_interleave(f, -2).repeat_interleave(f, -1)
+
+    monkeypatch.setattr(model.vae, "decode", local_decode)
+    z = torch.randn(2, 4, 16, 24)
+    untiled = model.decode_latents(z)
+    try:
+        for tile in (5, 8, 11, 16):
+            model.set_vae_tiling(tile)
+            tiled = model.decode_latents(z)
+            assert (tiled - untiled).abs().max() < 1e-6, f"tile {tile}: {(tiled - untiled).abs().max():.2g}"
+    finally:
+        model.set_vae_tiling(None)
+
+
+def test_float16_weights_generate_close_to_float32(models, tmp_path):
+    """A model loaded in float16 generates (float32 images out) within half precision of the float32 model."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in original_state(*models).items()}
+    path = write_safetensors(tmp_path / "half.safetensors", state)
+    kw = dict(num_steps=2, seed=3, height=SIZE, width=SIZE, guidance_scale=5.0)
+    image32 = load_original(path).generate("a red cat", **kw)
+    image16 = load_original(path, dtype=torch.float16).generate("a red cat", **kw)
+    diff = (image32 - image16).abs()
+    assert image16.dtype == torch.float32 and torch.isfinite(image16).all()
+    assert diff.max() < 0.05, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_ema_only_ckpt_loads(models, tmp_path):
+    """A .ckpt that holds only the EMA weights under the plain UNet keys (as the released pruned-emaonly
+    files do) loads, with or without the state_dict wrapper."""
+    state = original_state(*models, ema_offset=None)
+    assert not any(k.startswith(convert.EMA_PREFIX) for k in state)
+    for name, obj in (("wrapped.ckpt", {"state_dict": state}), ("bare.ckpt", state)):
+        torch.save(obj, tmp_path / name)
+        m = load_original(tmp_path / name)
+        k = "out.2.bias"
+        assert torch.equal(m.unet.state_dict()[k], models[0].state_dict()[k])
+
+
 def test_bad_sizes_and_options_are_refused(model):
     """Sizes not divisible by 8, unknown samplers, strengths outside [0, 1] and masks without images raise."""
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -22,3 +22,12 @@ def test_ci_runs_the_readme_test_command():
     """`.ci/run` runs exactly the README's test command."""
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"TEST_COMMAND='{_readme_commands()[1]}'" in ci
+
+
+def test_reference_libraries_are_installed():
+    """The README's test command installs the independent references, so no parity test or notebook
+    run is skipped for want of them (a skipped parity test proves nothing)."""
+    import importlib
+
+    for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers", "nbformat", "nbclient"):
+        importlib.import_module(name)

@@ -134,6 +134,22 @@ def test_other_checkpoint_kinds_are_named(workdir, monkeypatch):
     assert "VAE-only" in cli_error(workdir, monkeypatch, "x", "--ckpt", "vae.safetensors")
 
 
+def _safetensors_with_header(path, header, payload=b"\0" * 16):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + payload)
+
+
+def test_damaged_safetensors_are_named(workdir, monkeypatch):
+    """A safetensors file whose header is JSON but not a tensor table, or names an unknown dtype,
+    gives one line saying the file is damaged (not a KeyError or a safetensors traceback)."""
+    _safetensors_with_header(workdir / "no_offsets.safetensors", {"w": {"dtype": "F32", "shape": [4]}})
+    _safetensors_with_header(workdir / "bad_dtype.safetensors",
+                             {"w": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}})
+    for name in ("no_offsets.safetensors", "bad_dtype.safetensors"):
+        message = cli_error(workdir, monkeypatch, "x", "--ckpt", name)
+        assert "damaged" in message and name in message
+
+
 def test_bad_input_in_a_subprocess_prints_no_traceback(workdir):
     """The process exits with status 1 and one line on stderr, no traceback."""
     result = run(workdir, "x", "--init-image", "notes.png")
