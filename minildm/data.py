@@ -209,9 +209,9 @@ def _cifar_pickles(folder: Path, split: str):
     return batches
 
 
-def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> CaptionedImages:
-    """CIFAR-10 from a .tar(.gz) without extracting it: torchvision's cifar-10-python.tar.gz, or an
-    archive of an ImageFolder tree <class>/<image> (read in file-name order, as from a folder)."""
+def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> tuple:
+    """(images, labels) from a .tar(.gz), without extracting it: torchvision's cifar-10-python.tar.gz,
+    or an archive of an ImageFolder tree <class>/<image> (read in file-name order, as from a folder)."""
     try:
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -220,10 +220,8 @@ def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> Capti
                 missing = [n for n in CIFAR_BATCHES[split] if n not in by_name]
                 if missing:
                     raise DataError(f"{path} does not look like cifar-10-python.tar.gz (no {missing[0]} inside)")
-                batches = [_load_pickle(io.BytesIO(tar.extractfile(by_name[n]).read())) for n in CIFAR_BATCHES[split]]
-                images, labels = _cifar_from_batches(batches)
-                return CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
-                                       flip=True, class_names=CIFAR10_CLASSES, source=str(path))
+                return _cifar_from_batches([_load_pickle(io.BytesIO(tar.extractfile(by_name[n]).read()))
+                                            for n in CIFAR_BATCHES[split]])
             index = {c: k for k, c in enumerate(CIFAR10_CLASSES)}
             files = sorted((m for m in members if PurePosixPath(m.name).suffix.lower() in IMAGE_EXTENSIONS
                             and PurePosixPath(m.name).parent.name in index), key=lambda m: PurePosixPath(m.name).parts)
@@ -243,12 +241,11 @@ def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> Capti
                 pixels[i] = load_image(tar.extractfile(files[i]), 32)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path} cannot be read as a tar archive ({type(e).__name__}: {e})") from None
-    return CaptionedImages(torch.stack(pixels), [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
-                           flip=True, class_names=CIFAR10_CLASSES, source=str(path))
+    return torch.stack(pixels), labels
 
 
 def _find_cifar_source(root: Path):
-    """('pickle', folder_or_archive) or ('folder', imagefolder_root) under `root`, or None."""
+    """('pickle', batches_folder), ('archive', tar_file) or ('folder', imagefolder_root) under `root`, or None."""
     if root.is_file():
         return ("archive", root) if root.name.endswith((".tar.gz", ".tgz", ".tar")) else None
     candidates = [root]
@@ -274,8 +271,9 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
     `data_dir` may be torchvision's cifar-10-python.tar.gz, the extracted cifar-10-batches-py
     folder (or a folder holding either), or an ImageFolder tree <class>/<image> (e.g. the JPEG
     re-encoding of the training split), as a folder or as a .tar(.gz) read without extracting it.
-    `max_images` keeps an equal share of each class, the first in file order. Without it, `download_root` is searched and, when online,
-    torchvision downloads the data set there. Offline with nothing local raises `DataError`.
+    Without `data_dir`, `download_root` is searched and, when online, torchvision downloads the data
+    set there. Offline with nothing local raises `DataError`. `max_images` keeps an equal share of
+    each class, the first ones in file order.
     """
     if data_dir is not None:
         root = Path(data_dir).expanduser()
@@ -290,15 +288,14 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
         if found is None:
             found = ("pickle", _download_cifar10(download_root))
     kind, path = found
-    if kind == "archive":
-        return _cifar_from_archive(path, split, max_images)
-    if kind == "pickle":
-        images, labels = _cifar_from_batches(_cifar_pickles(path, split))
-        data = CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
-                               flip=True, class_names=CIFAR10_CLASSES, source=str(path))
-    else:
+    if kind == "folder":
         data = load_folder(path, resolution=32, class_names=CIFAR10_CLASSES)
         data.flip = True
+    else:
+        images, labels = (_cifar_from_archive(path, split, max_images) if kind == "archive"
+                          else _cifar_from_batches(_cifar_pickles(path, split)))
+        data = CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
+                               flip=True, class_names=CIFAR10_CLASSES, source=str(path))
     if max_images is not None and max_images < len(data):
         # Keep the classes balanced: take an equal share from each class, in file order.
         data = _balanced_head(data, max_images)

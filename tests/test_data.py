@@ -37,6 +37,8 @@ def test_cifar_pickled_folder_and_archive_agree(tmp_path):
     assert len(a) == 30 and a.images.shape == (30, 3, 32, 32)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.images, c.images)
+    head_a, head_b = data.load_cifar10(str(folder), max_images=10), data.load_cifar10(str(archive), max_images=10)
+    assert len(head_b) < 30 and torch.equal(head_a.images, head_b.images)  # max_images holds for archives too
     with open(folder / "data_batch_1", "rb") as f:
         first = pickle.load(f, encoding="bytes")
     # Rows are stored channel-major (R plane, G plane, B plane), as torchvision reads them.
