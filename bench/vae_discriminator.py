@@ -27,14 +27,15 @@ from minildm.vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss  #
 
 
 def load(args):
-    """(x_train, x_held, config, steps) for the chosen data set."""
+    """(x_train, x_held, indices of 10 held-out images to show, config, steps) for the chosen data set."""
     if args.dataset == "shapes":
         x = to_float(make_shapes(600, resolution=32, seed=0).images)
         cfg = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=4)
-        return x[:500], x[500:], cfg, args.steps or 600
+        return x[:500], x[500:], torch.linspace(0, 99, 10).long(), cfg, args.steps or 600
     train, held = load_cifar10(args.data_dir, max_images=5000).split(holdout_per_class=50)
+    pick = torch.stack([(held.labels == k).nonzero()[0, 0] for k in range(10)])  # one image per class
     cfg = VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=8)
-    return to_float(train.images), to_float(held.images), cfg, args.steps or 1500
+    return to_float(train.images), to_float(held.images), pick, cfg, args.steps or 1500
 
 
 def train(x_train, cfg, steps, with_discriminator, seed=0, batch_size=16, lr=3e-3):
@@ -82,8 +83,7 @@ def main():
     p.add_argument("--grid", default=None, help="PNG path for originals / without / with discriminator")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    x_train, x_held, cfg, steps = load(args)
-    pick = torch.linspace(0, len(x_held) - 1, 10).long()
+    x_train, x_held, pick, cfg, steps = load(args)
     rows = [x_held[pick]]
     for with_disc in (False, True):
         start = time.perf_counter()

@@ -106,14 +106,14 @@ def _safetensors_header(path):
 
 def read_safetensors(path, device="cpu"):
     """(state_dict, metadata) of a .safetensors file; on the CPU the tensors are views of a memory map."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     _safetensors_header(path)
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors' own error type for a header it cannot use (an unknown dtype, ...)
+    except (SafetensorError, ValueError) as e:  # a header it cannot use (an unknown dtype, ...)
         raise CheckpointError(f"{path} is damaged or not a safetensors file: {_last_line(e)}") from None
     return state, metadata
 

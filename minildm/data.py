@@ -32,12 +32,14 @@ import os
 import pickle
 import sys
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import torch
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
+CIFAR_RESOLUTION = 32
 
 # Class names become sentences, so that the text encoder learns from prompts, not ids.
 TEMPLATES = (
@@ -189,7 +191,7 @@ def _cifar_from_batches(batches) -> tuple:
     for batch in batches:
         data.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8))
         labels.extend(int(v) for v in batch[b"labels"])
-    images = torch.cat([d.reshape(-1, 3, 32, 32) for d in data]).to(torch.uint8)
+    images = torch.cat([d.reshape(-1, 3, CIFAR_RESOLUTION, CIFAR_RESOLUTION) for d in data]).to(torch.uint8)
     return images, labels
 
 
@@ -210,8 +212,9 @@ def _cifar_pickles(folder: Path, split: str):
 
 
 def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> tuple:
-    """(images, labels) from a .tar(.gz), without extracting it: torchvision's cifar-10-python.tar.gz,
-    or an archive of an ImageFolder tree <class>/<image> (read in file-name order, as from a folder)."""
+    """(images, labels, skipped) from a .tar(.gz), without extracting it: torchvision's
+    cifar-10-python.tar.gz, or an archive of an ImageFolder tree <class>/<image>, read as the same tree
+    extracted would be (the shallowest folder holding all ten classes, files in name order)."""
     try:
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -220,28 +223,44 @@ def _cifar_from_archive(path: Path, split: str, max_images: int | None) -> tuple
                 missing = [n for n in CIFAR_BATCHES[split] if n not in by_name]
                 if missing:
                     raise DataError(f"{path} does not look like cifar-10-python.tar.gz (no {missing[0]} inside)")
-                return _cifar_from_batches([_load_pickle(io.BytesIO(tar.extractfile(by_name[n]).read()))
-                                            for n in CIFAR_BATCHES[split]])
-            index = {c: k for k, c in enumerate(CIFAR10_CLASSES)}
-            files = sorted((m for m in members if PurePosixPath(m.name).suffix.lower() in IMAGE_EXTENSIONS
-                            and PurePosixPath(m.name).parent.name in index), key=lambda m: PurePosixPath(m.name).parts)
+                batches = [_load_pickle(io.BytesIO(tar.extractfile(by_name[n]).read())) for n in CIFAR_BATCHES[split]]
+                return (*_cifar_from_batches(batches), 0)
+            files = _imagefolder_members(members)
             if not files:
-                raise DataError(f"{path} holds neither cifar-10-python's batches nor CIFAR-10 images "
-                                "in <class>/<image> folders")
-            labels = [index[PurePosixPath(m.name).parent.name] for m in files]
-            if max_images is not None:  # the same balanced head as for a folder, without decoding the rest
-                per, taken, keep = max(1, max_images // len(CIFAR10_CLASSES)), [0] * len(CIFAR10_CLASSES), []
-                for i, k in enumerate(labels):
-                    if taken[k] < per:
-                        taken[k] += 1
-                        keep.append(i)
+                raise DataError(f"{path} holds neither cifar-10-python's batches nor a <class>/<image> tree "
+                                "with the ten CIFAR-10 classes")
+            labels = [CIFAR10_CLASSES.index(PurePosixPath(m.name).parent.name) for m in files]
+            if max_images is not None:  # the folder's balanced head, without decoding the rest
+                keep = _balanced_indices(labels, max_images)
                 files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-            pixels = [None] * len(files)
+            pixels = {}
             for i in sorted(range(len(files)), key=lambda i: files[i].offset_data):  # one pass through the file
-                pixels[i] = load_image(tar.extractfile(files[i]), 32)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path} cannot be read as a tar archive ({type(e).__name__}: {e})") from None
-    return torch.stack(pixels), labels
+                raw = tar.extractfile(files[i]).read()
+                try:
+                    pixels[i] = load_image(io.BytesIO(raw), CIFAR_RESOLUTION)
+                except Exception:  # not an image, truncated, unsupported mode: skipped, as in a folder
+                    pass
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} cannot be read as a tar archive ({type(e).__name__}: {first_line})") from None
+    if not pixels:
+        raise DataError(f"none of the {len(files)} image files in {path} could be read")
+    return torch.stack([pixels[i] for i in sorted(pixels)]), [labels[i] for i in sorted(pixels)], len(files) - len(pixels)
+
+
+def _imagefolder_members(members) -> list:
+    """The image files of the shallowest <root>/<class>/<image> tree that has all ten classes."""
+    trees = {}
+    for m in members:
+        p = PurePosixPath(m.name)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.parent.name in CIFAR10_CLASSES:
+            trees.setdefault(p.parent.parent, []).append(m)
+    complete = [root for root, files in trees.items()
+                if {PurePosixPath(m.name).parent.name for m in files} >= set(CIFAR10_CLASSES)]
+    if not complete:
+        return []
+    root = min(complete, key=lambda r: (len(r.parts), r.parts))
+    return sorted(trees[root], key=lambda m: PurePosixPath(m.name).parts)
 
 
 def _find_cifar_source(root: Path):
@@ -265,15 +284,15 @@ def _find_cifar_source(root: Path):
 
 
 def load_cifar10(data_dir: str | None = None, split: str = "train", download_root: str = "data",
-                 max_images: int | None = None) -> CaptionedImages:
+                 max_images: int | None = None, download: bool = True) -> CaptionedImages:
     """CIFAR-10 with template captions from its class names.
 
     `data_dir` may be torchvision's cifar-10-python.tar.gz, the extracted cifar-10-batches-py
     folder (or a folder holding either), or an ImageFolder tree <class>/<image> (e.g. the JPEG
     re-encoding of the training split), as a folder or as a .tar(.gz) read without extracting it.
     Without `data_dir`, `download_root` is searched and, when online, torchvision downloads the data
-    set there. Offline with nothing local raises `DataError`. `max_images` keeps an equal share of
-    each class, the first ones in file order.
+    set there (unless `download` is False). Offline with nothing local raises `DataError`. `max_images` keeps an equal share of
+    each class (at least one), the first ones in file order.
     """
     if data_dir is not None:
         root = Path(data_dir).expanduser()
@@ -285,28 +304,40 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
                             "cifar-10-batches-py/ or an ImageFolder tree <class>/<image>")
     else:
         found = _find_cifar_source(Path(download_root)) if Path(download_root).is_dir() else None
+        if found is None and not download:
+            raise DataError(f"CIFAR-10 is not in {download_root}/ and downloading is off; {CIFAR_URL_HINT}")
         if found is None:
             found = ("pickle", _download_cifar10(download_root))
     kind, path = found
     if kind == "folder":
-        data = load_folder(path, resolution=32, class_names=CIFAR10_CLASSES)
+        data = load_folder(path, resolution=CIFAR_RESOLUTION, class_names=CIFAR10_CLASSES)
         data.flip = True
     else:
-        images, labels = (_cifar_from_archive(path, split, max_images) if kind == "archive"
-                          else _cifar_from_batches(_cifar_pickles(path, split)))
+        skipped = 0
+        if kind == "archive":
+            images, labels, skipped = _cifar_from_archive(path, split, max_images)
+        else:
+            images, labels = _cifar_from_batches(_cifar_pickles(path, split))
         data = CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
-                               flip=True, class_names=CIFAR10_CLASSES, source=str(path))
+                               flip=True, class_names=CIFAR10_CLASSES, skipped=skipped, source=str(path))
     if max_images is not None and max_images < len(data):
         # Keep the classes balanced: take an equal share from each class, in file order.
         data = _balanced_head(data, max_images)
     return data
 
 
+def _balanced_indices(labels, n: int) -> list:
+    """The first n // (number of classes) indices of every class (at least one each), in order."""
+    per, taken, keep = max(1, n // len(set(labels))), {}, []
+    for i, k in enumerate(labels):
+        if taken.get(k, 0) < per:
+            taken[k] = taken.get(k, 0) + 1
+            keep.append(i)
+    return keep
+
+
 def _balanced_head(data: CaptionedImages, n: int) -> CaptionedImages:
-    classes = data.labels.unique()
-    per = max(1, n // len(classes))
-    keep = torch.cat([(data.labels == c).nonzero().flatten()[:per] for c in classes])
-    return data.subset(keep.sort().values)
+    return data.subset(_balanced_indices(data.labels.tolist(), n))
 
 
 def _download_cifar10(root: str) -> Path:

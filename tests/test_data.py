@@ -61,17 +61,35 @@ def test_cifar_imagefolder_tree(tmp_path):
     assert len(train) == 10 and len(held) == 10 and held.labels.tolist() == list(range(10))
 
 
-def test_cifar_imagefolder_archive_matches_folder(tmp_path):
-    """A .tar.gz of an ImageFolder tree loads without extraction, equal to the extracted folder,
-    and max_images keeps the same balanced head of each class."""
-    root = tmp_path / "tree" / "cifar10" / "train"
-    for k, name in enumerate(reversed(data.CIFAR10_CLASSES)):  # archive order differs from name order
-        (root / name).mkdir(parents=True)
-        for j in (2, 0, 1):
-            Image.new("RGB", (32, 32), (k * 20, j * 100, 7)).save(root / name / f"{j:04d}.png")
-    archive = tmp_path / "cifar10-train.tar.gz"
+def _imagefolder_tree(root, per_class=3, splits=("train",)):
+    """cifar10/<split>/<class>/NNNN.png files of distinct colours under root."""
+    for s, split in enumerate(splits):
+        for k, name in enumerate(data.CIFAR10_CLASSES):
+            folder = root / "cifar10" / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("RGB", (32, 32), (k * 20, j * 60, 7 + 100 * s)).save(folder / f"{j:04d}.png")
+
+
+def _shuffled_archive(root, archive, extra=()):
+    """A .tar.gz of every file under root, stored in a shuffled order (tarfile.add would sort them)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp_path / "tree" / "cifar10", arcname="cifar10")
+        for i in order:
+            tar.add(files[i], arcname=str(files[i].relative_to(root)))
+        for name, raw in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return archive
+
+
+def test_cifar_imagefolder_archive_matches_folder(tmp_path):
+    """A .tar.gz of an ImageFolder tree, stored in any order, loads without extraction exactly as the
+    extracted folder does, and max_images keeps the same balanced head of each class."""
+    _imagefolder_tree(tmp_path / "tree")
+    archive = _shuffled_archive(tmp_path / "tree", tmp_path / "cifar10-train.tar.gz")
     folder, packed = data.load_cifar10(str(tmp_path / "tree")), data.load_cifar10(str(archive))
     assert len(packed) == 30 and torch.equal(packed.images, folder.images)
     assert packed.labels.tolist() == folder.labels.tolist() == [k for k in range(10) for _ in range(3)]
@@ -80,18 +98,40 @@ def test_cifar_imagefolder_archive_matches_folder(tmp_path):
     assert torch.equal(head.images, head_folder.images) and head.labels.tolist() == [k for k in range(10) for _ in range(2)]
 
 
+def test_cifar_archive_picks_the_same_tree_and_skips_unreadable_files(tmp_path):
+    """With train/ and test/ trees side by side the archive reads the one the folder reader picks, and
+    a file that is not an image (an AppleDouble ._ file) is skipped and counted, not fatal."""
+    _imagefolder_tree(tmp_path / "tree", per_class=2, splits=("train", "test"))
+    archive = _shuffled_archive(tmp_path / "tree", tmp_path / "both.tar.gz",
+                                extra=[("cifar10/train/cat/._0000.png", b"not a png")])
+    folder, packed = data.load_cifar10(str(tmp_path / "tree")), data.load_cifar10(str(archive))
+    assert len(folder) == len(packed) == 20 and torch.equal(packed.images, folder.images)
+    assert packed.skipped == 0
+    archive = _shuffled_archive(tmp_path / "tree" / "cifar10" / "train", tmp_path / "one.tar.gz",
+                                extra=[("cat/._0000.png", b"not a png")])
+    packed = data.load_cifar10(str(archive))
+    assert len(packed) == 20 and packed.skipped == 1
+
+
 def test_archive_without_cifar_is_a_clear_error(tmp_path):
-    """An archive with neither CIFAR batches nor class folders, or a broken one, is a one-line DataError."""
-    other = tmp_path / "notes.tar.gz"
+    """An archive with neither CIFAR batches nor all ten class folders, a broken archive, or a file that
+    is no archive at all, gives a one-line DataError."""
     (tmp_path / "readme.txt").write_text("hello")
+    other = tmp_path / "notes.tar.gz"
     with tarfile.open(other, "w:gz") as tar:
         tar.add(tmp_path / "readme.txt", arcname="readme.txt")
+    nine = tmp_path / "nine.tar.gz"
+    with tarfile.open(nine, "w:gz") as tar:
+        for name in data.CIFAR10_CLASSES[:9]:
+            tar.add(tmp_path / "readme.txt", arcname=f"{name}/0000.png")
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(other.read_bytes()[:20])
-    for path, words in ((other, "neither"), (broken, "cannot be read")):
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(b"")
+    for path, words in ((other, "neither"), (nine, "neither"), (broken, "cannot be read"), (empty, "cannot be read")):
         with pytest.raises(data.DataError) as e:
             data.load_cifar10(str(path))
-        assert words in str(e.value) and "\n" not in str(e.value)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_offline_without_data_says_both_fixes(tmp_path, monkeypatch):
@@ -150,3 +190,15 @@ def test_batches_are_reproducible_from_a_generator():
     assert torch.equal(x1, x2) and c1 == c2 and all("cat" in c for c in c1)
     assert x1.min() >= -1 and x1.max() <= 1
     assert len({d.caption(0, torch.Generator().manual_seed(s)) for s in range(20)}) > 3
+
+
+def test_download_off_never_calls_torchvision(tmp_path, monkeypatch):
+    """With download=False and nothing local, the error comes at once and nothing is fetched."""
+    import torchvision
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fetch)
+    with pytest.raises(data.DataError, match="downloading is off"):
+        data.load_cifar10(None, download_root=str(tmp_path / "data"), download=False)

@@ -34,6 +34,7 @@ def test_notebook_runs(path, tmp_path):
     # The kernel is this interpreter, so it sees the same installed packages.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ["MINILDM_OFFLINE"] = "1"  # tests download nothing: notebook 05 uses MINILDM_CIFAR or the shapes
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},

@@ -25,8 +25,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_reference_libraries_are_installed():
-    """The README's test command installs the independent references, so no parity test or notebook
-    run is skipped for want of them (a skipped parity test proves nothing)."""
+    """The independent references (which the README's test command installs) are importable, so no
+    parity test or notebook run is skipped for want of them: a skipped parity test proves nothing."""
     import importlib
 
     for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers", "nbformat", "nbclient"):
