@@ -316,6 +316,8 @@ def load_cifar10(data_dir: str | None = None, split: str = "train", download_roo
         skipped = 0
         if kind == "archive":
             images, labels, skipped = _cifar_from_archive(path, split, max_images)
+            if skipped:
+                print(f"data: skipped {skipped} unreadable file(s) in {path}", file=sys.stderr)
         else:
             images, labels = _cifar_from_batches(_cifar_pickles(path, split))
         data = CaptionedImages(images, [CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
