@@ -192,19 +192,20 @@ def main():
     print(f"\n{args.size}x{args.size}, {args.steps} DDIM steps, guidance 7.5, float32, "
           f"{runs['minildm'][0]['threads']} threads, median of {args.repeat}")
     print("| | minildm | diffusers | ratio |\n|---|---|---|---|")
+    def median(side, key):
+        return statistics.median(run[key] for run in runs[side])
+
     rows = [("load_s", "load float16 .safetensors (s)")] + ([] if args.load_only else [("generate_s", "txt2img (s)")])
     for key, name in rows + [("peak_rss_gb", "peak RSS (GB)")]:
-        ours, ref = (statistics.median(run[key] for run in runs[side]) for side in ("minildm", "diffusers"))
+        ours, ref = median("minildm", key), median("diffusers", key)
         print(f"| {name} | {ours:.2f} | {ref:.2f} | {ours / ref:.2f}x |")
     if args.load_only:
-        floor = statistics.median(run["load_s"] for run in runs["floor"])
-        ours = statistics.median(run["load_s"] for run in runs["minildm"])
-        ref = statistics.median(run["load_s"] for run in runs["diffusers"])
-        print(f"\nfloor (open the file, cast every tensor to float32): {floor:.2f} s; "
-              f"minildm {ours / floor:.2f}x the floor, diffusers {ref / floor:.2f}x")
+        floor = median("floor", "load_s")
+        print(f"\nfloor (open the file, cast every tensor to float32): {floor:.2f} s; minildm "
+              f"{median('minildm', 'load_s') / floor:.2f}x the floor, diffusers {median('diffusers', 'load_s') / floor:.2f}x")
         for side in sides:
             print(f"{side:9s} loads (s): " + ", ".join(f"{run['load_s']:.2f}" for run in runs[side]))
-    if not args.load_only:
+    else:
         diff = (torch.load(os.path.join(work, "minildm.pt")) - torch.load(os.path.join(work, "diffusers.pt"))).abs()
         print(f"\nimages: max abs difference {diff.max():.2g}, mean {diff.mean():.2g} (pixels in [0, 1])")
 
