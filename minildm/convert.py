@@ -15,7 +15,8 @@ This module reads and writes three layouts and recognises the files it cannot us
     diffusers  a folder unet/ vae/ text_encoder/ tokenizer/ scheduler/, each with a config.json and
                weights whose module names differ; the rename map is built from the config by short loops
     minildm    the original layout in a `.safetensors` file whose metadata entry "minildm" holds the
-               configs, so the file is loadable without guessing (written by `save_checkpoint`)
+               configs, so the file is loadable without guessing (written by `save_checkpoint`); a
+               text encoder trained with the UNet may have its EMA copy under cond_stage_model_ema.
 
 Loading is strict: every source key is used once, every target is filled, shapes are equal, and a
 file that is not Stable Diffusion v1 (SD 2.x, SDXL, a LoRA, a VAE-only file, a truncated download) is
@@ -40,6 +41,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 EMA_PREFIX = "model_ema."
+TEXT_EMA_PREFIX = "cond_stage_model_ema.transformer.text_model."  # minildm's own: the original trains no text encoder
 PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
 
 FORMAT_VERSION = 1
@@ -226,12 +228,17 @@ class Checkpoint:
     ema_unet: dict | None = None
     vae: dict | None = None
     text_encoder: dict | None = None
+    ema_text_encoder: dict | None = None
     buffers: dict = field(default_factory=dict)  # alphas_cumprod and friends, for checking
     meta: dict | None = None  # minildm's metadata (configs), when the file has it
 
     def unet_state(self, use_ema=True):
         """The UNet weights to sample with: the EMA copy when there is one and `use_ema`."""
         return self.ema_unet if (use_ema and self.ema_unet is not None) else self.unet
+
+    def text_encoder_state(self, use_ema=True):
+        """The text encoder's weights: its EMA copy when it was trained with the UNet and `use_ema`."""
+        return self.ema_text_encoder if (use_ema and self.ema_text_encoder is not None) else self.text_encoder
 
 
 def _group(key):
@@ -264,6 +271,9 @@ def split_original(state, kind="sd1", meta=None):
     if any(k.startswith(old_text) and not k.startswith(TEXT_PREFIX) for k in state):
         state = {(TEXT_PREFIX + k[len(old_text):] if k.startswith(old_text) else k): v for k, v in state.items()}
     parts = {name: strip_prefix(state, prefix) for name, prefix in PREFIXES.items()}
+    ema_text = strip_prefix(state, TEXT_EMA_PREFIX)
+    if ema_text and set(ema_text) != set(parts["text_encoder"]):
+        raise CheckpointError(f"the text encoder's EMA weights ({TEXT_EMA_PREFIX}*) do not match its weights")
     buffers = {k: v for k, v in state.items() if k in SCHEDULE_BUFFERS}
     parts["text_encoder"].pop(POSITION_IDS, None)  # a buffer of the old transformers CLIP model
 
@@ -289,18 +299,21 @@ def split_original(state, kind="sd1", meta=None):
     else:
         used = set(buffers) | set(ema_raw) | {TEXT_PREFIX + POSITION_IDS}
         used |= {PREFIXES[name] + k for name, sd in parts.items() for k in sd}
+        used |= {TEXT_EMA_PREFIX + k for k in ema_text}
     unexpected = [k for k in state if k not in used]
     if unexpected:
         raise CheckpointError(f"{len(unexpected)} keys belong to no minildm module: "
                               f"{summarise_keys(unexpected)} (e.g. {unexpected[0]})")
     return Checkpoint(kind=kind, unet=parts["unet"] or None, ema_unet=ema, vae=parts["vae"] or None,
-                      text_encoder=parts["text_encoder"] or None, buffers=buffers, meta=meta)
+                      text_encoder=parts["text_encoder"] or None, ema_text_encoder=ema_text or None,
+                      buffers=buffers, meta=meta)
 
 
-def merge_original(unet=None, vae=None, text_encoder=None, ema_unet=None):
+def merge_original(unet=None, vae=None, text_encoder=None, ema_unet=None, ema_text_encoder=None):
     """One flat original-layout state dict from per-module state dicts (the inverse of `split_original`)."""
     state = {}
-    for prefix, sd in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text_encoder)):
+    for prefix, sd in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text_encoder),
+                       (TEXT_EMA_PREFIX, ema_text_encoder)):
         state.update(add_prefix(sd or {}, prefix))
     for k, v in (ema_unet or {}).items():
         state[ema_key(k)] = v
@@ -405,12 +418,13 @@ def _config_dict(module):
     return cfg.to_dict()
 
 
-def save_checkpoint(path, *, unet=None, vae=None, text_encoder=None, ema_unet_state=None, schedule=None,
-                    scale_factor=None, dtype=None):
+def save_checkpoint(path, *, unet=None, vae=None, text_encoder=None, ema_unet_state=None,
+                    ema_text_encoder_state=None, schedule=None, scale_factor=None, dtype=None):
     """Write a minildm checkpoint: original SD key layout + configs in the "minildm" metadata entry.
 
     unet, vae, text_encoder: models (their `.cfg` is stored) or None; ema_unet_state: a UNet state dict
-    (keys without prefix) stored under the original EMA names; schedule: a NoiseSchedule; dtype: cast
+    (keys without prefix) stored under the original EMA names; ema_text_encoder_state: the same for
+    a text encoder trained with the UNet, under TEXT_EMA_PREFIX; schedule: a NoiseSchedule; dtype: cast
     floating tensors (e.g. torch.float16) or keep them as they are. The file is written next to `path`
     and renamed over it, so a crash never leaves half a checkpoint behind.
     """
@@ -418,7 +432,7 @@ def save_checkpoint(path, *, unet=None, vae=None, text_encoder=None, ema_unet_st
 
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     state = merge_original(**{k: (m.state_dict() if m is not None else None) for k, m in modules.items()},
-                           ema_unet=ema_unet_state)
+                           ema_unet=ema_unet_state, ema_text_encoder=ema_text_encoder_state)
     meta = {"format": FORMAT_VERSION, "prediction": "eps",
             "schedule": schedule.to_dict() if schedule is not None else None,
             "scale_factor": float(scale_factor) if scale_factor is not None else None}

@@ -358,7 +358,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
 
     unet = _build("UNet", UNet, unet_config, ckpt.unet_state(use_ema), dtype, device)
     vae = _build("VAE", AutoencoderKL, vae_config, ckpt.vae, dtype, device)
-    text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder, dtype, device)
+    text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder_state(use_ema), dtype, device)
     if tokenizer is None:
         tokenizer = CLIPTokenizer.default(context_length=text_config.context_length)
     if scale_factor is None:

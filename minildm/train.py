@@ -47,7 +47,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -106,7 +106,8 @@ class TrainConfig:
     caption_dropout: float = 0.1            # fraction of captions replaced by "" (for guidance)
     cache_latents: bool = True              # encode the data set once (no flips) instead of every step
     # both stages
-    max_minutes: Optional[float] = None     # wall-clock budget per stage
+    max_minutes: Optional[float] = None     # wall-clock budget of the whole run (data, both stages, caching)
+    vae_share: float = 0.3                  # the part of max_minutes stage 1 gets when both stages run
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"                  # weights' dtype: float32 | bfloat16 | float16
@@ -134,10 +135,8 @@ class TrainConfig:
 
     @classmethod
     def cifar(cls, **overrides) -> "TrainConfig":
-        """CIFAR-10 on a consumer GPU (or slowly on a CPU): VAE 2,136,823 (32px -> 8x8x4), UNet 34,921,348
-        (UNetConfig.cifar with a 256-wide context), text encoder 15,816,192 parameters (32 positions).
-
-        For a CPU budget, `--unet-channels 64` gives a 9,031,108-parameter UNet (bench/RESULTS.md)."""
+        """CIFAR-10 on a consumer GPU: VAE 2,136,823 (32px -> 8x8x4), UNet 35,052,932 (UNetConfig.cifar
+        with a 256-wide context), text encoder 15,816,192 parameters (32 positions); step budgets."""
         text = CLIPTextConfig.small()
         unet = UNetConfig.cifar()
         unet.context_dim = text.width
@@ -150,7 +149,31 @@ class TrainConfig:
         return cls(**base)
 
 
-PRESETS = {"tiny": TrainConfig.tiny, "cifar": TrainConfig.cifar}
+    @classmethod
+    def cifar_cpu(cls, **overrides) -> "TrainConfig":
+        """CIFAR-10 in one hour on a CPU: the `cifar` VAE and text encoder, UNetConfig.cifar_cpu
+        (8,516,740 parameters), batch 64; 60 minutes in all, 30% of them for the VAE (bench/RESULTS.md)."""
+        base = dict(unet=UNetConfig.cifar_cpu().to_dict(), vae_steps=10**7, ldm_steps=10**7, batch_size=64,
+                    lr=5e-4, warmup_steps=100, ema_decay=0.999, max_minutes=60.0, vae_share=0.3,
+                    save_every=500, sample_every=1000)
+        base.update(overrides)
+        return cls.cifar(**base)
+
+
+PRESETS = {"tiny": TrainConfig.tiny, "cifar": TrainConfig.cifar, "cifar-cpu": TrainConfig.cifar_cpu}
+
+
+def describe_plan(cfg: TrainConfig, preset: str, reason: str) -> str:
+    """The first lines a run prints: what it will train, how big, for how long, and why."""
+    unet, text = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
+    n_unet = sum(p.numel() for p in UNet(unet).parameters())
+    budget = (f"{cfg.max_minutes:g} minutes in all" + (f" ({cfg.max_minutes * cfg.vae_share:g} for the VAE, "
+              "the rest for the diffusion model, latent caching included)" if cfg.stage == "all" else "")
+              if cfg.max_minutes else f"{cfg.vae_steps} VAE steps, {cfg.ldm_steps} diffusion steps")
+    return (f"plan: preset {preset} ({reason}); {cfg.dataset} at {cfg.resolution}px, UNet width "
+            f"{unet.model_channels} ({n_unet / 1e6:.1f}M parameters), text encoder {text.width} wide, "
+            f"batch {cfg.batch_size}, lr {cfg.lr:g}, device {cfg.device}; {budget}.\n"
+            f"      --preset, --max-minutes and the other flags change it; files go to {cfg.run_dir}/")
 
 
 class TrainingDiverged(RuntimeError):
@@ -254,10 +277,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        floats = [(self.shadow[k], v.float()) for k, v in model.state_dict().items() if v.is_floating_point()]
+        torch._foreach_lerp_([s for s, _ in floats], [v for _, v in floats], 1 - d)  # shadow += (1-d)(v - shadow)
         for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1 - d)
-            else:
+            if not v.is_floating_point():
                 self.shadow[k].copy_(v)
 
     def state_dict(self) -> dict:
@@ -282,7 +305,23 @@ class Denoiser(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, z_t, t, tokens):
-        return self.unet(z_t, t, self.text_encoder(tokens))
+        # Rows of a batch often share a caption (CIFAR-10 has about sixty different ones): encode each
+        # distinct caption once and give its context to every row that has it. Same loss, same gradients.
+        distinct, row = torch.unique(tokens, dim=0, return_inverse=True)    # (U, L), (B,)
+        return self.unet(z_t, t, self.text_encoder(distinct)[row])
+
+
+def adamw(params, **options) -> torch.optim.AdamW:
+    """AdamW with its fused kernel where this PyTorch has one for the device (7x faster on a CPU)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **options)
+
+
+def _sub_state(state: dict, prefix: str) -> dict:
+    """The entries of a state dict under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def diffusion_loss(denoiser, schedule: NoiseSchedule, z: torch.Tensor, tokens: torch.Tensor,
@@ -442,11 +481,16 @@ def _check_finite(loss: torch.Tensor, stage: str, step: int, run: Run, last_save
 
 
 class Budget:
-    """Stops a stage at max_steps or when max_minutes of training (summed over resumes) have passed."""
+    """Stops a stage at max_steps or when max_minutes (summed over resumes) have passed.
 
-    def __init__(self, max_steps: int, max_minutes: Optional[float], elapsed: float = 0.0):
+    The clock runs from `started` (a time.perf_counter() value, default now), so work done before the
+    loop, like loading the data or caching latents, is paid from the same budget.
+    """
+
+    def __init__(self, max_steps: int, max_minutes: Optional[float], elapsed: float = 0.0,
+                 started: Optional[float] = None):
         self.max_steps, self.max_minutes = max_steps, max_minutes
-        self.start = time.perf_counter() - elapsed
+        self.start = (time.perf_counter() if started is None else started) - elapsed
 
     @property
     def elapsed(self) -> float:
@@ -520,12 +564,25 @@ def psnr(vae: AutoencoderKL, data, batch_size: int = 128, device="cpu") -> float
     return total / max(1, n)
 
 
-def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) -> tuple:
+def stage_minutes(cfg: TrainConfig, stage: str, vae_seconds: float = 0.0) -> Optional[float]:
+    """The part of the run's --max-minutes a stage may use: when both stages run, stage 1 gets
+    `vae_share` of it and stage 2 what stage 1 left (data loading and latent caching included)."""
+    if cfg.max_minutes is None or cfg.stage != "all":
+        return cfg.max_minutes
+    if stage == "vae":
+        return cfg.max_minutes * cfg.vae_share
+    return max(cfg.max_minutes - vae_seconds / 60, 0.5)
+
+
+def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
+              started: Optional[float] = None) -> tuple:
     """Stage 1: train the VAE on the images; returns (vae, scale_factor) and writes vae.safetensors.
 
     `callback(stage, step, logs)` runs after every step; when it returns True the stage stops there
-    (its state is saved, so `resume=True` continues it), and (vae, None) is returned.
+    (its state is saved, so `resume=True` continues it), and (vae, None) is returned. `started`: the
+    perf_counter() time the run began, so that loading the data counts against the budget.
     """
+    started = time.perf_counter() if started is None else started
     dist = init_distributed(cfg.device)
     device = resolve_device(cfg, dist)
     run = Run(cfg.run_dir, dist.main)
@@ -542,8 +599,8 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
     disc = PatchDiscriminator(vae_cfg.in_channels, n_layers=2).to(device) if cfg.disc_start is not None else None
     loss_fn = VAELoss(kl_weight=cfg.kl_weight, rec_loss=cfg.rec_loss, discriminator=disc,
                       disc_start=cfg.disc_start or 0, disc_weight=cfg.disc_weight)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9)) if disc else None
+    opt = adamw(vae.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_d = adamw(disc.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9)) if disc else None
 
     step, elapsed, last_saved = 0, 0.0, None
     state = run.load_state("vae") if resume else None
@@ -583,7 +640,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
 
     # The same 8 images at every checkpoint (held-out ones when there are), originals over reconstructions.
     fixed_images = (held if len(held) else train).images[:8]
-    budget = Budget(cfg.vae_steps, cfg.max_minutes, elapsed)
+    budget = Budget(cfg.vae_steps, stage_minutes(cfg, "vae"), elapsed, started)
     bar = _progress_bar(cfg.vae_steps, "stage 1 (VAE)", dist.main, initial=step)
     vae.train()
     t_log, n_images = time.perf_counter(), 0
@@ -624,7 +681,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None) 
                      "kl": logs["kl"], "lr": opt.param_groups[0]["lr"], "images_per_s": rate,
                      "elapsed_s": budget.elapsed, **{k: logs[k] for k in ("g", "d_loss") if k in logs}})
             bar.set_postfix(loss=f"{mean_loss:.4g}", rec=f"{rec_pe:.4f}", img_s=f"{rate:.0f}",
-                            **({"budget_left": budget.left()} if cfg.max_minutes else {}))
+                            **({"budget_left": budget.left()} if budget.max_minutes else {}))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
             last_saved = step
@@ -712,14 +769,16 @@ def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: f
 
 
 def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_factor: Optional[float] = None,
-              resume: bool = False, data=None, vae_path: Optional[str] = None, callback=None):
+              resume: bool = False, data=None, vae_path: Optional[str] = None, callback=None,
+              started: Optional[float] = None):
     """Stage 2: train the UNet and the text encoder on the frozen VAE's latents.
 
     The VAE comes from `vae`, from `vae_path`, or from the run's vae.safetensors. Returns the
-    composed `LatentDiffusion` with the EMA UNet, and writes model.safetensors. `callback(stage,
-    step, logs)` runs after every step and stops the stage (saving its state) by returning True;
-    then None is returned.
+    composed `LatentDiffusion` with the EMA weights of the UNet and text encoder, and writes
+    model.safetensors. `callback(stage, step, logs)` runs after every step and stops the stage
+    (saving its state) by returning True; then None is returned. `started`: as for `train_vae`.
     """
+    started = time.perf_counter() if started is None else started
     dist = init_distributed(cfg.device)
     device = resolve_device(cfg, dist)
     run = Run(cfg.run_dir, dist.main)
@@ -750,19 +809,23 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     decay, no_decay = [], []
     for name, p in denoiser.named_parameters():
         (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-    ema = EMA(unet, cfg.ema_decay)
+    opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    # One average of the pair: the EMA UNet learned to read the context of the EMA text encoder.
+    ema = EMA(denoiser, cfg.ema_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and
                                   not torch.cuda.is_bf16_supported())
 
     step, elapsed, last_saved = 0, 0.0, None
+    vae_state = run.load_state("vae") if cfg.stage == "all" and cfg.max_minutes else None
+    minutes = stage_minutes(cfg, "ldm", float(vae_state["elapsed"]) if vae_state else 0.0)
     state = run.load_state("ldm") if resume else None
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
+        minutes = state.get("minutes", minutes)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -784,31 +847,32 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     latents = cache_latents(vae, train, device) if cfg.cache_latents else None
     prompts = train.prompts(10)
 
-    def ema_unet():
-        return ema.copy_to(copy.deepcopy(unet)).eval()
+    def ema_pipeline():
+        averaged = ema.copy_to(copy.deepcopy(denoiser)).eval()
+        return build_pipeline(averaged.unet, vae, averaged.text_encoder, tokenizer, schedule, scale_factor)
 
     def save(final=False):
-        payload = {"stage": "ldm", "step": step, "elapsed": budget.elapsed, "done": final,
-                   "scale_factor": scale_factor, "unet": unet.state_dict(),
+        payload = {"stage": "ldm", "step": step, "elapsed": budget.elapsed, "minutes": minutes,
+                   "done": final, "scale_factor": scale_factor, "unet": unet.state_dict(),
                    "text_encoder": text_encoder.state_dict(), "optimizer": opt.state_dict(),
                    "ema": ema.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict()}
         run.save_state("ldm", payload)
         if dist.main:
             vae.cfg.scale_factor = scale_factor
+            averaged = {k: v.to(wdtype) for k, v in ema.shadow.items()}
             save_checkpoint(run.model_path, unet=unet, vae=vae, text_encoder=text_encoder,
-                            ema_unet_state={k: v.to(wdtype) for k, v in ema.shadow.items()},
+                            ema_unet_state=_sub_state(averaged, "unet."),
+                            ema_text_encoder_state=_sub_state(averaged, "text_encoder."),
                             schedule=schedule, scale_factor=scale_factor)
             run.plot_losses()
 
     def samples():
         if not dist.main or not prompts:
             return
-        pipeline = build_pipeline(ema_unet(), vae, text_encoder.eval(), tokenizer, schedule, scale_factor)
-        sample_grid(pipeline, prompts, run.dir / "samples" / f"step_{step:07d}.png",
+        sample_grid(ema_pipeline(), prompts, run.dir / "samples" / f"step_{step:07d}.png",
                     cfg.sample_steps, cfg.guidance_scale, seed=cfg.seed, resolution=train.resolution)
-        text_encoder.train()
 
-    budget = Budget(cfg.ldm_steps, cfg.max_minutes, elapsed)
+    budget = Budget(cfg.ldm_steps, minutes, elapsed, started)
     bar = _progress_bar(cfg.ldm_steps, "stage 2 (UNet + text)", dist.main, initial=step)
     denoiser.train()
     t_log, n_images = time.perf_counter(), 0
@@ -851,7 +915,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        ema.update(unet)
+        ema.update(denoiser)
         step += 1
         n_images += cfg.batch_size
         bar.update(1)
@@ -863,7 +927,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             run.log({"stage": "ldm", "step": step, "loss": mean_loss.item(), "lr": lr,
                      "grad_norm": float(grad_norm), "images_per_s": rate, "elapsed_s": budget.elapsed})
             bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}",
-                            **({"budget_left": budget.left()} if cfg.max_minutes else {}))
+                            **({"budget_left": budget.left()} if budget.max_minutes else {}))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
             last_saved = step
@@ -874,7 +938,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     bar.close()
     if step % cfg.log_every and step > 1:  # the last step, when it fell between two logs
         run.log({"stage": "ldm", "step": step, "loss": mean_loss.item(), "lr": lr, "elapsed_s": budget.elapsed})
-    final = step >= cfg.ldm_steps or (cfg.max_minutes is not None and budget.elapsed >= 60 * cfg.max_minutes)
+    final = step >= cfg.ldm_steps or (minutes is not None and budget.elapsed >= 60 * minutes)
     save(final=final)
     if final:
         samples()
@@ -882,7 +946,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         return None
     if dist.main:
         print(f"stage 2 done at step {step}; checkpoint {run.model_path}")
-    return build_pipeline(ema_unet(), vae, text_encoder.eval(), tokenizer, schedule, scale_factor)
+    return ema_pipeline()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -899,8 +963,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="local data: CIFAR-10 archive/folder or ImageFolder tree (folder or .tar.gz), or your image folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model and schedule sizes: tiny (CPU smoke run) or cifar (consumer GPU); "
-                        "default cifar for --dataset cifar, else tiny")
+                   help="model sizes and budgets: tiny (a smoke run), cifar-cpu (one hour on a CPU) or "
+                        "cifar (a consumer GPU); default for --dataset cifar: cifar on a CUDA GPU, "
+                        "else cifar-cpu; tiny for other data sets")
     p.add_argument("--stage", choices=("vae", "ldm", "all"), default=None,
                    help="train the VAE, the latent diffusion model, or both in turn (default all; "
                         "with --resume, the stage(s) the run was started with)")
@@ -912,7 +977,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per stage")
     p.add_argument("--vae-steps", type=int, default=None, help="stage 1 steps (overrides --max-steps)")
     p.add_argument("--ldm-steps", type=int, default=None, help="stage 2 steps (overrides --max-steps)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget per stage")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget of the whole run (data loading, both stages, latent caching); "
+                        "with both stages the VAE gets --vae-share of it")
+    p.add_argument("--vae-share", type=float, default=None,
+                   help="fraction of --max-minutes for stage 1 when both stages run (default 0.3)")
     p.add_argument("--num-images", type=int, default=None, help="train on at most this many images")
     p.add_argument("--holdout-per-class", type=int, default=None,
                    help="keep the last N images of every class out of training (for evaluation)")
@@ -954,11 +1023,13 @@ _OVERRIDES = {"num_images": "num_images", "holdout_per_class": "holdout_per_clas
               "disc_start": "disc_start", "device": "device", "dtype": "dtype", "seed": "seed",
               "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
               "sample_steps": "sample_steps", "guidance": "guidance_scale", "max_minutes": "max_minutes",
+              "vae_share": "vae_share",
               "data_dir": "data_dir"}
 
 
-def config_from_args(args) -> TrainConfig:
-    """The run's TrainConfig: the saved one when resuming, else the preset with the flags applied."""
+def config_from_args(args) -> tuple:
+    """(TrainConfig, plan): the saved config when resuming, else the preset that suits the machine
+    with the flags applied; plan says in words what was chosen and why."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").exists():
@@ -967,9 +1038,16 @@ def config_from_args(args) -> TrainConfig:
             raise SystemExit(f"error: no run to resume at {args.resume} (no config.json)")
         cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         cfg.run_dir = str(run_dir)
+        plan = f"resuming {run_dir}: the run's own config.json"
     else:
         dataset = args.dataset or "cifar"
-        preset = args.preset or ("cifar" if dataset == "cifar" else "tiny")
+        gpu = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+        if args.preset:
+            preset, reason = args.preset, "asked for"
+        elif dataset == "cifar":
+            preset, reason = ("cifar", "a CUDA GPU is here") if gpu else ("cifar-cpu", "no CUDA GPU: sized for an hour on a CPU")
+        else:
+            preset, reason = "tiny", f"the default for --dataset {dataset}"
         cfg = PRESETS[preset](dataset=dataset)
         name = args.name or time.strftime(f"{dataset}-{preset}-%Y%m%d-%H%M%S")
         cfg.run_dir = str(Path(args.runs_dir) / name)
@@ -997,19 +1075,23 @@ def config_from_args(args) -> TrainConfig:
         cfg.amp = True
     if args.compile:
         cfg.compile = True
-    return cfg
+    if not args.resume:
+        plan = describe_plan(cfg, preset, reason)
+    return cfg, plan
 
 
 def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Optional[str] = None,
         callback=None):
     """Train the requested stage(s); returns the LatentDiffusion (stage 2) or (vae, scale) (stage 1),
     or None when `callback` stopped the run early."""
+    started = time.perf_counter()  # loading the data is part of the budget
+    cfg = replace(cfg, stage=stage)
     data = load_dataset(cfg)
     if stage == "vae":
-        return train_vae(cfg, resume=resume, data=data, callback=callback)
+        return train_vae(cfg, resume=resume, data=data, callback=callback, started=started)
     if stage == "ldm":
-        return train_ldm(cfg, resume=resume, data=data, vae_path=vae_path, callback=callback)
-    vae, scale = train_vae(cfg, resume=resume, data=data, callback=callback)
+        return train_ldm(cfg, resume=resume, data=data, vae_path=vae_path, callback=callback, started=started)
+    vae, scale = train_vae(cfg, resume=resume, data=data, callback=callback, started=started)
     if scale is None:
         return None
     return train_ldm(cfg, vae=vae, scale_factor=scale, resume=resume, data=data, callback=callback)
@@ -1017,7 +1099,9 @@ def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Op
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    cfg, plan = config_from_args(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(plan, flush=True)
     try:
         run(cfg, cfg.stage, resume=bool(args.resume), vae_path=cfg.vae_path)
     except data_module.DataError as e:

@@ -10,7 +10,7 @@ context, a GEGLU feed-forward) at the levels the config names. Module names foll
 Notation (code -> paper, see lessons/03_unet.md):
     z_t       noisy latent z_t
     t         timestep t (may be fractional)
-    emb       embedding of t (after the MLP; plus a class embedding when the config has classes)
+    emb       embedding of t (after the MLP; plus a class or pooled-text embedding when the config has one)
     context   text context tau_theta(y), the output of the text encoder
     eps       noise prediction eps_theta(z_t, t, y)
     q, k, v   queries Q = W_Q phi(z), keys K = W_K tau(y), values V = W_V tau(y)
@@ -49,6 +49,8 @@ class UNetConfig:
     norm_groups: int = 32                # GroupNorm groups (the original fixes 32)
     dropout: float = 0.0                 # dropout inside ResBlocks and attention (the original trains with 0)
     num_classes: Optional[int] = None    # optional class labels y -> `label_emb` added to the time embedding
+    pooled_context: bool = False         # also add a projection of the context's last token to the time
+                                         # embedding (off for SD v1; see `UNet.forward`)
 
     def __post_init__(self):
         # Tuples, also when built from JSON lists, so configs compare equal.
@@ -87,16 +89,28 @@ class UNetConfig:
 
     @classmethod
     def cifar(cls) -> "UNetConfig":
-        """A text-conditional UNet for 32x32 images: 34,921,348 parameters.
+        """A text-conditional UNet for 32x32 images: 35,052,932 parameters.
 
         Sized for 4-channel latents of 8x8 (a VAE with downsample factor 4, as VAEConfig.cifar())
         or 16x16 (factor 2): three levels give 8 -> 4 -> 2 (or 16 -> 8 -> 4). Width 128 and
         multipliers (1, 2, 2) as in the DDPM CIFAR-10 model (35.7M parameters). Attention at every
         level but the innermost, plus the middle block, is SD's own pattern, and costs little here:
         at most 8x8 = 64 queries (256 at 16x16). 4 heads; context width 256 as CLIPTextConfig.small().
+        The pooled caption is added to the time embedding too (`pooled_context`), so a text encoder
+        trained from scratch steers every ResBlock from the first step.
         """
         return cls(model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
-                   num_heads=4, transformer_depth=1, context_dim=256)
+                   num_heads=4, transformer_depth=1, context_dim=256, pooled_context=True)
+
+    @classmethod
+    def cifar_cpu(cls) -> "UNetConfig":
+        """`cifar()` sized for an hour on a CPU: 8,516,740 parameters.
+
+        Width 64, and attention only from the 4x4 level inward: at 8x8 latents the first level's
+        self-attention over 64 positions cost 40% of a training step for little gain.
+        """
+        return cls(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1,),
+                   num_heads=4, transformer_depth=1, context_dim=256, pooled_context=True)
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -331,6 +345,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, E)
+        if cfg.pooled_context:
+            self.context_emb = nn.Linear(cfg.context_dim, E)
 
         # Down path: record every block's output width; the up path consumes them in reverse.
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -406,6 +422,11 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass class labels y")
             emb = emb + self.label_emb(y)                               # (B, E)
+        if self.cfg.pooled_context:
+            # The whole caption as one vector, added where the timestep enters: every ResBlock then
+            # sees the condition, not only the transformers' cross-attention. The last position is
+            # end-of-text padding; in the causal text encoder it has attended to every token.
+            emb = emb + self.context_emb(context[:, -1])                # (B, D) -> (B, E)
 
         x = z_t
         skips = []
