@@ -17,7 +17,6 @@ answers, which must fail.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import math
@@ -765,7 +764,9 @@ def format_results(results) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    from .cli import Parser
+
+    parser = Parser(
         prog="python -m minildm.check",
         description="Check the exercises of a chapter against the reference implementation in minildm.")
     parser.add_argument("chapter", nargs="?", help="chapter number (e.g. 03) or 'all'")
@@ -780,12 +781,15 @@ def main(argv=None) -> int:
         return 0
     wanted = list(CHAPTERS) if args.chapter == "all" else [args.chapter.zfill(2)]
     unknown = [w for w in wanted if w not in CHAPTERS]
+    from .cli import USAGE, check_readable_file, fail, usage
+
     if unknown:
-        print(f"no exercises for chapter {unknown[0]}; chapters: {', '.join(CHAPTERS)}", file=sys.stderr)
-        return 2
+        fail(f"no exercises for chapter {args.chapter}; chapters: {', '.join(CHAPTERS)} or all", USAGE)
     if args.impl and len(wanted) > 1:
-        print("--impl checks one chapter at a time", file=sys.stderr)
-        return 2
+        fail(f"--impl {args.impl}: checks one chapter at a time, not all", USAGE)
+    check_readable_file("--impl", args.impl)
+    if args.impl and not args.impl.endswith(".py"):
+        usage("--impl", args.impl, "must be a Python file (.py)")
     results = []
     for number in wanted:
         try:

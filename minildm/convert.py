@@ -115,9 +115,14 @@ def read_safetensors(path, device="cpu"):
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, ValueError) as e:  # a header it cannot use (an unknown dtype, ...)
+    except (SafetensorError, ValueError, OSError, RuntimeError, MemoryError) as e:  # a header it cannot use
         raise CheckpointError(f"{path} is damaged or not a safetensors file: {_last_line(e)}") from None
     return state, metadata
+
+
+def first_line(error) -> str:
+    """The first non-empty line of an exception's message (at most 200 characters), for one-line errors."""
+    return _last_line(error)
 
 
 def _last_line(error):
@@ -142,7 +147,8 @@ def read_ckpt(path):
                 "tensors. Only load .ckpt files you trust, or use a .safetensors file instead") from None
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (damaged, or not a "
                               ".ckpt file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            MemoryError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a "
                               f".ckpt file?): {_last_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -153,6 +159,41 @@ def read_ckpt(path):
     return state, {}
 
 
+# The first bytes of files people mistake for checkpoints, and what to call them.
+FILE_SIGNATURES = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WebP image or WAV sound)"), (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"), (b"BZh", "a bzip2 archive"), (b"\xfd7zXZ", "an xz archive"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"), (b"Rar!", "a RAR archive"), (b"\x7fELF", "a program (ELF)"),
+    (b"<!DOCTYPE", "an HTML page (a download that saved the web page?)"), (b"<html", "an HTML page"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the file itself (run git lfs pull)"),
+)
+
+
+def sniff(path) -> str | None:
+    """What a file is, by its first bytes, when it is clearly not a checkpoint: 'a PNG image', ...;
+    None for what may be one (safetensors, a zip or pickle .ckpt)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    for magic, name in FILE_SIGNATURES:
+        if head.lstrip()[:len(magic)].lower() == magic.lower():
+            return name
+    if head[:2] == b"PK" or head[:1] == b"\x80":       # a zip (torch.save) or a raw pickle
+        return None
+    if len(head) >= 8 and struct.unpack("<Q", head[:8])[0] < 100_000_000 and head[8:9] == b"{":
+        return None                                        # a safetensors header: length, then JSON
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c in "\n\r\t" for c in text):
+            return "a text file"
+    except UnicodeDecodeError as e:
+        if e.start >= len(head) - 3:                       # cut in the middle of a character
+            return "a text file"
+    return "not a format minildm knows (neither safetensors nor a PyTorch .ckpt)"
+
+
 def read_state_dict(path, device="cpu"):
     """(state_dict, metadata) of a .safetensors or .ckpt/.pt/.pth/.bin file."""
     path = os.fspath(path)
@@ -160,6 +201,10 @@ def read_state_dict(path, device="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path} cannot be read (permission denied)")
+    what = sniff(path)
+    if what is not None:
+        kind = "safetensors file" if path.endswith(".safetensors") else "checkpoint"
+        raise CheckpointError(f"{path} is not a {kind}: it is {what}" if what[0] in "ae" else f"{path} is {what}")
     if path.endswith(".safetensors"):
         return read_safetensors(path, device)
     with open(path, "rb") as f:
@@ -453,6 +498,9 @@ def save_checkpoint(path, *, unet=None, vae=None, text_encoder=None, ema_unet_st
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any other new file (safetensors creates its files private)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -739,10 +787,12 @@ def _folder_weights(folder):
 
 def _read_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; a diffusers folder needs a config.json in each part") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({first_line(e)})") from None
 
 
 def read_diffusers_folder(path):

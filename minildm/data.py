@@ -25,7 +25,6 @@ Three sources:
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -549,7 +548,9 @@ def load_dataset(name: str, data_dir: str | None = None, resolution: int = 32,
 
 def main(argv=None):
     """Load a data set, print a summary, and optionally save a grid of examples."""
-    parser = argparse.ArgumentParser(description="Inspect a minildm data set.")
+    from .cli import Parser
+
+    parser = Parser(prog="python -m minildm.data", description="Inspect a minildm data set.")
     parser.add_argument("--dataset", choices=DATASETS, default="shapes", help="which data set to load")
     parser.add_argument("--data-dir", default=None, help="local copy of the data (cifar, folder)")
     parser.add_argument("--resolution", type=int, default=32, help="image size in pixels")

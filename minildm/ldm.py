@@ -156,7 +156,8 @@ class LatentDiffusion(nn.Module):
     def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "",
                  num_images: int = 1, num_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 seeds: list[int] | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None,
                  init_image: torch.Tensor | None = None, strength: float = 0.8, mask: torch.Tensor | None = None,
                  callback=None, output_type: str = "image", **sampler_options) -> torch.Tensor:
         """Text-to-image, image-to-image and inpainting with classifier-free guidance.
@@ -164,7 +165,8 @@ class LatentDiffusion(nn.Module):
         prompt: one prompt or one per image; num_images images per prompt. negative_prompt: what the
         guidance steers away from ("" is the unconditional context). seed or generator pins the noise
         (drawn on the CPU, so a seed gives the same image on any device); latents (B, zc, h, w) gives
-        it explicitly. init_image (1 or B, 3, H, W) in [-1, 1]: img2img, running the last `strength`
+        it explicitly. seeds: one seed per image instead (a single prompt is repeated for each), so
+        image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in [-1, 1]: img2img, running the last `strength`
         fraction of the sampler's steps (0 returns the init image's reconstruction). mask (1 or B, 1,
         H, W), 1 = repaint, 0 = keep: inpainting of init_image. callback(info) is called every step
         with the sampler's dict (z_t, x0_pred, ...); `self.decode_latents(info["x0_pred"])` turns the
@@ -177,11 +179,17 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         if mask is not None and init_image is None:
             raise ValueError("inpainting needs an init image to go with the mask")
-        if generator is None:  # a fresh generator, so the caller's global random state is left alone
+        if seeds is not None:  # one stream per image: its noise and the noise the sampler adds to it
+            generator = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            if isinstance(prompt, str):
+                num_images = len(seeds)
+        elif generator is None:  # a fresh generator, so the caller's global random state is left alone
             generator = torch.Generator()
             generator.manual_seed(seed) if seed is not None else generator.seed()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         negatives = [n for n in negatives for _ in range(num_images)]
         if len(negatives) == 1:
@@ -198,7 +206,7 @@ class LatentDiffusion(nn.Module):
 
         f = self.downsample_factor
         shape = (B, self.unet.cfg.in_channels, height // f, width // f)
-        noise = latents if latents is not None else torch.randn(shape, generator=generator)
+        noise = latents if latents is not None else samplers.noise_like(torch.empty(shape), generator)
         noise = noise.to(self.device, torch.float32)
         if init_image is None:
             z, first_step = noise, 0
@@ -213,9 +221,9 @@ class LatentDiffusion(nn.Module):
                 m = self.latent_mask(mask, B)
                 eps_fn = self._inpainting(eps_fn, z0, noise, m)
 
-        if self.device.type != "cpu" and generator.device.type == "cpu":  # noise added by ancestral samplers
-            seed_for_device = int(torch.randint(2**62, (1,), generator=generator))
-            generator = torch.Generator(self.device).manual_seed(seed_for_device)
+        if self.device.type != "cpu":  # noise added by ancestral samplers, drawn where the latents are
+            generator = ([self._device_generator(g) for g in generator] if isinstance(generator, list)
+                         else self._device_generator(generator))
         sample = samplers.SAMPLERS[sampler]
         z = sample(eps_fn, z, self.schedule, num_steps, first_step=first_step, generator=generator,
                    callback=callback, **sampler_options)
@@ -224,6 +232,12 @@ class LatentDiffusion(nn.Module):
         if output_type == "latent":
             return z
         return self.to_unit(self.decode_latents(z))
+
+    def _device_generator(self, generator: torch.Generator) -> torch.Generator:
+        """A generator on the model's device, seeded from a CPU one (the same stream for a given seed)."""
+        if generator.device.type != "cpu":
+            return generator
+        return torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
     def _inpainting(self, eps_fn, z0, noise, m):
         """Wrap eps_fn so that outside the mask the sampler follows the original latents.
@@ -308,7 +322,21 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
     files are assumed to be SD v1 sized unless configs are given. dtype: float32, or float16 on CUDA.
     Raises convert.CheckpointError when the file cannot be used, saying what it seems to be.
     """
-    path = os.fspath(path)
+    try:
+        return _load_stable_diffusion(os.fspath(path), device, dtype, use_ema, unet_config, vae_config, text_config,
+                                      tokenizer)
+    except convert.CheckpointError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OSError, EOFError) as e:
+        # A file damaged in a way no earlier check names: a config entry of the wrong type, a tensor
+        # of an impossible shape. Say so in one line rather than with the traceback of where it broke.
+        raise convert.CheckpointError(f"{os.fspath(path)} is damaged or not a checkpoint minildm can load "
+                                      f"({type(e).__name__}: {convert.first_line(e)})") from None
+
+
+def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer):
     device = torch.device(device)
     schedule = None
     if os.path.isdir(path):

@@ -3,7 +3,8 @@
 Loads a checkpoint with `load_stable_diffusion` (your newest training run by default, or SD v1 weights
 with --ckpt), generates with `LatentDiffusion.generate`, and writes PNGs named by prompt and seed, with
 every setting in the PNG's text metadata so an image can be reproduced. Image i of --n uses seed + i,
-so any single image can be regenerated on its own.
+so any single image can be regenerated on its own; images are drawn --batch-size at a time, each from
+its own seed, so a batch gives the very images that one-at-a-time sampling gives.
 
     python -m minildm.sample "a red car" --n 4
     python -m minildm.sample "a cat in a hat" --ckpt v1-5-pruned-emaonly.safetensors --steps 30
@@ -24,16 +25,15 @@ import time
 
 import torch
 
+from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
+                  free_path, load_model, usage)
 from .samplers import SAMPLERS
 
-NO_CHECKPOINT = (
-    "no checkpoint given and no run found in {runs}/. Train one with `python -m minildm.train "
-    "--dataset cifar`, or pass --ckpt with Stable Diffusion v1 weights (e.g. v1-5-pruned-emaonly.safetensors, "
-    "a .ckpt, or a diffusers folder with unet/ vae/ text_encoder/ tokenizer/)")
-
+MAX_STEPS = 1000        # the schedules' length: more steps than timesteps would repeat timesteps
+MAX_SIZE = 4096         # pixels a side, whatever the model; a model's own limit is 4x its training size
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m minildm.sample", description="Generate images from a prompt with a latent diffusion model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?", default="", help='the text prompt ("" for unconditional samples)')
@@ -46,14 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
     p.add_argument("--n", type=int, default=1, help="number of images; a grid is saved too when n > 1")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images drawn at once (default: 25 for small models like the CIFAR ones, 1 at 512px)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
                    "(default: the model's size, or the init image's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8")
     p.add_argument("--init-image", default=None, help="image to start from (img2img)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
+                        "default 0.75")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same name (default: a new name, <prompt>-<seed>-2.png, ...)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="weight dtype (auto: float16 on CUDA, float32 on the CPU)")
@@ -71,11 +76,6 @@ def slug(prompt: str, limit: int = 60) -> str:
     """A file-name-safe stem from a prompt: 'A cat, in a hat!' -> 'a-cat-in-a-hat'."""
     s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
     return s or "unconditional"
-
-
-def fail(message: str):
-    """Exit with a one-line error (no traceback)."""
-    raise SystemExit(f"error: {message}")
 
 
 def read_image(path: str, mode: str):
@@ -107,65 +107,48 @@ def to_pil(x: torch.Tensor):
 
 
 def save_png(image, path: str, settings: dict):
+    """Write a PNG with `settings` in its text metadata, atomically (a temporary file renamed over it)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("minildm", json.dumps(settings))
     for k, v in settings.items():
         info.add_text(k, str(v))
-    image.save(path, pnginfo=info)
-
-
-def resolve_device(name: str, dtype_name: str):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is available")
-    if dtype_name == "auto":
-        dtype_name = "float16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype_name)
+        image.save(tmp, pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True):
-    """(LatentDiffusion, checkpoint path) for a command line: `ckpt`, or the newest run in `runs_dir`
-    when it is None; every problem is a one-line error."""
-    if ckpt is None:
-        from .ldm import find_latest_checkpoint
-
-        ckpt = find_latest_checkpoint(runs_dir)
-        if ckpt is None:
-            fail(NO_CHECKPOINT.format(runs=runs_dir))
-    if not os.path.exists(ckpt):
-        fail(f"checkpoint not found: {ckpt}")
-    device, dtype = resolve_device(device_name, dtype_name)
-
-    from .convert import CheckpointError
-    from .ldm import load_stable_diffusion
-
-    try:
-        return load_stable_diffusion(ckpt, device=device, dtype=dtype, use_ema=use_ema), ckpt
-    except CheckpointError as e:
-        fail(str(e))
+def check_flags(args) -> None:
+    """Every flag's value and combination, before anything is loaded: one line and exit status 2 if not."""
+    check_int("--steps", args.steps, 1, MAX_STEPS)
+    check_int("--n", args.n, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    check_float("--guidance", args.guidance, 0, 100)
+    check_seed("--seed", args.seed, args.n)
+    check_float("--strength", args.strength, 0, 1)
+    check_int("--attention-slicing", args.attention_slicing, 1)
+    check_int("--vae-tiling", args.vae_tiling, 4)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value <= 0 or value % 8 or value > MAX_SIZE):
+            usage(flag, value, f"must be a positive multiple of 8, at most {MAX_SIZE}")
+    if args.mask and not args.init_image:
+        fail("--mask needs --init-image (the image to inpaint)", USAGE)
+    if args.strength is not None and not args.init_image:
+        fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
+    check_readable_file("--init-image", args.init_image)
+    check_readable_file("--mask", args.mask)
+    check_writable_dir("--out", args.out)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        fail(f"--steps must be at least 1, got {args.steps}")
-    if args.n < 1:
-        fail(f"--n must be at least 1, got {args.n}")
-    if not 0.0 <= args.strength <= 1.0:
-        fail(f"--strength must be between 0 and 1, got {args.strength}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            fail(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.mask and not args.init_image:
-        fail("--mask needs --init-image (the image to inpaint)")
+    check_flags(args)
+    strength = 0.75 if args.strength is None else args.strength
 
     init = mask = None
     if args.init_image:
@@ -173,76 +156,88 @@ def main(argv=None) -> int:
         if args.mask:
             mask_image = read_image(args.mask, "L")
             if mask_image.size != image.size:
-                fail(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the init image is "
-                     f"{image.size[0]}x{image.size[1]}; they must be the same size")
+                fail(f"--mask {args.mask}: the mask is {mask_image.size[0]}x{mask_image.size[1]} but the init "
+                     f"image is {image.size[0]}x{image.size[1]}; they must be the same size", USAGE)
 
     started = time.time()
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
-    print(f"loaded {ckpt} in {time.time() - started:.1f} s", file=sys.stderr)
+    notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
+    check_int("--steps", args.steps, 1, model.schedule.num_timesteps)
 
     if args.init_image:
         m = math.lcm(8, model.size_multiple)
         width, height = args.width or image.size[0] // m * m, args.height or image.size[1] // m * m
         if width < m or height < m:
-            fail(f"the init image is too small for this model (at least {m}x{m} pixels)")
+            fail(f"--init-image {args.init_image}: too small for this model (at least {m}x{m} pixels)", USAGE)
         if (width, height) != image.size:
-            print(f"resizing the init image from {image.size[0]}x{image.size[1]} to {width}x{height}", file=sys.stderr)
+            notes.append(f"resizing the init image from {image.size[0]}x{image.size[1]} to {width}x{height}")
         init = to_tensor(image.resize((width, height))) * 2 - 1
         if args.mask:
             mask = to_tensor(mask_image.resize((width, height)))
     else:
         height = args.height or model.default_size
         width = args.width or model.default_size
+    limit = 4 * model.default_size
+    for flag, value in (("--height", height), ("--width", width)):
+        if value > limit:
+            usage(flag, value, f"at most {limit} for this model (4x the {model.default_size} pixels it was "
+                               "trained at; beyond that it draws repeated fragments and needs far more memory)")
     try:
         model.check_size(height, width)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), USAGE)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     from tqdm import tqdm
 
     os.makedirs(args.out, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     stem = slug(args.prompt)
-    steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * args.strength))
+    steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * strength))
     bar = tqdm(total=args.n * steps_run, desc="sampling", unit="step", file=sys.stderr)
+    batch = args.batch_size or (25 if max(height, width) <= 64 else 1)
     images, paths = [], []
-    for i in range(args.n):
-        settings = {"prompt": args.prompt, "negative": args.negative, "seed": seed + i, "steps": args.steps,
-                    "sampler": args.sampler, "guidance": args.guidance, "height": height, "width": width,
-                    "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
-        if init is not None:
-            settings.update(init_image=os.path.abspath(args.init_image), strength=args.strength)
-        if mask is not None:
-            settings["mask"] = os.path.abspath(args.mask)
-        name = f"{stem}-{seed + i}"
-        step_dir = os.path.join(args.out, f"{name}-steps")
+    for first in range(0, args.n, batch):
+        seeds = list(range(seed + first, seed + min(args.n, first + batch)))
+        names = [free_path(os.path.join(args.out, f"{stem}-{s}.png"), args.overwrite)[:-4] for s in seeds]
+        step_dirs = [f"{name}-steps" for name in names]
 
-        def callback(info, step_dir=step_dir):
-            bar.update(1)
+        def callback(info, step_dirs=step_dirs):
+            bar.update(len(step_dirs))
             if args.save_intermediates:
-                os.makedirs(step_dir, exist_ok=True)
-                x = model.to_unit(model.decode_latents(info["x0_pred"]))[0]
-                to_pil(x).save(os.path.join(step_dir, f"step_{info['step']:03d}.png"))
+                x0 = model.to_unit(model.decode_latents(info["x0_pred"]))
+                for x, step_dir in zip(x0, step_dirs):
+                    os.makedirs(step_dir, exist_ok=True)
+                    to_pil(x).save(os.path.join(step_dir, f"step_{info['step']:03d}.png"))
 
         try:
-            x = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
-                               sampler=args.sampler, guidance_scale=args.guidance, height=height, width=width,
-                               seed=seed + i, init_image=init, strength=args.strength, mask=mask,
-                               callback=callback)[0]
+            xs = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
+                                sampler=args.sampler, guidance_scale=args.guidance, height=height, width=width,
+                                seeds=seeds, init_image=init, strength=strength, mask=mask,
+                                callback=callback)
         except ValueError as e:
             fail(str(e))
-        path = os.path.join(args.out, f"{name}.png")
-        save_png(to_pil(x), path, settings)
-        images.append(x)
-        paths.append(path)
+        for s, x, name in zip(seeds, xs, names):
+            settings = {"prompt": args.prompt, "negative": args.negative, "seed": s, "steps": args.steps,
+                        "sampler": args.sampler, "guidance": args.guidance, "height": height, "width": width,
+                        "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+            if init is not None:
+                settings.update(init_image=os.path.abspath(args.init_image), strength=strength)
+            if mask is not None:
+                settings["mask"] = os.path.abspath(args.mask)
+            path = f"{name}.png"
+            save_png(to_pil(x), path, settings)
+            images.append(x)
+            paths.append(path)
     bar.close()
     if args.n > 1:
         from torchvision.utils import make_grid
 
         grid = make_grid(torch.stack(images), nrow=int(args.n ** 0.5 + 0.999), padding=2, pad_value=1.0)
-        path = os.path.join(args.out, f"{stem}-{seed}-grid.png")
+        path = free_path(os.path.join(args.out, f"{stem}-{seed}-grid.png"), args.overwrite)
         save_png(to_pil(grid), path, {"prompt": args.prompt, "seeds": f"{seed}..{seed + args.n - 1}"})
         paths.append(path)
     for path in paths:

@@ -10,7 +10,8 @@ Every sampler is a plain function with one signature (k-diffusion style):
                                  of step `first_step` (pure N(0, I) noise for text-to-image)
     first_step                   skip the first steps of the num_steps-step sequence (img2img starts
                                  from a partly noised image; noise_level() says how noised)
-    generator                    a torch.Generator for the noise that stochastic samplers add
+    generator                    a torch.Generator for the noise that stochastic samplers add, or a
+                                 list of them, one per image, so each image has its own stream
     callback(info)               called once per step with a dict: step, num_steps, t, z_t, x0_pred,
                                  eps_pred (z_t always in the variance-preserving scale)
 
@@ -111,7 +112,10 @@ def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, karras: bool = Fals
 # ---------------------------------------------------------------------------- helpers
 
 
-def _noise_like(z: torch.Tensor, generator) -> torch.Tensor:
+def noise_like(z: torch.Tensor, generator) -> torch.Tensor:
+    """Gaussian noise shaped like z, from one generator or from a list of them, one per image (B of them)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype) for g in generator])
     return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
 
@@ -151,7 +155,7 @@ def sample_ddpm(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
         mean = (a_prev.sqrt() * beta / (1 - a)) * x0_pred + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * z
         if t > 0:
             variance = ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20)
-            z = mean + variance.sqrt() * _noise_like(z, generator)
+            z = mean + variance.sqrt() * noise_like(z, generator)
         else:
             z = mean
     return z
@@ -185,7 +189,7 @@ def sample_ddim(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
         z_prev, x0_pred = _ddim_step(z, eps_pred, a_all[i], a_prev_all[i], sigmas[i])
         _report(callback, i, num_steps, t, z, x0_pred, eps_pred)
         if eta > 0:
-            z_prev = z_prev + sigmas[i] * _noise_like(z, generator)
+            z_prev = z_prev + sigmas[i] * noise_like(z, generator)
         z = z_prev
     return z
 
@@ -273,7 +277,7 @@ def sample_euler_a(eps_fn, z, schedule, num_steps, *, first_step=0, generator=No
         d = (x - x0_pred) / sigma
         x = x + d * (sigma_down - sigma)
         if sigma_next > 0:
-            x = x + sigma_up * _noise_like(x, generator)
+            x = x + sigma_up * noise_like(x, generator)
     return x
 
 

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -57,7 +56,9 @@ from torch import nn
 
 from . import data as data_module
 from .clip_text import CLIPTextConfig, CLIPTextModel
-from .convert import load_checkpoint, load_module, save_checkpoint
+from .cli import (USAGE, Parser, check_choice, check_float, check_int, check_readable_file, check_seed, check_writable_dir,
+                  fail, usage)
+from .convert import CheckpointError, load_checkpoint, load_module, save_checkpoint
 from .ldm import LatentDiffusion, to_diffusion_latents
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
@@ -85,7 +86,7 @@ class TrainConfig:
     text_encoder: dict = field(default_factory=lambda: CLIPTextConfig.tiny().to_dict())
     schedule: dict = field(default_factory=lambda: NoiseSchedule.sd().to_dict())
     # stage 1: the VAE
-    vae_steps: int = 300                    # optimizer steps (the --max-minutes budget may stop earlier)
+    vae_steps: Optional[int] = 300          # optimizer steps (None: until --max-minutes; it may stop earlier)
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6                 # as SD's first stage
@@ -94,7 +95,7 @@ class TrainConfig:
     disc_weight: float = 0.5
     scale_batches: int = 16                 # batches of 64 images used to measure the latent scale factor
     # stage 2: UNet + text encoder
-    ldm_steps: int = 500
+    ldm_steps: Optional[int] = 500
     batch_size: int = 32                    # global batch (over processes and accumulation steps)
     lr: float = 5e-4
     warmup_steps: int = 50                  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -118,6 +119,8 @@ class TrainConfig:
     sample_every: int = 0                   # 0: sample only at the end of stage 2
     sample_steps: int = 25                  # DDIM steps for the sample grids
     guidance_scale: float = 3.0
+    probe_per_class: int = 10               # samples per class for the class probe at every grid (0: off)
+    evaluate_per_class: int = 0             # after a run with classes: python -m minildm.evaluate with this n
     run_dir: str = "runs/default"
 
     def to_dict(self) -> dict:
@@ -144,7 +147,7 @@ class TrainConfig:
                     vae_steps=20000, vae_batch_size=16, vae_lr=1e-3, rec_loss="l1",
                     ldm_steps=100000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9999,
                     holdout_per_class=500, log_every=25, save_every=1000, sample_every=2000,
-                    sample_steps=50)
+                    sample_steps=50, guidance_scale=7.5)
         base.update(overrides)
         return cls(**base)
 
@@ -153,7 +156,7 @@ class TrainConfig:
     def cifar_cpu(cls, **overrides) -> "TrainConfig":
         """CIFAR-10 in one hour on a CPU: the `cifar` VAE and text encoder, UNetConfig.cifar_cpu
         (8,516,740 parameters), batch 64; 60 minutes in all, 30% of them for the VAE (bench/RESULTS.md)."""
-        base = dict(unet=UNetConfig.cifar_cpu().to_dict(), vae_steps=10**7, ldm_steps=10**7, batch_size=64,
+        base = dict(unet=UNetConfig.cifar_cpu().to_dict(), vae_steps=None, ldm_steps=None, batch_size=64,
                     lr=5e-4, warmup_steps=100, ema_decay=0.999, max_minutes=60.0, vae_share=0.3,
                     save_every=500, sample_every=1000)
         base.update(overrides)
@@ -178,6 +181,31 @@ def describe_plan(cfg: TrainConfig, preset: str, reason: str) -> str:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during a training loop: finish the current step, save a resumable
+    state, then stop. Outside a loop, or at the second signal, they interrupt at once as usual."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None        # the name of the signal that asked to stop
+        self.armed = False                       # inside a loop that can save its state
+        self.saved: Optional[str] = None         # what the stopped stage wrote, for the final message
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if not self.armed or self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(signum).name
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+STOP = StopRequest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +515,7 @@ class Budget:
     loop, like loading the data or caching latents, is paid from the same budget.
     """
 
-    def __init__(self, max_steps: int, max_minutes: Optional[float], elapsed: float = 0.0,
+    def __init__(self, max_steps: Optional[int], max_minutes: Optional[float], elapsed: float = 0.0,
                  started: Optional[float] = None):
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.start = (time.perf_counter() if started is None else started) - elapsed
@@ -497,7 +525,7 @@ class Budget:
         return time.perf_counter() - self.start
 
     def progress(self, step: int) -> float:
-        p = step / max(1, self.max_steps)
+        p = 0.0 if self.max_steps is None else step / max(1, self.max_steps)
         if self.max_minutes:
             p = max(p, self.elapsed / (60 * self.max_minutes))
         return p
@@ -510,8 +538,7 @@ class Budget:
         return f"{seconds // 60}:{seconds % 60:02d}"
 
     def done(self, step: int, dist: Dist) -> bool:
-        stop = step >= self.max_steps or (self.max_minutes is not None and
-                                          self.elapsed >= 60 * self.max_minutes)
+        stop = self.reached(step) or STOP.requested
         if dist.world > 1:  # every process must stop at the same step
             import torch.distributed as tdist
             flag = torch.tensor([1.0 if stop else 0.0])
@@ -519,8 +546,13 @@ class Budget:
             stop = bool(flag.item())
         return stop
 
+    def reached(self, step: int) -> bool:
+        """Whether the step count or the minutes are used up (on this process)."""
+        return ((self.max_steps is not None and step >= self.max_steps) or
+                (self.max_minutes is not None and self.elapsed >= 60 * self.max_minutes))
 
-def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+
+def _progress_bar(total: Optional[int], desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                 unit="step", smoothing=0.1)
@@ -644,6 +676,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
     bar = _progress_bar(cfg.vae_steps, "stage 1 (VAE)", dist.main, initial=step)
     vae.train()
     t_log, n_images = time.perf_counter(), 0
+    STOP.armed = True
     while not budget.done(step, dist):
         g = step_generator(cfg.seed, step, "vae")
         idx = global_batch_indices(len(train), cfg.vae_batch_size, cfg.seed, step)
@@ -690,6 +723,11 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
             save()
             return vae, None
     bar.close()
+    STOP.armed = False
+    if STOP.requested:
+        save()
+        STOP.saved = f"stage 1 (VAE) at step {step}: {run.state_path('vae')} and {run.vae_path}"
+        return vae, None
     if step % cfg.log_every and step > 1:  # the last step, when it fell between two logs
         run.log({"stage": "vae", "step": step, "loss": _mean_over_processes(torch.tensor(logs["loss"]), dist).item(),
                  "rec_per_element": logs["rec_per_element"], "kl": logs["kl"], "elapsed_s": budget.elapsed})
@@ -768,6 +806,27 @@ def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: f
     return x
 
 
+def fit_class_probe(vae: AutoencoderKL, train_latents: torch.Tensor, train, held, scale_factor: float,
+                    device) -> tuple:
+    """(LatentProbe on the training latents, its accuracy on the held-out images' latents)."""
+    from .evaluate import LatentProbe
+
+    probe = LatentProbe(to_diffusion_latents(train_latents, scale_factor), train.labels, len(train.class_names))
+    held_latents = to_diffusion_latents(cache_latents(vae, held, device)[0], scale_factor)
+    return probe, probe.accuracy(held_latents, held.labels)
+
+
+@torch.no_grad()
+def probe_samples(pipeline, probe, class_names, per_class: int, cfg: TrainConfig) -> float:
+    """How often the latents sampled for "a photo of a <class>" are read as that class by the probe."""
+    from .evaluate import class_prompt
+
+    z = pipeline.generate([class_prompt(c) for c in class_names], num_images=per_class, seed=cfg.seed,
+                          num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, output_type="latent")
+    labels = torch.arange(len(class_names)).repeat_interleave(per_class)
+    return probe.accuracy(z.float().cpu(), labels)
+
+
 def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_factor: Optional[float] = None,
               resume: bool = False, data=None, vae_path: Optional[str] = None, callback=None,
               started: Optional[float] = None):
@@ -824,8 +883,11 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        minutes = state.get("minutes", minutes)
+        saved = state["ema"]
+        if not any(k.startswith("unet.") for k in saved["shadow"]):  # from before the EMA covered the text encoder
+            shadow = {"text_encoder." + k: v.float() for k, v in text_encoder.state_dict().items()}
+            saved = dict(saved, shadow={**shadow, **{"unet." + k: v for k, v in saved["shadow"].items()}})
+        ema.load_state_dict(saved)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -846,6 +908,9 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
 
     latents = cache_latents(vae, train, device) if cfg.cache_latents else None
     prompts = train.prompts(10)
+    probe = None
+    if dist.main and latents is not None and cfg.probe_per_class and train.class_names and len(held):
+        probe, probe_real = fit_class_probe(vae, latents[0], train, held, scale_factor, device)
 
     def ema_pipeline():
         averaged = ema.copy_to(copy.deepcopy(denoiser)).eval()
@@ -869,13 +934,21 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     def samples():
         if not dist.main or not prompts:
             return
-        sample_grid(ema_pipeline(), prompts, run.dir / "samples" / f"step_{step:07d}.png",
+        pipeline = ema_pipeline()
+        sample_grid(pipeline, prompts, run.dir / "samples" / f"step_{step:07d}.png",
                     cfg.sample_steps, cfg.guidance_scale, seed=cfg.seed, resolution=train.resolution)
+        if probe is not None:
+            accuracy = probe_samples(pipeline, probe, train.class_names, cfg.probe_per_class, cfg)
+            run.log({"stage": "ldm", "step": step, "event": "probe", "probe_samples": accuracy,
+                     "probe_real": probe_real, "elapsed_s": budget.elapsed})
+            bar.write(f"step {step}: the class probe reads the prompted class in {accuracy:.0%} of samples "
+                      f"({probe_real:.0%} of real held-out images, {1 / len(train.class_names):.0%} by chance)")
 
     budget = Budget(cfg.ldm_steps, minutes, elapsed, started)
     bar = _progress_bar(cfg.ldm_steps, "stage 2 (UNet + text)", dist.main, initial=step)
     denoiser.train()
     t_log, n_images = time.perf_counter(), 0
+    STOP.armed = True
     while not budget.done(step, dist):
         g = step_generator(cfg.seed, step, "ldm")
         idx = global_batch_indices(len(train), cfg.batch_size, cfg.seed, step)
@@ -938,8 +1011,11 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     bar.close()
     if step % cfg.log_every and step > 1:  # the last step, when it fell between two logs
         run.log({"stage": "ldm", "step": step, "loss": mean_loss.item(), "lr": lr, "elapsed_s": budget.elapsed})
-    final = step >= cfg.ldm_steps or (minutes is not None and budget.elapsed >= 60 * minutes)
+    STOP.armed = False
+    final = budget.reached(step)
     save(final=final)
+    if STOP.requested:
+        STOP.saved = f"stage 2 (UNet + text) at step {step}: {run.state_path('ldm')} and {run.model_path}"
     if final:
         samples()
     if not final:
@@ -954,7 +1030,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minildm.train",
+    p = Parser(prog="python -m minildm.train",
                                 description="Train a text-to-image latent diffusion model from scratch "
                                             "(stage 1: VAE, stage 2: UNet + text encoder).")
     p.add_argument("--dataset", choices=data_module.DATASETS, default=None,
@@ -1013,6 +1089,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a sample grid every N steps of stage 2 (0: only at the end)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps for sample grids")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale for sample grids")
+    p.add_argument("--probe-per-class", type=int, default=None,
+                   help="samples per class for the class probe logged with every grid (0: off)")
+    p.add_argument("--evaluate", type=int, default=None, metavar="N",
+                   help="when a run on CIFAR-10 ends, score N samples per class with python -m minildm.evaluate")
     return p
 
 
@@ -1023,7 +1103,7 @@ _OVERRIDES = {"num_images": "num_images", "holdout_per_class": "holdout_per_clas
               "disc_start": "disc_start", "device": "device", "dtype": "dtype", "seed": "seed",
               "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
               "sample_steps": "sample_steps", "guidance": "guidance_scale", "max_minutes": "max_minutes",
-              "vae_share": "vae_share",
+              "vae_share": "vae_share", "probe_per_class": "probe_per_class", "evaluate": "evaluate_per_class",
               "data_dir": "data_dir"}
 
 
@@ -1035,8 +1115,11 @@ def config_from_args(args) -> tuple:
         if not (run_dir / "config.json").exists():
             run_dir = Path(args.runs_dir) / args.resume
         if not (run_dir / "config.json").exists():
-            raise SystemExit(f"error: no run to resume at {args.resume} (no config.json)")
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+            usage("--resume", args.resume, f"is not a run (no config.json there or in {args.runs_dir}/)")
+        try:
+            cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        except (ValueError, TypeError) as e:
+            fail(f"--resume {args.resume}: its config.json cannot be read ({type(e).__name__})")
         cfg.run_dir = str(run_dir)
         plan = f"resuming {run_dir}: the run's own config.json"
     else:
@@ -1051,6 +1134,9 @@ def config_from_args(args) -> tuple:
         cfg = PRESETS[preset](dataset=dataset)
         name = args.name or time.strftime(f"{dataset}-{preset}-%Y%m%d-%H%M%S")
         cfg.run_dir = str(Path(args.runs_dir) / name)
+        if (Path(cfg.run_dir) / "config.json").exists():
+            usage("--name", name, f"{cfg.run_dir} holds a run already: continue it with --resume {cfg.run_dir}, "
+                                  "or choose another --name")
         if cfg.device == "cpu" and args.device is None and torch.cuda.is_available():
             cfg.device = "cuda"
     for flag, fieldname in _OVERRIDES.items():
@@ -1067,7 +1153,7 @@ def config_from_args(args) -> tuple:
         cfg.vae_steps = args.vae_steps
     if args.ldm_steps is not None:
         cfg.ldm_steps = args.ldm_steps
-    if args.unet_channels is not None and not args.resume:
+    if args.unet_channels is not None:
         cfg.unet = dict(cfg.unet, model_channels=args.unet_channels)
     if args.no_cache_latents:
         cfg.cache_latents = False
@@ -1075,9 +1161,103 @@ def config_from_args(args) -> tuple:
         cfg.amp = True
     if args.compile:
         cfg.compile = True
+    check_config(cfg)
     if not args.resume:
         plan = describe_plan(cfg, preset, reason)
     return cfg, plan
+
+
+# The flags a resumed run cannot change: they decide the models' shapes or the data the run was started on.
+FIXED_ON_RESUME = ("dataset", "data_dir", "preset", "resolution", "unet_channels", "num_images",
+                   "holdout_per_class", "seed")
+
+
+def check_flags(args) -> None:
+    """Every flag's value, before any data is read or model built: one line and exit status 2 if not."""
+    if args.resume:
+        given = [f for f in FIXED_ON_RESUME if getattr(args, f) is not None] + (["name"] if args.name else [])
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            usage(flag, getattr(args, given[0]), "cannot change a run being resumed (it keeps its config.json); "
+                                                  "start a new run instead")
+    for flag in ("max_steps", "vae_steps", "ldm_steps", "num_images", "batch_size", "vae_batch_size",
+                 "grad_accum", "log_every", "sample_steps", "resolution", "unet_channels"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    for flag in ("holdout_per_class", "warmup_steps", "save_every", "sample_every", "disc_start",
+                 "probe_per_class", "evaluate"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), 0)
+    check_int("--sample-steps", args.sample_steps, 1, 1000)
+    check_float("--max-minutes", args.max_minutes, 0, 7 * 24 * 60, low_open=True)
+    check_float("--vae-share", args.vae_share, 0, 1, low_open=True, high_open=True)
+    check_float("--lr", args.lr, 0, 1, low_open=True)
+    check_float("--vae-lr", args.vae_lr, 0, 1, low_open=True)
+    check_float("--grad-clip", args.grad_clip, 0)
+    check_float("--ema-decay", args.ema_decay, 0, 1, high_open=True)
+    check_float("--caption-dropout", args.caption_dropout, 0, 1, high_open=True)
+    check_float("--guidance", args.guidance, 0, 100)
+    check_seed("--seed", args.seed)
+    check_choice("--dtype", args.dtype, ("float32", "bfloat16", "float16"))
+    if args.device is not None:
+        resolve_cli_device(args.device)
+    if args.dataset == "folder" and not args.data_dir:
+        fail("--dataset folder needs --data-dir DIR (a folder of images)", USAGE)
+    if args.data_dir is not None and not os.path.exists(args.data_dir):
+        usage("--data-dir", args.data_dir, "does not exist")
+    check_readable_file("--vae", args.vae)
+    if args.vae is not None and args.stage != "ldm" and not args.resume:
+        fail(f"--vae {args.vae} is for --stage ldm (a trained VAE to start stage 2 from)", USAGE)
+    if args.name is not None and (not args.name.strip() or os.sep in args.name or args.name in (".", "..")):
+        usage("--name", args.name, "must be a plain folder name (no slashes)")
+    if not args.resume:
+        check_writable_dir("--runs-dir", args.runs_dir)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """What only the whole config can tell: sizes that fit the models, budgets, batches that split."""
+    try:
+        unet, vae = UNetConfig.from_dict(cfg.unet), VAEConfig.from_dict(cfg.vae)
+    except (ValueError, TypeError) as e:
+        fail(f"--unet-channels {cfg.unet.get('model_channels')}: {e}", USAGE)
+    multiple = vae.downsample_factor * unet.downsample_factor
+    if cfg.resolution % multiple or not multiple <= cfg.resolution <= 1024:
+        usage("--resolution", cfg.resolution, f"must be a multiple of {multiple} (the VAE's factor "
+                                              f"{vae.downsample_factor} x the UNet's {unet.downsample_factor}), "
+                                              "at most 1024")
+    if cfg.batch_size % cfg.grad_accum:
+        usage("--batch-size", cfg.batch_size, f"must divide by --grad-accum {cfg.grad_accum}")
+    if cfg.vae_steps is None and cfg.ldm_steps is None and cfg.max_minutes is None:
+        fail("no budget: give --max-steps or --max-minutes", USAGE)
+    if cfg.stage == "ldm" and cfg.vae_path is None and not (Path(cfg.run_dir) / "vae.safetensors").exists():
+        fail("--stage ldm needs a trained VAE: --vae PATH (or a run folder that has vae.safetensors)", USAGE)
+
+
+def resolve_cli_device(name: str) -> None:
+    """A --device value torch understands, and a GPU where CUDA is asked for."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        usage("--device", name, "must be cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        usage("--device", name, "must be cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu", USAGE)
+
+
+def finished(cfg: TrainConfig) -> Optional[str]:
+    """When the run in cfg.run_dir has done all the training cfg asks for: what it did; else None."""
+    stage = "vae" if cfg.stage == "vae" else "ldm"
+    run = Run(cfg.run_dir, main=False)
+    state = run.load_state(stage)
+    if state is None or not state.get("done"):
+        return None
+    vae_state = run.load_state("vae") if stage == "ldm" and cfg.stage == "all" else None
+    minutes = stage_minutes(cfg, stage, float(vae_state["elapsed"]) if vae_state else 0.0)
+    budget = Budget(cfg.vae_steps if stage == "vae" else cfg.ldm_steps, minutes, float(state["elapsed"]))
+    if not budget.reached(int(state["step"])):
+        return None
+    return (f"{cfg.run_dir} is finished: {'stage 1 (VAE)' if stage == 'vae' else 'stage 2'} ended at step "
+            f"{int(state['step'])} after {float(state['elapsed']) / 60:.1f} minutes. Nothing was changed; to train "
+            f"longer, resume with more steps (--{'vae' if stage == 'vae' else 'ldm'}-steps) or minutes (--max-minutes)")
 
 
 def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Optional[str] = None,
@@ -1099,17 +1279,37 @@ def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Op
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_flags(args)
     cfg, plan = config_from_args(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.resume:
+        check_writable_dir("--resume", cfg.run_dir)
+        done = finished(cfg)
+        if done:
+            if rank0:
+                print(done)
+            return 0
+    if rank0:
         print(plan, flush=True)
+    STOP.install()
     try:
-        run(cfg, cfg.stage, resume=bool(args.resume), vae_path=cfg.vae_path)
-    except data_module.DataError as e:
-        sys.exit(f"error: {e}")
+        result = run(cfg, cfg.stage, resume=bool(args.resume), vae_path=cfg.vae_path)
+        if isinstance(result, LatentDiffusion) and cfg.evaluate_per_class and int(os.environ.get("RANK", "0")) == 0:
+            from .evaluate import evaluate_run
+            evaluate_run(cfg.run_dir, runs_dir=str(Path(cfg.run_dir).parent), data_dir=cfg.data_dir,
+                         n=cfg.evaluate_per_class, model=result)
+        if STOP.requested:
+            fail(f"stopped by {STOP.signal}; saved {STOP.saved or 'nothing new'}. Continue with --resume "
+                 f"{cfg.run_dir}", 130 if STOP.signal == "SIGINT" else 143)
+    except (data_module.DataError, CheckpointError) as e:
+        fail(str(e))
     except TrainingDiverged as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     except KeyboardInterrupt:
-        sys.exit("interrupted; resume with --resume " + cfg.run_dir)
+        saved = [p.name for p in (Path(cfg.run_dir) / "state_vae.pt", Path(cfg.run_dir) / "state_ldm.pt") if p.exists()]
+        fail("interrupted " + (f"between steps; the last saved state ({', '.join(saved)}) is kept: continue with "
+                               f"--resume {cfg.run_dir}" if saved else "before the first training step; nothing "
+                               "was saved, so start the run again"), 130)
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as tdist

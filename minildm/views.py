@@ -623,7 +623,9 @@ VIEWS = ("filmstrip", "attention", "gallery", "interpolate", "seeds", "arithmeti
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+
+    p = Parser(
         prog="python -m minildm.views",
         description="Look inside generation: save a view of a checkpoint (your CIFAR run by default, or "
                     "Stable Diffusion v1 weights) as PNG files.",
@@ -648,7 +650,9 @@ def build_parser():
     p.add_argument("--num", type=int, default=5, help="images in an interpolation strip")
     p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="float32, float16 or auto (float16 on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="weights' dtype (auto: float16 on CUDA)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same name (default: a new name)")
     return p
 
 
@@ -656,23 +660,33 @@ def main(argv=None) -> int:
     import os
     import re
 
-    from .sample import fail, load_model
+    from .cli import USAGE, check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model, usage
 
     args = build_parser().parse_args(argv)
     wanted = {"interpolate": 2, "arithmetic": 3}.get(args.view, 1)
     if len(args.prompts) != wanted:
-        fail(f"the {args.view} view takes {wanted} prompt{'s' if wanted > 1 else ''}, got {len(args.prompts)}")
-    if args.steps < 1:
-        fail(f"--steps must be at least 1, got {args.steps}")
+        fail(f"the {args.view} view takes {wanted} prompt{'s' if wanted > 1 else ''}, got {len(args.prompts)}", USAGE)
+    check_int("--steps", args.steps, 1, 1000)
+    check_float("--guidance", args.guidance, 0, 100)
+    check_seed("--seed", args.seed)
+    check_seed("--seed-b", args.seed_b)
+    check_int("--num", args.num, 2, 64)
+    if args.size is not None and (args.size <= 0 or args.size % 8 or args.size > 4096):
+        usage("--size", args.size, "must be a positive multiple of 8, at most 4096")
+    check_writable_dir("--out", args.out)
     ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
+    check_int("--steps", args.steps, 1, ldm.schedule.num_timesteps)
     if args.size is not None:
+        if args.size > 4 * ldm.default_size:
+            usage("--size", args.size, f"at most {4 * ldm.default_size} for this model (4x its training size)")
         try:
             ldm.check_size(args.size, args.size)
         except ValueError as e:
-            fail(str(e))
-    os.makedirs(args.out, exist_ok=True)
+            fail(str(e), USAGE)
     stem = os.path.join(args.out, args.view + "-" + re.sub(r"[^a-z0-9]+", "_", args.prompts[0].lower()).strip("_")[:40]
                         + f"-s{args.seed}")
+    os.makedirs(args.out, exist_ok=True)
+    stem = free_path(stem + ".png", args.overwrite)[:-4]          # never over an earlier view
     common = dict(seed=args.seed, height=args.size, width=args.size)
     sampling = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance)
     written = []

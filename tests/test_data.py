@@ -202,3 +202,18 @@ def test_download_off_never_calls_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fetch)
     with pytest.raises(data.DataError, match="downloading is off"):
         data.load_cifar10(None, download_root=str(tmp_path / "data"), download=False)
+
+
+def test_captions_say_only_what_every_image_shows_with_both_articles():
+    """CIFAR captions: no adjective the image may not show; "a photo of a cat" is common; an airplane is
+    drawn as both "an airplane" and "a airplane" (what people type)."""
+    d = data.CaptionedImages(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["airplane", "cat"], [0, 3],
+                             templated=True, class_names=["airplane", "cat"])
+    g = torch.Generator().manual_seed(0)
+    planes = [d.caption(0, g) for _ in range(600)]
+    cats = [d.caption(1, g) for _ in range(600)]
+    assert "a photo of an airplane" in planes and "a photo of a airplane" in planes and "an airplane" in planes
+    assert 50 < cats.count("a photo of a cat") < 200
+    for word in ("blurry", "dark", "bright", "low resolution", "pixelated", "small", "good", "cropped"):
+        assert not any(word in c for c in planes + cats), word
+    assert d.prompts() == ["a photo of an airplane", "a photo of a cat"]

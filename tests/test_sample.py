@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from minildm import convert
+from minildm.cli import CommandError
 from minildm.sample import main, slug
 from minildm.schedule import NoiseSchedule
 from test_convert import tiny_models
@@ -43,11 +45,11 @@ def run(workdir, *args):
 def cli_error(workdir, monkeypatch, *args):
     """Run main() in-process and return its one-line error (it must exit non-zero)."""
     monkeypatch.chdir(workdir)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CommandError) as info:
         main(list(args))
-    assert info.value.code not in (0, None)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    assert info.value.code in (1, 2)
+    message = info.value.message
+    assert message and "\n" not in message
     return message
 
 
@@ -87,6 +89,45 @@ def test_same_seed_reproduces_one_image_of_a_batch(workdir, monkeypatch):
     assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "ddpm"])
+def test_batches_give_the_images_of_one_at_a_time(workdir, monkeypatch, sampler):
+    """Drawn in batches (here 2 + 1), image i is still the image of --n 1 --seed seed + i, also for
+    samplers that add noise at every step: each image keeps its own random stream."""
+    monkeypatch.chdir(workdir)
+    main(["a tree", "--steps", "3", "--n", "3", "--batch-size", "2", "--seed", "20", "--sampler", sampler,
+          "--out", f"batch-{sampler}"])
+    for i in range(3):
+        main(["a tree", "--steps", "3", "--seed", str(20 + i), "--sampler", sampler, "--out", f"single-{sampler}"])
+        a = np.asarray(Image.open(workdir / f"batch-{sampler}" / f"a-tree-{20 + i}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(workdir / f"single-{sampler}" / f"a-tree-{20 + i}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, f"image {i} differs"       # float rounding of a batched matmul at most
+    other = np.asarray(Image.open(workdir / f"batch-{sampler}" / "a-tree-21.png"), dtype=np.int16)
+    assert np.abs(other - np.asarray(Image.open(workdir / f"batch-{sampler}" / "a-tree-20.png"))).max() > 10
+
+
+def test_an_output_never_replaces_an_earlier_one_unless_asked(workdir, monkeypatch):
+    """The same prompt and seed with other settings gets a new file name; --overwrite replaces."""
+    monkeypatch.chdir(workdir)
+    main(["a boat", "--steps", "2", "--seed", "4", "--out", "again"])
+    first = (workdir / "again" / "a-boat-4.png").read_bytes()
+    main(["a boat", "--steps", "3", "--seed", "4", "--out", "again"])
+    assert (workdir / "again" / "a-boat-4.png").read_bytes() == first
+    assert json.loads(Image.open(workdir / "again" / "a-boat-4-2.png").text["minildm"])["steps"] == 3
+    main(["a boat", "--steps", "3", "--seed", "4", "--out", "again", "--overwrite"])
+    assert json.loads(Image.open(workdir / "again" / "a-boat-4.png").text["minildm"])["steps"] == 3
+    assert not (workdir / "again" / "a-boat-4-3.png").exists()
+
+
+def test_a_run_folder_or_name_is_a_checkpoint(workdir, monkeypatch):
+    """--ckpt runs/NAME (a training run's folder) or NAME alone samples from the run's model.safetensors."""
+    monkeypatch.chdir(workdir)
+    (workdir / "runs" / "tiny" / "config.json").write_text("{}")
+    for ckpt in ("runs/tiny", "tiny"):
+        assert main(["a tree", "--steps", "2", "--seed", "3", "--ckpt", ckpt, "--out", "by-folder"]) == 0
+        settings = json.loads(Image.open(workdir / "by-folder" / "a-tree-3.png").text["minildm"])
+        assert settings["checkpoint"] == str(workdir / "runs" / "tiny" / "model.safetensors")
+
+
 def test_empty_prompt_img2img_and_inpainting(workdir, monkeypatch):
     """An empty prompt is allowed; --init-image with --strength and --mask produce images of the init size."""
     monkeypatch.chdir(workdir)
@@ -106,16 +147,16 @@ def test_no_checkpoint_says_how_to_get_one(workdir, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
-    (["--ckpt", "notes.png"], "cannot be read"),
-    (["--ckpt", "init.png"], "cannot be read"),
+    (["--ckpt", "notes.png"], "notes.png is not a checkpoint: it is a text file"),
+    (["--ckpt", "init.png"], "init.png is not a checkpoint: it is a PNG image"),
     (["--init-image", "notes.png"], "cannot read notes.png as an image"),
-    (["--init-image", "nowhere.png"], "image not found: nowhere.png"),
+    (["--init-image", "nowhere.png"], "--init-image 'nowhere.png': does not exist"),
     (["--init-image", "init.png", "--mask", "small_mask.png"], "the mask is 24x24 but the init image is 32x32"),
     (["--mask", "mask.png"], "--mask needs --init-image"),
-    (["--height", "36"], "--height must be a positive multiple of 8, got 36"),
-    (["--width", "0"], "--width must be a positive multiple of 8"),
-    (["--strength", "1.5", "--init-image", "init.png"], "--strength must be between 0 and 1"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--height", "36"], "--height 36: must be a positive multiple of 8"),
+    (["--width", "0"], "--width 0: must be a positive multiple of 8"),
+    (["--strength", "1.5", "--init-image", "init.png"], "--strength 1.5: must be at least 0 and at most 1"),
+    (["--steps", "0"], "--steps 0: must be from 1 to 1000"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
 ])
 def test_bad_inputs_give_one_clear_line(workdir, monkeypatch, args, words):

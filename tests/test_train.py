@@ -232,3 +232,137 @@ def test_training_on_shapes_learns_to_follow_the_colour(tmp_path):
 LEARNING = dict(dataset="shapes", num_images=2000, resolution=16, vae_steps=1000, vae_lr=2e-3,
                 ldm_steps=800, vae_batch_size=32, batch_size=32, lr=2e-3, warmup_steps=50, log_every=50,
                 save_every=0, sample_every=0, sample_steps=10, seed=0)
+
+
+def test_distinct_captions_are_encoded_once_with_the_same_loss_and_gradients():
+    """Encoding each distinct caption once gives the loss and gradients of encoding every row."""
+    from minildm.clip_text import CLIPTextConfig, CLIPTextModel
+    from minildm.tokenizer import CLIPTokenizer
+    from minildm.unet import UNet, UNetConfig
+    unet_cfg = UNetConfig.tiny()
+    unet_cfg.pooled_context = True
+    denoiser = train.Denoiser(UNet(unet_cfg), CLIPTextModel(CLIPTextConfig.tiny()))
+    tokens = CLIPTokenizer.default()(["a cat", "a dog", "a cat", "", "a dog", "a cat"])
+    z, t = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,))
+
+    def loss_and_grads(fn):
+        denoiser.zero_grad()
+        loss = fn().pow(2).mean()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in denoiser.parameters() if p.grad is not None]
+
+    shared, g_shared = loss_and_grads(lambda: denoiser(z, t, tokens))
+    every, g_every = loss_and_grads(lambda: denoiser.unet(z, t, denoiser.text_encoder(tokens)))
+    assert shared == pytest.approx(every, rel=1e-6) and len(g_shared) == len(g_every)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_shared, g_every))
+
+
+def test_the_ema_covers_the_text_encoder_and_sampling_uses_the_averaged_pair(tmp_path):
+    """model.safetensors holds the EMA of the UNet and of the text encoder; loading with EMA gives both
+    averaged weights, --no-ema both raw ones (never an averaged UNet reading a raw encoder's context)."""
+    from minildm.convert import load_checkpoint
+    from minildm.ldm import load_stable_diffusion
+    cfg = tiny_config(tmp_path / "ema", ema_decay=0.5)
+    train.run(cfg)
+    ckpt = load_checkpoint(tmp_path / "ema" / "model.safetensors")
+    assert ckpt.ema_text_encoder is not None and set(ckpt.ema_text_encoder) == set(ckpt.text_encoder)
+    k = "encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(ckpt.ema_text_encoder[k], ckpt.text_encoder[k])
+    state = torch.load(tmp_path / "ema" / "state_ldm.pt", weights_only=True)
+    assert torch.equal(ckpt.ema_text_encoder[k], state["ema"]["shadow"]["text_encoder." + k])
+    averaged = load_stable_diffusion(str(tmp_path / "ema" / "model.safetensors"))
+    raw = load_stable_diffusion(str(tmp_path / "ema" / "model.safetensors"), use_ema=False)
+    assert torch.equal(averaged.text_encoder.state_dict()[k], ckpt.ema_text_encoder[k])
+    assert torch.equal(raw.text_encoder.state_dict()[k], ckpt.text_encoder[k])
+
+
+def test_the_plain_command_picks_a_plan_for_the_machine(monkeypatch, capsys):
+    """No GPU: the cifar-cpu preset with one hour for the whole run, said in the first line; a CUDA
+    GPU: the consumer-GPU preset; --max-minutes is the whole run's budget, split between the stages."""
+    parser = train.build_parser()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, plan = train.config_from_args(parser.parse_args(["--dataset", "cifar"]))
+    assert cfg.max_minutes == 60 and cfg.unet["model_channels"] == 64 and cfg.unet["pooled_context"]
+    assert plan.startswith("plan: preset cifar-cpu (no CUDA GPU") and "60 minutes in all (18 for the VAE" in plan
+    assert train.stage_minutes(cfg, "vae") == pytest.approx(18)
+    assert train.stage_minutes(cfg, "ldm", vae_seconds=17.5 * 60) == pytest.approx(42.5)
+    cfg, _ = train.config_from_args(parser.parse_args(["--dataset", "cifar", "--max-minutes", "20",
+                                                       "--vae-share", "0.5"]))
+    assert train.stage_minutes(cfg, "vae") == 10 and cfg.stage == "all"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, plan = train.config_from_args(parser.parse_args(["--dataset", "cifar"]))
+    assert cfg.unet["model_channels"] == 128 and "preset cifar (a CUDA GPU is here)" in plan
+    cfg, plan = train.config_from_args(parser.parse_args(["--dataset", "shapes"]))
+    assert "preset tiny" in plan
+
+
+def test_a_budget_counts_the_work_before_the_loop():
+    """The clock starts when the run started (data loading, caching), not when the loop begins."""
+    budget = train.Budget(None, 1.0, started=time.perf_counter() - 59.9)
+    assert not budget.reached(0)
+    time.sleep(0.2)
+    assert budget.reached(0) and budget.progress(0) >= 1.0
+    assert train.Budget(5, None).reached(5) and not train.Budget(None, None).reached(10**9)
+
+
+def _wait_for_step(run_dir: Path, stage: str, step: int, proc, timeout: float = 240):
+    """Poll metrics.jsonl until `stage` has logged `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(r[0] >= step for r in losses(run_dir, stage)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{stage} never reached step {step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, stage", [(signal.SIGINT, "vae"), (signal.SIGTERM, "ldm")])
+def test_a_signal_saves_a_resumable_state_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, sig, stage):
+    """Ctrl-C or SIGTERM in either stage finishes the step, writes state and checkpoint atomically,
+    says what it saved; --resume then gives exactly the losses of a run that never stopped."""
+    runs = tmp_path / "runs"
+    base = [*TINY, "--vae-steps", "300", "--ldm-steps", "60", "--save-every", "0", "--runs-dir", str(runs)]
+    reference = cli([*base, "--name", "ref"])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "minildm.train", *base, "--name", "cut"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(runs / "cut", stage, 3, proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {signal.Signals(sig).name}; saved stage") and "--resume" in last, last
+    state = torch.load(runs / "cut" / f"state_{stage}.pt", weights_only=True)
+    assert not state["done"] and 3 <= state["step"] < (300 if stage == "vae" else 60)
+    assert not list((runs / "cut").glob("*.tmp-*")), "a temporary file was left behind"
+    resumed = cli(["--resume", str(runs / "cut")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for part in ("vae", "ldm"):
+        assert losses(runs / "ref", part) == losses(runs / "cut", part), f"{part} losses differ after the signal"
+
+
+def test_resuming_a_finished_run_changes_nothing_unless_asked_for_more(tmp_path):
+    """--resume on a finished run says so and leaves every file as it was; more steps continue it."""
+    runs = tmp_path / "runs"
+    first = cli([*TINY, "--max-steps", "2", "--runs-dir", str(runs), "--name", "done"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = {p: p.stat().st_mtime_ns for p in (runs / "done").rglob("*") if p.is_file()}
+    again = cli(["--resume", str(runs / "done")])
+    assert again.returncode == 0 and "is finished" in again.stdout and "Nothing was changed" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (runs / "done").rglob("*") if p.is_file()} == files
+    more = cli(["--resume", str(runs / "done"), "--ldm-steps", "4"])
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert torch.load(runs / "done" / "state_ldm.pt", weights_only=True)["step"] == 4
+
+
+def test_checkpoints_get_the_permissions_of_the_other_files(tmp_path):
+    """model.safetensors and vae.safetensors are as readable as config.json (safetensors makes its files private)."""
+    cfg = tiny_config(tmp_path / "perm")
+    train.run(cfg)
+    mode = (tmp_path / "perm" / "config.json").stat().st_mode & 0o777
+    for name in ("model.safetensors", "vae.safetensors", "state_ldm.pt"):
+        assert (tmp_path / "perm" / name).stat().st_mode & 0o777 == mode, name

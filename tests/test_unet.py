@@ -221,3 +221,51 @@ def test_state_dict_has_no_buffers():
     """The UNet holds parameters only, so its state dict is exactly the checkpoint's tensors."""
     model = UNet(UNetConfig.tiny())
     assert len(model.state_dict()) == len(list(model.parameters()))
+
+
+def test_pooled_context_matches_diffusers_simple_projection():
+    """`pooled_context` adds Linear(context[:, -1]) to the time embedding: diffusers' UNet with
+    class_embed_type="simple_projection" fed the last context token as its class input computes the same."""
+    from diffusers import UNet2DConditionModel
+    cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                     attention_levels=(1,), num_heads=2, context_dim=24, norm_groups=8, pooled_context=True)
+    g = torch.Generator().manual_seed(3)
+    ours = randomize(UNet(cfg), g).eval()
+    dcfg = dict(diffusers_config(cfg), class_embed_type="simple_projection",
+                projection_class_embeddings_input_dim=cfg.context_dim)
+    theirs = UNet2DConditionModel(**dcfg).eval()
+    state = ours.state_dict()
+    converted = to_diffusers({k: v for k, v in state.items() if not k.startswith("context_emb.")}, dcfg)
+    converted.update({"class_embedding.weight": state["context_emb.weight"],
+                      "class_embedding.bias": state["context_emb.bias"]})
+    theirs.load_state_dict(converted, strict=True)
+    z_t, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([3.0, 700.0])
+    context = torch.randn(2, 5, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        eps_ours = ours(z_t, t, context)
+        eps_theirs = theirs(z_t, t, context, class_labels=context[:, -1]).sample
+        last_changed = context.clone()
+        last_changed[:, -1] += 1.0
+        eps_last = ours(z_t, t, last_changed)
+    assert (eps_ours - eps_theirs).abs().max() <= 1e-5
+    assert (eps_ours - eps_last).abs().max() > 1e-3
+
+
+def test_pooled_context_reaches_the_resblocks_without_cross_attention():
+    """With every cross-attention silenced, the caption still steers a pooled-context UNet (through
+    the time embedding) and no longer steers a plain one; SD v1 stays plain, its layout untouched."""
+    outputs = {}
+    for pooled in (False, True):
+        cfg = UNetConfig.tiny()
+        cfg.pooled_context = pooled
+        model = randomize(UNet(cfg), torch.Generator().manual_seed(0)).eval()
+        with torch.no_grad():
+            for name, attn in model.cross_attention_modules().items():
+                attn.to_v.weight.zero_()
+        z_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        a, b = (torch.randn(2, 77, cfg.context_dim, generator=torch.Generator().manual_seed(s)) for s in (2, 3))
+        with torch.no_grad():
+            outputs[pooled] = (model(z_t, 10, a) - model(z_t, 10, b)).abs().max().item()
+    assert outputs[False] < 1e-6 and outputs[True] > 1e-3
+    assert not UNetConfig.sd15().pooled_context
+    assert not any(k.startswith("context_emb") for k in UNet(UNetConfig.tiny()).state_dict())

@@ -1,0 +1,451 @@
+"""Does the model draw what the prompt asks for? `python -m minildm.evaluate RUN` measures it.
+
+A trained text-to-image model is only useful if its captions steer it. For a run on a data set with
+classes (CIFAR-10), this command asks the model for n images of every class with the prompt
+"a photo of a <class>" and lets a judge that never saw a generated image say what they show:
+
+    judge           a small CNN classifier trained on the run's own training split (never on its
+                    held-out images), cached on disk; its accuracy on the held-out real images is the
+                    ceiling a perfect generator would reach
+    class accuracy  the fraction of a class's samples the judge puts in that class (chance: 1 / classes)
+    FD              Fréchet distance between two sets of images in the judge's penultimate features
+                    (the FID recipe, with this judge in place of Inception): 0 for the same
+                    distribution; also how far real training images are from the held-out ones
+                    (the floor), and a blurred copy of them and pure noise (to show the scale)
+
+    python -m minildm.evaluate                    # the newest run, 100 samples per class
+    python -m minildm.evaluate runs/NAME --n 20   # a quick look
+
+Samples use the sampling command line's defaults (DDIM, 50 steps, guidance 7.5) and seeds seed + i,
+so image i of every class starts from the same noise and `python -m minildm.sample PROMPT --seed
+SEED+i` redraws it. Everything is written to RUN/eval/: a JSON report and a grid with a row per class.
+
+Notation: n samples per class, K classes, F judge feature width; images x in [-1, 1] (B, 3, H, W)
+unless said; mu, S mean and covariance of a feature set.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_module
+from .cli import Parser
+
+JUDGE_STEPS = 1500
+JUDGE_BATCH = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# The judge
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class Judge(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] -> K class logits: three stages of two 3x3 convolutions with
+    batch norm, the first two followed by 2x2 max pooling, then global average pooling (F = 4 * width)."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn(3, w), conv_bn(w, w), nn.MaxPool2d(2),
+            conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and a random crop of the 4-pixel zero-padded batch."""
+    B, _, H, W = x.shape
+    flip = torch.rand(B, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = torch.randint(0, 9, (2,), generator=generator).tolist()   # one offset per batch: cheap
+    return F.pad(x, (4, 4, 4, 4))[:, :, dy:dy + H, dx:dx + W]
+
+
+def train_judge(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = JUDGE_STEPS,
+                batch_size: int = JUDGE_BATCH, lr: float = 0.1, width: int = 32, seed: int = 0,
+                progress: bool = True) -> Judge:
+    """SGD with Nesterov momentum, label smoothing and a one-cycle learning rate (a linear warm-up over
+    15% of the steps, then a cosine to zero) on uint8 `images` (N, 3, H, W) with `labels` (N,)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    judge = Judge(width, num_classes)
+    opt = torch.optim.SGD(judge.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    judge.train()
+    for step in tqdm(range(steps), desc="training the judge", unit="step", disable=not progress):
+        p = step / steps
+        for group in opt.param_groups:
+            group["lr"] = lr * (p / 0.15 if p < 0.15 else 0.5 * (1 + math.cos(math.pi * (p - 0.15) / 0.85)))
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        x = augment(data_module.to_float(images[idx]), g)
+        loss = F.cross_entropy(judge(x), labels[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_outputs(judge: Judge, x: torch.Tensor, batch_size: int = 500) -> tuple:
+    """(features (N, F) float64, predicted classes (N,)) for images x in [-1, 1]."""
+    judge.eval()
+    feats, preds = [], []
+    for i in range(0, len(x), batch_size):
+        f = judge.features(x[i:i + batch_size].float())
+        feats.append(f.double())
+        preds.append(judge.head(f).argmax(1))
+    return torch.cat(feats), torch.cat(preds)
+
+
+def data_key(images: torch.Tensor, labels: torch.Tensor, **settings) -> str:
+    """A short hash of the training images, labels and judge settings: the judge's cache key."""
+    h = hashlib.sha256()
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def load_or_train_judge(path, train, held, steps: int = JUDGE_STEPS, width: int = 32, seed: int = 0,
+                        progress: bool = True) -> tuple:
+    """(judge, info): the judge cached at `path`, or a new one trained on `train` and saved there.
+    info holds its accuracy on the held-out images, overall and per class."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    if path.exists():
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            info = json.loads(f.metadata()["judge"])
+        judge = Judge(info["width"], len(info["class_names"]))
+        judge.load_state_dict(load_file(str(path)))
+        return judge.eval(), dict(info, cached=True)
+    started = time.perf_counter()
+    judge = train_judge(train.images, train.labels, len(train.class_names), steps, width=width, seed=seed,
+                        progress=progress)
+    _, predicted = judge_outputs(judge, data_module.to_float(held.images))
+    right = predicted == held.labels
+    per_class = {name: right[held.labels == k].float().mean().item() for k, name in enumerate(held.class_names)}
+    info = {"width": width, "steps": steps, "batch_size": JUDGE_BATCH, "seed": seed,
+            "class_names": list(train.class_names), "train_images": len(train), "held_out_images": len(held),
+            "held_out_accuracy": right.float().mean().item(), "held_out_per_class": per_class,
+            "train_seconds": round(time.perf_counter() - started, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp), metadata={"judge": json.dumps(info)})
+    os.replace(tmp, path)
+    return judge, dict(info, cached=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2) for feature sets (N, F).
+
+    The Fréchet (2-Wasserstein) distance between the Gaussians fitted to two sets: FID's formula.
+    Square roots of symmetric positive semi-definite matrices through their eigenvalues, in float64.
+    """
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a Fréchet distance needs at least two samples on each side")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    S_a, S_b = torch.cov(a.T), torch.cov(b.T)
+    w, V = torch.linalg.eigh(S_a)
+    root_a = V @ torch.diag(w.clamp_min(0).sqrt()) @ V.T                    # S_a^1/2
+    M = root_a @ S_b @ root_a
+    cross = torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + S_a.trace() + S_b.trace() - 2 * cross).item()
+
+
+def blurred(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """A blurred copy of images x: averaged over factor x factor blocks, then scaled back up bilinearly."""
+    small = F.avg_pool2d(x, factor)
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A cheap probe for training: a linear classifier on latents
+
+
+class LatentProbe:
+    """Class from a latent by ridge regression onto one-hot labels, fitted in closed form.
+
+    Cheap enough to run during training (a 256 x 256 solve for 8x8x4 latents): it cannot tell
+    classes apart as well as the judge, so read its accuracy on samples against its accuracy on real
+    held-out latents, not against 1.
+    """
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int, ridge: float = 1.0):
+        X = self._design(latents)                                          # (N, P + 1)
+        Y = F.one_hot(labels, num_classes).double()                        # (N, K)
+        A = X.T @ X + ridge * torch.eye(X.shape[1], dtype=X.dtype)
+        self.W = torch.linalg.solve(A, X.T @ Y)                            # (P + 1, K)
+
+    @staticmethod
+    def _design(latents: torch.Tensor) -> torch.Tensor:
+        X = latents.flatten(1).double()
+        return torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+
+    def predict(self, latents: torch.Tensor) -> torch.Tensor:
+        return (self._design(latents) @ self.W).argmax(1)
+
+    def accuracy(self, latents: torch.Tensor, labels: torch.Tensor) -> float:
+        return (self.predict(latents) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling n images per class prompt
+
+
+def class_prompt(name: str) -> str:
+    """The prompt a user would type: "a photo of a cat", "a photo of an airplane"."""
+    return f"a photo of {data_module.article(name)} {name}"
+
+
+@torch.no_grad()
+def sample_per_class(model, class_names, n: int, *, batch_size: int = 100, seed: int = 0, steps: int = 50,
+                     sampler: str = "ddim", guidance: float = 7.5, output_type: str = "image",
+                     progress: bool = True) -> dict:
+    """{class name: n images (n, 3, H, W) in [0, 1]} (or latents); image i of each class uses seed + i."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    bar = tqdm(total=len(class_names) * n, desc="sampling", unit="image", disable=not progress)
+    for name in class_names:
+        parts = []
+        for start in range(0, n, batch_size):
+            seeds = list(range(seed + start, seed + min(n, start + batch_size)))
+            parts.append(model.generate(class_prompt(name), seeds=seeds, num_steps=steps, sampler=sampler,
+                                        guidance_scale=guidance, output_type=output_type).cpu())
+            bar.update(len(seeds))
+        out[name] = torch.cat(parts)
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch_size: int = 100,
+             seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
+             progress: bool = True) -> tuple:
+    """(report dict, samples {class: images}) for `model` on the classes of `held`."""
+    names = list(held.class_names)
+    started = time.perf_counter()
+    samples = sample_per_class(model, names, n, batch_size=batch_size, seed=seed, steps=steps, sampler=sampler,
+                               guidance=guidance, progress=progress)
+    sampling_seconds = time.perf_counter() - started
+    g = torch.Generator().manual_seed(seed)
+    per_class, all_samples, all_held = {}, [], []
+    for k, name in enumerate(names):
+        real_held = data_module.to_float(held.images[held.labels == k])
+        pool = (train.labels == k).nonzero().flatten()
+        real_train = data_module.to_float(train.images[pool[torch.randperm(len(pool), generator=g)[:n]]])
+        noise = torch.rand(n, *real_held.shape[1:], generator=g) * 2 - 1
+        f_held, _ = judge_outputs(judge, real_held)
+        f_samples, predicted = judge_outputs(judge, samples[name] * 2 - 1)
+        f_train, _ = judge_outputs(judge, real_train)
+        f_blur, _ = judge_outputs(judge, blurred(real_train))
+        f_noise, _ = judge_outputs(judge, noise)
+        per_class[name] = {
+            "accuracy": (predicted == k).float().mean().item(),
+            "judge_on_real": judge_info["held_out_per_class"].get(name),
+            "confused_with": names[int(torch.bincount(predicted, minlength=len(names)).argmax())],
+            "fd_samples": frechet_distance(f_samples, f_held), "fd_train": frechet_distance(f_train, f_held),
+            "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
+        all_samples.append(f_samples)
+        all_held.append(f_held)
+    judge_acc = judge_info["held_out_accuracy"]
+    accs = [c["accuracy"] for c in per_class.values()]
+    mean = {key: sum(c[key] for c in per_class.values()) / len(per_class)
+            for key in ("accuracy", "fd_samples", "fd_train", "fd_blurred", "fd_noise")}
+    report = {
+        "prompts": {name: class_prompt(name) for name in names},
+        "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance},
+        "judge": {k: judge_info[k] for k in ("held_out_accuracy", "held_out_per_class", "width", "steps",
+                                              "train_images", "held_out_images") if k in judge_info},
+        "per_class": per_class, "mean": mean,
+        "fd_all_classes": frechet_distance(torch.cat(all_samples), torch.cat(all_held)),
+        "accuracy_over_judge": mean["accuracy"] / judge_acc,
+        "worst_class_over_judge": min(accs) / judge_acc,
+        "sampling_seconds_per_image": sampling_seconds / (n * len(names)),
+    }
+    return report, samples
+
+
+def format_report(report: dict) -> str:
+    """The report as the table the command prints."""
+    judge = report["judge"]
+    lines = [f"judge: {judge['held_out_accuracy']:.1%} right on {judge['held_out_images']} held-out real images "
+             f"(a CNN trained on the {judge['train_images']} training images only)",
+             f"{'class':<12}{'prompt':<28}{'accuracy':>9}{'judge real':>11}{'mistaken for':>14}"
+             f"{'FD samples':>12}{'FD train':>10}{'FD blurred':>12}{'FD noise':>10}"]
+    for name, c in report["per_class"].items():
+        lines.append(f"{name:<12}{report['prompts'][name]:<28}{c['accuracy']:>9.2f}{c['judge_on_real']:>11.2f}"
+                     f"{c['confused_with'] if c['confused_with'] != name else '-':>14}{c['fd_samples']:>12.2f}"
+                     f"{c['fd_train']:>10.2f}{c['fd_blurred']:>12.2f}{c['fd_noise']:>10.2f}")
+    m = report["mean"]
+    lines.append(f"{'mean':<40}{m['accuracy']:>9.2f}{judge['held_out_accuracy']:>11.2f}{'':>14}"
+                 f"{m['fd_samples']:>12.2f}{m['fd_train']:>10.2f}{m['fd_blurred']:>12.2f}{m['fd_noise']:>10.2f}")
+    s = report["settings"]
+    lines.append(f"class accuracy {m['accuracy']:.2f} = {report['accuracy_over_judge']:.2f} x the judge's on real "
+                 f"images (worst class {report['worst_class_over_judge']:.2f} x); {s['n']} samples per class, "
+                 f"{s['sampler']} {s['steps']} steps, guidance {s['guidance']:g}, seeds {s['seed']}..{s['seed'] + s['n'] - 1}; "
+                 f"FD over all classes {report['fd_all_classes']:.2f}")
+    return "\n".join(lines)
+
+
+def save_grid(samples: dict, path, columns: int = 10) -> None:
+    """A PNG with one row per class: its first `columns` samples."""
+    from torchvision.utils import save_image
+
+    rows = [images[:columns] for images in samples.values()]
+    save_image(torch.cat(rows), path, nrow=min(columns, len(rows[0])), padding=1, pad_value=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m minildm.evaluate",
+                                description="Class accuracy and Fréchet distance of a run's samples, "
+                                            "scored by a judge trained on the run's training images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", nargs="?", default=None, help="a run folder (default: the newest run in --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help="where runs (and the cached judges, in judges/) live")
+    p.add_argument("--data-dir", default=None, help="the data set's local copy (default: the run's own)")
+    p.add_argument("--n", type=int, default=100, help="samples per class prompt (at least 2)")
+    p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", default="ddim", help="sampling method (as python -m minildm.sample)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
+    p.add_argument("--judge", default=None, help="the judge file (default: <runs-dir>/judges/<data hash>.safetensors, "
+                                                 "trained there on first use)")
+    p.add_argument("--judge-steps", type=int, default=JUDGE_STEPS, help="training steps of a new judge")
+    p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA ones")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report of the same settings "
+                                                             "(default: a new name)")
+    return p
+
+
+def run_data(run_dir: Path, data_dir=None) -> tuple:
+    """(train, held_out) exactly as the run split its data set, from its config.json."""
+    config = json.loads((run_dir / "config.json").read_text())
+    if config.get("dataset") != "cifar":
+        raise data_module.DataError(f"{run_dir} was trained on --dataset {config.get('dataset')}; evaluation "
+                                    "needs a data set with classes (--dataset cifar)")
+    holdout = int(config.get("holdout_per_class") or 0)
+    if holdout <= 0:
+        raise data_module.DataError(f"{run_dir} trained on every image; evaluation needs held-out images "
+                                    "(train with --holdout-per-class N)")
+    data = data_module.load_dataset("cifar", data_dir or config.get("data_dir"), config.get("resolution", 32))
+    train, held = data.split(holdout)
+    if config.get("num_images") is not None and config["num_images"] < len(train):
+        train = train.subset(torch.arange(config["num_images"]))
+    return train, held
+
+
+def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch_size: int = 100, steps: int = 50,
+                 sampler: str = "ddim", guidance: float = 7.5, seed: int = 0, judge_path=None,
+                 judge_steps: int = JUDGE_STEPS, use_ema: bool = True, device="cpu", model=None,
+                 progress: bool = True, overwrite: bool = False) -> dict:
+    """Evaluate the run in `run_dir` (or the given LatentDiffusion `model`); print the table, write
+    RUN/eval/<settings>.json and .png, and return the report."""
+    from .ldm import load_stable_diffusion
+
+    run_dir = Path(run_dir)
+    train, held = run_data(run_dir, data_dir)
+    if judge_path is None:
+        key = data_key(train.images, train.labels, steps=judge_steps, width=32, seed=0)
+        judge_path = Path(runs_dir) / "judges" / f"cifar-{key}.safetensors"
+    judge, info = load_or_train_judge(judge_path, train, held, steps=judge_steps, progress=progress)
+    print(f"judge: {judge_path} ({'cached' if info['cached'] else 'trained now'})", file=sys.stderr)
+    if model is None:
+        model = load_stable_diffusion(str(run_dir / "model.safetensors"), device=device, use_ema=use_ema)
+    report, samples = evaluate(model, train, held, judge, info, n, batch_size=batch_size, seed=seed, steps=steps,
+                               sampler=sampler, guidance=guidance, progress=progress)
+    report["checkpoint"] = str(run_dir / "model.safetensors")
+    report["judge"]["path"] = str(judge_path)
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    from .cli import free_path
+    stem = f"n{n}-{sampler}{steps}-g{guidance:g}-seed{seed}" + ("-raw" if not use_ema else "")
+    stem = free_path(str(out / f"{stem}.json"), overwrite)[:-5]
+    tmp = f"{stem}.json.tmp-{os.getpid()}"
+    Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, f"{stem}.json")
+    save_grid(samples, f"{stem}.png")
+    print(format_report(report))
+    print(f"saved {stem}.json and {stem}.png (a row per class)")
+    report["files"] = [f"{stem}.json", f"{stem}.png"]
+    return report
+
+
+def main(argv=None) -> int:
+    from .cli import USAGE, check_choice, check_float, check_int, check_seed, fail, resolve_device, usage
+    from .convert import CheckpointError
+    from .ldm import find_latest_checkpoint
+    from .samplers import SAMPLERS
+
+    args = build_parser().parse_args(argv)
+    check_int("--n", args.n, 2)                  # a Fréchet distance needs two samples at least
+    for flag in ("batch_size", "judge_steps"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    check_int("--steps", args.steps, 1, 1000)
+    check_float("--guidance", args.guidance, 0, 100)
+    check_seed("--seed", args.seed, args.n)
+    check_choice("--sampler", args.sampler, list(SAMPLERS))
+    if args.data_dir is not None and not os.path.exists(args.data_dir):
+        usage("--data-dir", args.data_dir, "does not exist")
+    if args.judge is not None and os.path.isdir(args.judge):
+        usage("--judge", args.judge, "is a folder, not a judge file")
+    device, _ = resolve_device(args.device)
+    if args.run is None:
+        found = find_latest_checkpoint(args.runs_dir)
+        if found is None:
+            fail(f"no run found in {args.runs_dir}/; train one with `python -m minildm.train --dataset cifar` "
+                 "or name a run folder", USAGE)
+        run_dir = Path(found).parent
+    else:
+        run_dir = Path(args.run)
+        if not run_dir.is_dir() and (Path(args.runs_dir) / args.run).is_dir():
+            run_dir = Path(args.runs_dir) / args.run
+    if not (run_dir / "config.json").exists() or not (run_dir / "model.safetensors").exists():
+        usage("run", str(run_dir), "is not a finished training run (it needs config.json and model.safetensors)")
+    try:
+        evaluate_run(run_dir, runs_dir=args.runs_dir, data_dir=args.data_dir, n=args.n, batch_size=args.batch_size,
+                     steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+                     judge_path=args.judge, judge_steps=args.judge_steps, use_ema=not args.no_ema, device=device,
+                     overwrite=args.overwrite)
+    except (data_module.DataError, CheckpointError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The built-in evaluation: the Fréchet distance, the latent probe, and python -m minildm.evaluate end
+to end on a fabricated CIFAR-10 tree (ten classes of flat colours) with a tiny trained run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from minildm import data, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def test_frechet_distance_matches_its_closed_form():
+    """For b = 2a + 3 the covariances are S and 4S, so FD = |mu_a - mu_b|^2 + tr(S) exactly, from
+    the sample statistics; a set is at distance 0 from itself; the distance is symmetric."""
+    a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)).double() @ torch.randn(6, 6).double()
+    b = 2 * a + 3
+    S = torch.cov(a.T)
+    expected = (a.mean(0) - b.mean(0)).pow(2).sum() + S.trace()
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
+    assert evaluate.frechet_distance(b, a) == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+
+
+def test_latent_probe_reads_separable_classes_and_chance_otherwise():
+    """Latents whose mean says the class are read right; latents with no class signal at chance level."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(50)
+    centres = torch.randn(4, 4, 2, 2, generator=g) * 3
+    latents = centres[labels] + torch.randn(200, 4, 2, 2, generator=g)
+    probe = evaluate.LatentProbe(latents, labels, 4)
+    fresh = centres[labels] + torch.randn(200, 4, 2, 2, generator=g)
+    assert probe.accuracy(fresh, labels) > 0.95
+    assert probe.accuracy(torch.randn(200, 4, 2, 2, generator=g), labels) < 0.5
+
+
+def test_class_prompts_are_what_a_user_types():
+    assert evaluate.class_prompt("cat") == "a photo of a cat"
+    assert evaluate.class_prompt("airplane") == "a photo of an airplane"
+
+
+def fabricated_cifar(root: Path, per_class: int = 8) -> Path:
+    """cifar10/train/<class>/NNNN.png: each class a colour of its own, with a little noise."""
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(data.CIFAR10_CLASSES):
+        folder = root / "cifar10" / "train" / name
+        folder.mkdir(parents=True)
+        colour = torch.tensor([(k * 97) % 256, (k * 53 + 80) % 256, (k * 29 + 160) % 256])
+        for j in range(per_class):
+            pixels = (colour[:, None, None] + torch.randint(-20, 21, (3, 32, 32), generator=g)).clamp(0, 255)
+            Image.fromarray(pixels.permute(1, 2, 0).to(torch.uint8).numpy()).save(folder / f"{j:04d}.png")
+    return root / "cifar10" / "train"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run on the fabricated CIFAR-10 (2 images of each class held out), trained by the CLI."""
+    root = tmp_path_factory.mktemp("eval")
+    tree = fabricated_cifar(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "minildm.train", "--dataset", "cifar", "--data-dir", str(tree), "--preset", "tiny",
+         "--holdout-per-class", "2", "--max-steps", "3", "--batch-size", "8", "--vae-batch-size", "8",
+         "--warmup-steps", "1", "--sample-steps", "2", "--probe-per-class", "1", "--runs-dir", str(root / "runs"),
+         "--name", "tiny"], cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def evaluate_cli(root, *args):
+    return subprocess.run([sys.executable, "-m", "minildm.evaluate", *args], cwd=root, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_training_logs_the_class_probe(tiny_run):
+    """A run on a data set with classes logs the probe's reading of its samples and of real latents."""
+    rows = [json.loads(line) for line in (tiny_run / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if r.get("event") == "probe"]
+    assert probes and 0 <= probes[-1]["probe_samples"] <= 1 and 0 <= probes[-1]["probe_real"] <= 1
+
+
+def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
+    """The command prints the table, writes the JSON report and the grid, trains the judge once and
+    reuses it; the report holds every figure the README quotes."""
+    first = evaluate_cli(tiny_run, "runs/tiny", "--n", "3", "--batch-size", "2", "--steps", "2",
+                         "--judge-steps", "5")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained now" in first.stderr and "judge:" in first.stdout and "mean" in first.stdout
+    report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.json").read_text())
+    assert set(report["per_class"]) == set(data.CIFAR10_CLASSES)
+    for figures in report["per_class"].values():
+        assert 0 <= figures["accuracy"] <= 1
+        for key in ("fd_samples", "fd_train", "fd_blurred", "fd_noise"):
+            assert figures[key] >= -1e-6
+    assert report["judge"]["held_out_images"] == 20 and report["judge"]["train_images"] == 60
+    assert report["prompts"]["airplane"] == "a photo of an airplane"
+    grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.png")
+    assert grid.size[1] > 9 * 32                                     # a row per class
+    judges = list((tiny_run / "runs" / "judges").glob("*.safetensors"))
+    assert len(judges) == 1
+    again = evaluate_cli(tiny_run, "--n", "2", "--steps", "2", "--judge-steps", "5")    # the newest run
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cached" in again.stderr and len(list((tiny_run / "runs" / "judges").glob("*.safetensors"))) == 1
+
+
+def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
+    """No run, a run without classes, a bad flag: one line each, non-zero exit, no traceback."""
+    for args in (["--n", "1"], ["--guidance", "nan"], ["--sampler", "nope"], [str(tmp_path)]):
+        result = evaluate_cli(tiny_run, *args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, args
+        assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
+    shapes = tmp_path / "runs" / "shapes"
+    shapes.mkdir(parents=True)
+    (shapes / "config.json").write_text(json.dumps({"dataset": "shapes", "holdout_per_class": 0}))
+    (shapes / "model.safetensors").write_bytes(b"")
+    result = evaluate_cli(tmp_path, "runs/shapes")
+    assert result.returncode != 0 and "needs a data set with classes" in result.stderr
