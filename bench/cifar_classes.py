@@ -6,8 +6,9 @@
     python bench/cifar_classes.py score runs/cifar30 --judge runs/judge.pt --per-class 50 \\
         --guidance 1 3 5 --grid bench/train_cifar_classes.png
 
-The judge is a small convolutional network (three stages of two 3x3 convolutions with batch norm,
-then global average pooling), trained with random crops and flips for a wall-clock budget, and its
+`python -m minildm.evaluate` is the built-in successor of this script (the same judge, a cached one,
+and Fréchet distances too). The judge is `minildm.evaluate.Judge`, a small convolutional network (three
+stages of two 3x3 convolutions with batch norm, then global average pooling), trained with random crops and flips for a wall-clock budget, and its
 own accuracy on the 5,000 held-out images is printed first: a sample's class accuracy can only be
 read against it. Chance is 10%.
 
@@ -26,42 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minildm import data as data_module
+from minildm.evaluate import Judge, augment
 from minildm.ldm import find_latest_checkpoint, load_stable_diffusion
-
-
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
-
-
-class Judge(nn.Module):
-    """32x32 RGB in [-1, 1] -> 10 class logits."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            conv_bn(3, w), conv_bn(w, w), nn.MaxPool2d(2),
-            conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
-            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and random 32x32 crops of the 4-pixel zero-padded image."""
-    B, _, H, W = x.shape
-    flip = torch.rand(B, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2,), generator=generator).tolist()  # one offset per batch: cheap
-    return padded[:, :, dy:dy + H, dx:dx + W]
 
 
 @torch.no_grad()

@@ -45,7 +45,12 @@ def fail(message: str, status: int = RUNTIME):
 
 def usage(flag: str, value, allowed: str):
     """A flag's value is not allowed: "error: --steps 0: must be from 1 to 1000" (exit status 2)."""
-    shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+    if isinstance(value, float):
+        shown = f"{value:g}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        shown = value
+    else:
+        shown = repr(value)
     fail(f"{flag} {shown}: {allowed}", USAGE)
 
 

@@ -558,10 +558,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for generated shapes")
     parser.add_argument("--grid", default=None, help="save a PNG grid of the first 16 images here")
     args = parser.parse_args(argv)
+    from .cli import check_int, check_seed, check_writable_dir, fail, usage
+
+    check_int("--resolution", args.resolution, 8, 1024)
+    check_int("--num-images", args.num_images, 1)
+    check_seed("--seed", args.seed)
+    if args.data_dir is not None and not os.path.exists(args.data_dir):
+        usage("--data-dir", args.data_dir, "does not exist")
+    if args.grid:
+        check_writable_dir("--grid", os.path.dirname(os.path.abspath(args.grid)))
     try:
         data = load_dataset(args.dataset, args.data_dir, args.resolution, args.num_images, args.seed)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     print(data)
     for i in range(min(5, len(data))):
         print(f"  {i}: {data.caption(i)!r}")

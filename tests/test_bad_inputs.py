@@ -102,7 +102,7 @@ ROWS = [
     (TRAIN, [*TINY_TRAIN, "--vae-batch-size", "0"], "--vae-batch-size 0"),
     (TRAIN, [*TINY_TRAIN, "--lr", "nan"], "--lr nan: must be a finite number"),
     (TRAIN, [*TINY_TRAIN, "--lr", "0"], "--lr 0: must be above 0"),
-    (TRAIN, [*TINY_TRAIN, "--lr", "-1e-4"], "--lr -0.0001"),
+    (TRAIN, [*TINY_TRAIN, "--lr=-1e-4"], "--lr -0.0001"),
     (TRAIN, [*TINY_TRAIN, "--vae-lr", "inf"], "--vae-lr inf"),
     (TRAIN, [*TINY_TRAIN, "--runs-dir", "/proc/x"], "--runs-dir"),
     (TRAIN, [*TINY_TRAIN, "--runs-dir", "notes.txt"], "--runs-dir"),
@@ -155,6 +155,11 @@ ROWS = [
     (EVALUATE, ["runs/tiny", "--data-dir", "nowhere"], "--data-dir 'nowhere'"),
     (EVALUATE, ["nowhere"], "is not a finished training run"),
     (EVALUATE, ["--runs-dir", "empty_folder"], "no run found in empty_folder/"),
+    # the data inspector
+    (("minildm.data",), ["--num-images", "0"], "--num-images 0"),
+    (("minildm.data",), ["--resolution", "3"], "--resolution 3: must be from 8 to 1024"),
+    (("minildm.data",), ["--dataset", "cifar", "--data-dir", "nowhere"], "--data-dir 'nowhere': does not exist"),
+    (("minildm.data",), ["--grid", "/proc/x/grid.png"], "--grid"),
     # the exercise checker
     (CHECK, ["42"], "no exercises for chapter 42"),
     (CHECK, ["03", "--impl", "missing.py"], "--impl 'missing.py': does not exist"),

@@ -366,3 +366,24 @@ def test_checkpoints_get_the_permissions_of_the_other_files(tmp_path):
     mode = (tmp_path / "perm" / "config.json").stat().st_mode & 0o777
     for name in ("model.safetensors", "vae.safetensors", "state_ldm.pt"):
         assert (tmp_path / "perm" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_min_snr_weighting_follows_its_formula():
+    """min(SNR, gamma) / SNR per example: 1 where SNR <= gamma (noisy steps), gamma / SNR above;
+    without gamma the loss is the plain mean squared error."""
+    from minildm.schedule import NoiseSchedule
+    schedule = NoiseSchedule.sd()
+    t = torch.tensor([10, 999])                     # SNR far above 5, and far below
+    z, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+
+    def predictor(z_t, t, tokens):
+        return torch.zeros_like(z_t)                # error = noise, per example mean(noise^2)
+
+    plain = train.diffusion_loss(predictor, schedule, z, None, t, noise)
+    weighted = train.diffusion_loss(predictor, schedule, z, None, t, noise, min_snr_gamma=5.0)
+    per_example = noise.pow(2).flatten(1).mean(1)
+    snr = schedule.snr(t)
+    assert snr[0] > 5 > snr[1]
+    assert plain.item() == pytest.approx(per_example.mean().item(), rel=1e-6)
+    expected = (per_example[0] * 5 / snr[0] + per_example[1]) / 2
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
