@@ -58,7 +58,7 @@ from . import data as data_module
 from .clip_text import CLIPTextConfig, CLIPTextModel
 from .cli import (USAGE, Parser, check_choice, check_float, check_int, check_readable_file, check_seed, check_writable_dir,
                   fail, usage)
-from .convert import CheckpointError, load_checkpoint, load_module, save_checkpoint
+from .convert import CheckpointError, load_checkpoint, load_module, save_checkpoint, strip_prefix
 from .ldm import LatentDiffusion, to_diffusion_latents
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
@@ -306,9 +306,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        floats = [(self.shadow[k], v.float()) for k, v in model.state_dict().items() if v.is_floating_point()]
+        state = model.state_dict()
+        floats = [(self.shadow[k], v.float()) for k, v in state.items() if v.is_floating_point()]
         torch._foreach_lerp_([s for s, _ in floats], [v for _, v in floats], 1 - d)  # shadow += (1-d)(v - shadow)
-        for k, v in model.state_dict().items():
+        for k, v in state.items():
             if not v.is_floating_point():
                 self.shadow[k].copy_(v)
 
@@ -338,11 +339,6 @@ class Denoiser(nn.Module):
         # distinct caption once and give its context to every row that has it. Same loss, same gradients.
         distinct, row = torch.unique(tokens, dim=0, return_inverse=True)    # (U, L), (B,)
         return self.unet(z_t, t, self.text_encoder(distinct)[row])
-
-
-def _sub_state(state: dict, prefix: str) -> dict:
-    """The entries of a state dict under `prefix`, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def diffusion_loss(denoiser, schedule: NoiseSchedule, z: torch.Tensor, tokens: torch.Tensor,
@@ -920,7 +916,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         return build_pipeline(averaged.unet, vae, averaged.text_encoder, tokenizer, schedule, scale_factor)
 
     def save(final=False):
-        payload = {"stage": "ldm", "step": step, "elapsed": budget.elapsed, "minutes": minutes,
+        payload = {"stage": "ldm", "step": step, "elapsed": budget.elapsed,
                    "done": final, "scale_factor": scale_factor, "unet": unet.state_dict(),
                    "text_encoder": text_encoder.state_dict(), "optimizer": opt.state_dict(),
                    "ema": ema.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict()}
@@ -929,8 +925,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             vae.cfg.scale_factor = scale_factor
             averaged = {k: v.to(wdtype) for k, v in ema.shadow.items()}
             save_checkpoint(run.model_path, unet=unet, vae=vae, text_encoder=text_encoder,
-                            ema_unet_state=_sub_state(averaged, "unet."),
-                            ema_text_encoder_state=_sub_state(averaged, "text_encoder."),
+                            ema_unet_state=strip_prefix(averaged, "unet."),
+                            ema_text_encoder_state=strip_prefix(averaged, "text_encoder."),
                             schedule=schedule, scale_factor=scale_factor)
             run.plot_losses()
 
@@ -1302,7 +1298,7 @@ def main(argv=None):
     STOP.install()
     try:
         result = run(cfg, cfg.stage, resume=bool(args.resume), vae_path=cfg.vae_path)
-        if isinstance(result, LatentDiffusion) and cfg.evaluate_per_class and int(os.environ.get("RANK", "0")) == 0:
+        if isinstance(result, LatentDiffusion) and cfg.evaluate_per_class and rank0:
             from .evaluate import evaluate_run
             evaluate_run(cfg.run_dir, runs_dir=str(Path(cfg.run_dir).parent), data_dir=cfg.data_dir,
                          n=cfg.evaluate_per_class, model=result)
