@@ -202,15 +202,17 @@ class LatentDiffusion(nn.Module):
 
         context = self.encode_prompt(prompts)                              # (B, L, D)
         uncond_context = self.encode_prompt(negatives)                     # (B, L, D)
-        eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
 
         f = self.downsample_factor
         shape = (B, self.unet.cfg.in_channels, height // f, width // f)
         noise = latents if latents is not None else samplers.noise_like(torch.empty(shape), generator)
         noise = noise.to(self.device, torch.float32)
         if init_image is None:
-            z, first_step = noise, 0
+            z = self.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
+                                       guidance_scale=guidance_scale, generator=generator, callback=callback,
+                                       **sampler_options)
         else:
+            eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
             z0 = self.encode_image(init_image).expand(B, -1, -1, -1)       # (B, zc, h, w)
             first_step = num_steps - int(num_steps * strength)
             if first_step >= num_steps:  # strength 0: nothing to denoise
@@ -220,18 +222,34 @@ class LatentDiffusion(nn.Module):
             if mask is not None:
                 m = self.latent_mask(mask, B)
                 eps_fn = self._inpainting(eps_fn, z0, noise, m)
-
-        if self.device.type != "cpu":  # noise added by ancestral samplers, drawn where the latents are
-            generator = ([self._device_generator(g) for g in generator] if isinstance(generator, list)
-                         else self._device_generator(generator))
-        sample = samplers.SAMPLERS[sampler]
-        z = sample(eps_fn, z, self.schedule, num_steps, first_step=first_step, generator=generator,
-                   callback=callback, **sampler_options)
-        if mask is not None:
-            z = m * z + (1 - m) * z0
+            z = self._run_sampler(sampler, eps_fn, z, num_steps, first_step, generator, callback, sampler_options)
+            if mask is not None:
+                z = m * z + (1 - m) * z0
         if output_type == "latent":
             return z
         return self.to_unit(self.decode_latents(z))
+
+    @torch.no_grad()
+    def sample_from_noise(self, context: torch.Tensor, uncond_context: torch.Tensor, noise: torch.Tensor, *,
+                          sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
+                          generator=None, callback=None, **sampler_options) -> torch.Tensor:
+        """The text-to-image loop on given contexts (B, L, D) and unit-variance noise (B, zc, h, w).
+
+        Scales the noise to the sampler's start (samplers.init_noise_scale: the start diffusers uses)
+        and runs the sampler with classifier-free guidance; returns the latents z_0. generator: the
+        CPU generator (or one per image) that stochastic samplers draw from, after the noise.
+        """
+        eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
+        scale = samplers.init_noise_scale(sampler, self.schedule, num_steps, **sampler_options)
+        z = noise.to(self.device, torch.float32) * scale
+        return self._run_sampler(sampler, eps_fn, z, num_steps, 0, generator, callback, sampler_options)
+
+    def _run_sampler(self, sampler, eps_fn, z, num_steps, first_step, generator, callback, options):
+        if self.device.type != "cpu":  # noise added by ancestral samplers, drawn where the latents are
+            generator = ([self._device_generator(g) for g in generator] if isinstance(generator, list)
+                         else self._device_generator(generator))
+        return samplers.SAMPLERS[sampler](eps_fn, z, self.schedule, num_steps, first_step=first_step,
+                                          generator=generator, callback=callback, **options)
 
     def _device_generator(self, generator: torch.Generator) -> torch.Generator:
         """A generator on the model's device, seeded from a CPU one (the same stream for a given seed)."""

@@ -29,6 +29,8 @@ from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, ch
                   free_path, load_model, usage)
 from .samplers import SAMPLERS
 
+KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
+
 MAX_STEPS = 1000        # the schedules' length: more steps than timesteps would repeat timesteps
 MAX_SIZE = 4096         # pixels a side, whatever the model; a model's own limit is 4x its training size
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
     p.add_argument("--steps", type=int, default=50, help="number of sampler steps")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
+    p.add_argument("--karras", action="store_true",
+                   help="Karras et al. sigma spacing (for euler, euler_a, heun, lms and dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
@@ -136,6 +140,8 @@ def check_flags(args) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIZE):
             usage(flag, value, f"must be a positive multiple of 8, at most {MAX_SIZE}")
+    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+        fail(f"--karras works with --sampler {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}", USAGE)
     if args.mask and not args.init_image:
         fail("--mask needs --init-image (the image to inpaint)", USAGE)
     if args.strength is not None and not args.init_image:
@@ -217,12 +223,12 @@ def main(argv=None) -> int:
             xs = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
                                 sampler=args.sampler, guidance_scale=args.guidance, height=height, width=width,
                                 seeds=seeds, init_image=init, strength=strength, mask=mask,
-                                callback=callback)
+                                callback=callback, **({"karras": True} if args.karras else {}))
         except ValueError as e:
             fail(str(e))
         for s, x, name in zip(seeds, xs, names):
             settings = {"prompt": args.prompt, "negative": args.negative, "seed": s, "steps": args.steps,
-                        "sampler": args.sampler, "guidance": args.guidance, "height": height, "width": width,
+                        "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance, "height": height, "width": width,
                         "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
             if init is not None:
                 settings.update(init_image=os.path.abspath(args.init_image), strength=strength)

@@ -262,14 +262,10 @@ def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.
     if uncond_context is None:
         uncond_context = ldm.encode_prompt([""])
     uncond_context = uncond_context.to(context).expand(n, -1, -1)
-    # ldm._unet runs the UNet in its own dtype (float16 on a GPU) while the sampler stays in float32.
-    eps_fn = samplers.cfg_denoiser(ldm._unet, context, uncond_context, guidance_scale)
     generator = torch.Generator().manual_seed(int(seed))
     torch.randn(noise.shape, generator=generator)  # generate() drew its noise from it first
-    if ldm.device.type != "cpu":  # as generate(): ancestral noise from a generator on the device
-        generator = torch.Generator(ldm.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    z0 = samplers.SAMPLERS[sampler](eps_fn, noise, ldm.schedule, num_steps, generator=generator,
-                                    callback=callback)
+    z0 = ldm.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
+                               guidance_scale=guidance_scale, generator=generator, callback=callback)
     return ldm.decode_latents(z0) if decode else z0
 
 
@@ -566,7 +562,7 @@ class Gallery:
     figure: object = None
 
 
-DEFAULT_SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "ddpm")
+DEFAULT_SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "ddpm")
 
 
 @torch.no_grad()
