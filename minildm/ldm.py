@@ -191,9 +191,13 @@ class LatentDiffusion(nn.Module):
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        negatives = [n for n in negatives for _ in range(num_images)]
-        if len(negatives) == 1:
+        if len(negatives) == 1:  # one negative prompt for every image
             negatives = negatives * len(prompts)
+        else:  # one per prompt
+            negatives = [n for n in negatives for _ in range(num_images)]
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives) // max(1, num_images)} negative prompts for "
+                             f"{len(prompts) // max(1, num_images)} prompts")
         B = len(prompts)
         if init_image is not None:
             height, width = init_image.shape[-2:]

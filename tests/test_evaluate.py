@@ -66,7 +66,7 @@ def tiny_run(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "minildm.train", "--dataset", "cifar", "--data-dir", str(tree), "--preset", "tiny",
          "--holdout-per-class", "2", "--max-steps", "3", "--batch-size", "8", "--vae-batch-size", "8",
-         "--warmup-steps", "1", "--sample-steps", "2", "--probe-per-class", "1", "--runs-dir", str(root / "runs"),
+         "--warmup-steps", "1", "--sample-steps", "2", "--probe-per-class", "2", "--runs-dir", str(root / "runs"),
          "--name", "tiny"], cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return root

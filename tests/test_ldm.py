@@ -229,6 +229,16 @@ def test_same_seed_same_image(model):
     assert a.shape == (2, 3, SIZE, SIZE) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_several_prompts_several_images_each_with_one_or_many_negative_prompts(model):
+    """num_images per prompt; one negative prompt serves every image, or one is given per prompt."""
+    kw = dict(num_steps=2, height=SIZE, width=SIZE, num_images=3, seed=0, output_type="latent")
+    one = model.generate(["a dog", "a cat"], negative_prompt="blurry", **kw)
+    per_prompt = model.generate(["a dog", "a cat"], negative_prompt=["blurry", "blurry"], **kw)
+    assert one.shape[0] == 6 and torch.equal(one, per_prompt)
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        model.generate(["a dog", "a cat"], negative_prompt=["a", "b", "c"], **kw)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m"])
 def test_every_sampler_runs_with_a_callback(model, sampler):
     """Each sampler generates finite images and calls the callback once per step with a decodable x0_pred."""
