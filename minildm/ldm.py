@@ -108,9 +108,13 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      sample: bool = False) -> torch.Tensor:
-        """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean (or a sample)."""
+        """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean, or with
+        `sample` a sample from it (its noise drawn on the CPU from `generator`, like every seed here)."""
         posterior = self.vae.encode(x.to(self.device, self.vae_dtype))
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.mode()
+        if sample:
+            eps = samplers.noise_like(torch.empty(z.shape), generator)
+            z = z + posterior.std * eps.to(z)
         return to_diffusion_latents(z.float(), self.scale_factor)
 
     @torch.no_grad()
@@ -209,6 +213,12 @@ class LatentDiffusion(nn.Module):
 
         f = self.downsample_factor
         shape = (B, self.unet.cfg.in_channels, height // f, width // f)
+        first_step = num_steps - int(num_steps * strength) if init_image is not None else 0
+        if init_image is not None and first_step >= num_steps:  # strength 0: nothing to denoise
+            z0 = self.encode_image(init_image).expand(B, -1, -1, -1)
+            return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
+        if init_image is not None:  # a sample of the VAE posterior, drawn before the noise (as the original)
+            z0 = self._encode_init_image(init_image, B, generator)        # (B, zc, h, w)
         noise = latents if latents is not None else samplers.noise_like(torch.empty(shape), generator)
         noise = noise.to(self.device, torch.float32)
         if init_image is None:
@@ -217,10 +227,6 @@ class LatentDiffusion(nn.Module):
                                        **sampler_options)
         else:
             eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
-            z0 = self.encode_image(init_image).expand(B, -1, -1, -1)       # (B, zc, h, w)
-            first_step = num_steps - int(num_steps * strength)
-            if first_step >= num_steps:  # strength 0: nothing to denoise
-                return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
             a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
             z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
             if mask is not None:
@@ -232,6 +238,13 @@ class LatentDiffusion(nn.Module):
         if output_type == "latent":
             return z
         return self.to_unit(self.decode_latents(z))
+
+    def _encode_init_image(self, init_image: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """img2img's clean latents: one posterior sample per image, from its own generator when there are several."""
+        if isinstance(generator, list):
+            images = init_image.expand(batch, -1, -1, -1) if init_image.shape[0] == 1 else init_image
+            return torch.cat([self.encode_image(images[i:i + 1], g, sample=True) for i, g in enumerate(generator)])
+        return self.encode_image(init_image, generator, sample=True).expand(batch, -1, -1, -1)
 
     @torch.no_grad()
     def sample_from_noise(self, context: torch.Tensor, uncond_context: torch.Tensor, noise: torch.Tensor, *,

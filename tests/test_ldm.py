@@ -159,6 +159,40 @@ def test_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, sc
     assert (other - x).abs().max() > 100 * PIPELINE_ATOL
 
 
+IMG2IMG_CASES = [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler"), ("euler", "EulerDiscreteScheduler"),
+                 ("euler_a", "EulerAncestralDiscreteScheduler"), ("heun", "HeunDiscreteScheduler"),
+                 ("dpmpp_2m", "DPMSolverMultistepScheduler")]
+
+
+@pytest.mark.parametrize("sampler, scheduler", IMG2IMG_CASES, ids=[c[0] for c in IMG2IMG_CASES])
+def test_img2img_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, scheduler):
+    """img2img equals StableDiffusionImg2ImgPipeline's: the same strength gives the same first step and
+    noise level, and one generator draws the posterior sample, then the noise, then the sampler's noise."""
+    import diffusers
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    ours = load_original(original_file)
+    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=getattr(diffusers, scheduler).from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    prompts, negative = ["a watercolour of a lighthouse", "a cat in a hat"], "low quality"
+    steps = []
+    z = ours.generate(prompts, negative_prompt=negative, init_image=x, strength=0.6, num_steps=10, seed=21,
+                      guidance_scale=5.0, sampler=sampler, output_type="latent",
+                      callback=lambda info: steps.append(info["step"]))
+    with torch.no_grad():
+        z_ref = pipe(prompts, image=x, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+                     negative_prompt=[negative] * 2, generator=torch.Generator().manual_seed(21),
+                     output_type="latent").images
+    assert steps == list(range(4, 10))
+    diff = (z - z_ref).abs()
+    assert diff.max() < PIPELINE_ATOL, f"{sampler}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
 def test_float16_file_loads_as_float32_or_float16(models, tmp_path):
     """A float16 file loads into float32 (values equal to the half-precision ones) or stays float16."""
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in original_state(*models).items()}
@@ -239,7 +273,7 @@ def test_several_prompts_several_images_each_with_one_or_many_negative_prompts(m
         model.generate(["a dog", "a cat"], negative_prompt=["a", "b", "c"], **kw)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m"])
 def test_every_sampler_runs_with_a_callback(model, sampler):
     """Each sampler generates finite images and calls the callback once per step with a decodable x0_pred."""
     seen = []
@@ -275,7 +309,7 @@ def test_inpainting_keeps_the_unmasked_region(model, sampler):
     mask[..., 8:20, 4:28] = 1
     z = model.generate("a hole", init_image=x, mask=mask, strength=1.0, num_steps=4, seed=1, sampler=sampler,
                        output_type="latent")
-    z0 = model.encode_image(x)
+    z0 = model.encode_image(x, torch.Generator().manual_seed(1), sample=True)  # the seed's first draw
     keep = model.latent_mask(mask, 1) == 0
     assert torch.equal(z[keep.expand_as(z)], z0[keep.expand_as(z0)])
     assert (z - z0)[~keep.expand_as(z)].abs().mean() > 1e-3
