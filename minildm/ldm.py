@@ -170,8 +170,10 @@ class LatentDiffusion(nn.Module):
         guidance steers away from ("" is the unconditional context). seed or generator pins the noise
         (drawn on the CPU, so a seed gives the same image on any device); latents (B, zc, h, w) gives
         it explicitly. seeds: one seed per image instead (a single prompt is repeated for each), so
-        image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in [-1, 1]: img2img, running the last `strength`
-        fraction of the sampler's steps (0 returns the init image's reconstruction). mask (1 or B, 1,
+        image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in
+        [-1, 1]: img2img from a sample of its VAE posterior (the generator's first draw, as in the original
+        script and diffusers), running the last `strength` fraction of the sampler's steps (0 returns the
+        reconstruction of the posterior mean). mask (1 or B, 1,
         H, W), 1 = repaint, 0 = keep: inpainting of init_image. callback(info) is called every step
         with the sampler's dict (z_t, x0_pred, ...); `self.decode_latents(info["x0_pred"])` turns the
         prediction into a picture. Returns images (B, 3, H, W) in [0, 1], or the latents z_0 with
