@@ -132,6 +132,18 @@ def _last_line(error):
 
 def read_ckpt(path):
     """The state dict of a pickled .ckpt, refusing any pickle that wants to run code."""
+    obj = load_pickle(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return state, {}
+
+
+def load_pickle(path):
+    """Whatever a PyTorch pickle (.ckpt, .pt, .bin) holds, through the weights-only loader: tensors,
+    dicts, lists, numbers and strings come back; a pickle that wants to run code is refused."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -151,12 +163,45 @@ def read_ckpt(path):
             MemoryError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a "
                               f".ckpt file?): {_last_line(e)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return state, {}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# Textual-inversion embeddings: a token string and one or more vectors for the text encoder's table
+
+def read_textual_inversion(path):
+    """(token or None, vectors (n, D)) of a textual-inversion file, in any of the layouts people share:
+
+        diffusers    {token: (D,) or (n, D)}                      .bin / .safetensors
+        A1111 .pt    {"string_to_param": {"*": (n, D)}, "name": token, ...}
+        A1111        {"emb_params": (n, D)}                       .safetensors (the token is the file name)
+
+    None for the token means the file does not name one. Pickles go through the weights-only loader.
+    """
+    kind = sniff(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a textual-inversion embedding")
+    if str(path).endswith(".safetensors"):
+        state, _ = read_safetensors(path)
+    else:
+        state = load_pickle(path)
+    token, vectors = None, None
+    if isinstance(state, torch.Tensor):
+        vectors = state
+    elif isinstance(state, dict) and isinstance(state.get("string_to_param"), dict):
+        params = list(state["string_to_param"].values())
+        vectors = params[0] if len(params) == 1 else None
+        token = state.get("name") if isinstance(state.get("name"), str) else None
+    elif isinstance(state, dict) and "emb_params" in state:
+        vectors = state["emb_params"]
+    elif isinstance(state, dict) and len(state) == 1:
+        token, vectors = next(iter(state.items()))
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
+        kind = (identify(state) if isinstance(state, dict) and len(state) > 1
+                and all(isinstance(k, str) for k in state) else "unknown")
+        raise CheckpointError(f"{path} is not a textual-inversion embedding (one token's vectors)"
+                              + (f": it is {describe(kind)}" if kind != "unknown" else ""))
+    return token, vectors.detach().reshape(-1, vectors.shape[-1]).float()
 
 
 # The first bytes of files people mistake for checkpoints, and what to call them.

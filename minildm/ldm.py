@@ -105,6 +105,27 @@ class LatentDiffusion(nn.Module):
         tokens = self.tokenizer(prompts).to(self.device)                  # (B, L)
         return self.text_encoder(tokens)                                  # (B, L, D)
 
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Teach prompts a new word from a textual-inversion file (diffusers or A1111 layout).
+
+        The file's vectors become new rows of the text encoder's token table and `token` (default: the
+        name the file gives, else the file name) a new tokenizer entry that stands for all of them, as
+        diffusers' load_textual_inversion does. Returns the token to write in prompts.
+        """
+        file_token, vectors = convert.read_textual_inversion(path)
+        token = token or file_token or os.path.splitext(os.path.basename(str(path)))[0]
+        width = self.text_encoder.cfg.width
+        if vectors.shape[1] != width:
+            hint = " (SD 2.x's OpenCLIP encoder is 1024 wide)" if vectors.shape[1] == 1024 else ""
+            raise convert.CheckpointError(f"{path} holds {vectors.shape[1]}-wide vectors{hint}; this model's text "
+                                          f"encoder is {width} wide")
+        if self.tokenizer.vocab_size != self.text_encoder.embeddings.token_embedding.num_embeddings:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} entries and the text encoder's table "
+                             f"{self.text_encoder.embeddings.token_embedding.num_embeddings}: they must agree")
+        ids = self.tokenizer.add_tokens(token, len(vectors))
+        assert self.text_encoder.add_token_vectors(vectors) == ids
+        return token
+
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      sample: bool = False) -> torch.Tensor:

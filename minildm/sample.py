@@ -27,6 +27,7 @@ import torch
 
 from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
                   free_path, load_model, usage)
+from .convert import CheckpointError
 from .samplers import SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
                         "default 0.75")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
+                        "whose token the prompt may then use; TOKEN renames it; may be given several times")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files of the same name (default: a new name, <prompt>-<seed>-2.png, ...)")
@@ -149,6 +153,19 @@ def check_flags(args) -> None:
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
     check_writable_dir("--out", args.out)
+    args.embedding = [split_embedding(value) for value in args.embedding]
+    for path, _ in args.embedding:
+        check_readable_file("--embedding", path)
+
+
+def split_embedding(value: str) -> tuple[str, str | None]:
+    """'FILE' or 'FILE:TOKEN' -> (file, token or None); a path that exists as written is never split."""
+    if os.path.exists(value) or ":" not in value:
+        return value, None
+    path, token = value.rsplit(":", 1)
+    if not token.strip():
+        usage("--embedding", value, "TOKEN after the colon must not be empty")
+    return path, token
 
 
 def main(argv=None) -> int:
@@ -168,6 +185,12 @@ def main(argv=None) -> int:
     started = time.time()
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
+    for path, token in args.embedding:
+        try:
+            token = model.load_textual_inversion(path, token)
+        except (CheckpointError, ValueError) as e:
+            fail(f"--embedding {path}: {e}")
+        notes.append(f"embedding {path}: write {token} in the prompt")
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
     check_int("--steps", args.steps, 1, model.schedule.num_timesteps)
@@ -228,8 +251,11 @@ def main(argv=None) -> int:
             fail(str(e))
         for s, x, name in zip(seeds, xs, names):
             settings = {"prompt": args.prompt, "negative": args.negative, "seed": s, "steps": args.steps,
-                        "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance, "height": height, "width": width,
-                        "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+                        "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance,
+                        "height": height, "width": width, "checkpoint": os.path.abspath(ckpt),
+                        "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+            if args.embedding:
+                settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
             if init is not None:
                 settings.update(init_image=os.path.abspath(args.init_image), strength=strength)
             if mask is not None:
