@@ -292,7 +292,8 @@ KIND_NAMES = {
     "sd2": "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder with a 1024-wide context, "
            "often v-prediction); minildm implements SD v1",
     "sdxl": "an SDXL checkpoint (conditioner.embedders.*, two text encoders); minildm implements SD v1",
-    "lora": "a LoRA (lora_* weight deltas), not a full model; it needs the base model it was trained on",
+    "lora": "a LoRA (lora_* weight deltas), not a full model; it needs the base model it was trained on "
+            "(python -m minildm.sample --ckpt BASE --lora FILE)",
     "vae": "a VAE-only file (only autoencoder weights); it has no UNet or text encoder to sample with",
     "diffusers": "one component of a diffusers folder; point at the folder that holds unet/, vae/, "
                  "text_encoder/ and tokenizer/",

@@ -105,6 +105,13 @@ class LatentDiffusion(nn.Module):
         tokens = self.tokenizer(prompts).to(self.device)                  # (B, L)
         return self.text_encoder(tokens)                                  # (B, L, D)
 
+    def load_lora(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA file (kohya or diffusers layout) into the UNet and text encoder weights, times
+        `scale` (minildm.lora); returns the number of layers changed. Loading several adds them up."""
+        from . import lora
+
+        return lora.merge_lora(self.unet, self.text_encoder, path, scale)
+
     def load_textual_inversion(self, path, token: str | None = None) -> str:
         """Teach prompts a new word from a textual-inversion file (diffusers or A1111 layout).
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
                         "whose token the prompt may then use; TOKEN renames it; may be given several times")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA for SD v1 (kohya or diffusers layout) into the weights, times SCALE "
+                        "(default 1); may be given several times")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files of the same name (default: a new name, <prompt>-<seed>-2.png, ...)")
@@ -154,6 +157,9 @@ def check_flags(args) -> None:
     check_readable_file("--mask", args.mask)
     check_writable_dir("--out", args.out)
     args.embedding = [split_embedding(value) for value in args.embedding]
+    args.lora = [split_lora(value) for value in args.lora]
+    for path, _ in args.lora:
+        check_readable_file("--lora", path)
     for path, _ in args.embedding:
         check_readable_file("--embedding", path)
 
@@ -166,6 +172,19 @@ def split_embedding(value: str) -> tuple[str, str | None]:
     if not token.strip():
         usage("--embedding", value, "TOKEN after the colon must not be empty")
     return path, token
+
+
+def split_lora(value: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:SCALE' -> (file, scale); a path that exists as written is never split."""
+    if os.path.exists(value) or ":" not in value:
+        return value, 1.0
+    path, scale = value.rsplit(":", 1)
+    try:
+        number = float(scale)
+    except ValueError:
+        usage("--lora", value, "SCALE after the colon must be a number, e.g. style.safetensors:0.8")
+    check_float("--lora scale", number, -10, 10)
+    return path, number
 
 
 def main(argv=None) -> int:
@@ -185,6 +204,12 @@ def main(argv=None) -> int:
     started = time.time()
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
+    for path, scale in args.lora:
+        try:
+            layers = model.load_lora(path, scale)
+        except (CheckpointError, ValueError) as e:
+            fail(f"--lora {path}: {e}")
+        notes.append(f"LoRA {path}: {layers} layers merged at scale {scale:g}")
     for path, token in args.embedding:
         try:
             token = model.load_textual_inversion(path, token)
@@ -254,6 +279,8 @@ def main(argv=None) -> int:
                         "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance,
                         "height": height, "width": width, "checkpoint": os.path.abspath(ckpt),
                         "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+            if args.lora:
+                settings["loras"] = [[os.path.abspath(path), scale] for path, scale in args.lora]
             if args.embedding:
                 settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
             if init is not None:
