@@ -23,6 +23,7 @@ f the VAE's downsampling factor (8 for SD), L tokens (77), D context width (768 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -241,29 +242,37 @@ class LatentDiffusion(nn.Module):
         context = self.encode_prompt(prompts)                              # (B, L, D)
         uncond_context = self.encode_prompt(negatives)                     # (B, L, D)
 
+        if self.is_inpainting_model and (init_image is None or mask is None):
+            raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): "
+                             "it needs an init image and a mask")
         f = self.downsample_factor
-        shape = (B, self.unet.cfg.in_channels, height // f, width // f)
+        shape = (B, self.vae.cfg.z_channels, height // f, width // f)
         first_step = num_steps - int(num_steps * strength) if init_image is not None else 0
         if init_image is not None and first_step >= num_steps:  # strength 0: nothing to denoise
             z0 = self.encode_image(init_image).expand(B, -1, -1, -1)
             return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
-        if init_image is not None:  # a sample of the VAE posterior, drawn before the noise (as the original)
+        from_noise = init_image is None or (self.is_inpainting_model and first_step == 0)
+        if not from_noise:  # a sample of the VAE posterior, drawn before the noise (as the original)
             z0 = self._encode_init_image(init_image, B, generator)        # (B, zc, h, w)
         noise = latents if latents is not None else samplers.noise_like(torch.empty(shape), generator)
         noise = noise.to(self.device, torch.float32)
-        if init_image is None:
+        model = self._unet
+        if self.is_inpainting_model:  # the mask and the masked image's latents ride along as 5 channels
+            model = self._with_inpainting_channels(self._inpainting_channels(init_image, mask, B, generator))
+        if from_noise:
             z = self.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
                                        guidance_scale=guidance_scale, generator=generator, callback=callback,
-                                       **sampler_options)
+                                       model=model, **sampler_options)
         else:
-            eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
+            eps_fn = samplers.cfg_denoiser(model, context, uncond_context, guidance_scale)
             a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
             z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
-            if mask is not None:
+            blend = mask is not None and not self.is_inpainting_model
+            if blend:
                 m = self.latent_mask(mask, B)
                 eps_fn = self._inpainting(eps_fn, z0, noise, m)
             z = self._run_sampler(sampler, eps_fn, z, num_steps, first_step, generator, callback, sampler_options)
-            if mask is not None:
+            if blend:
                 z = m * z + (1 - m) * z0
         if output_type == "latent":
             return z
@@ -276,17 +285,40 @@ class LatentDiffusion(nn.Module):
             return torch.cat([self.encode_image(images[i:i + 1], g, sample=True) for i, g in enumerate(generator)])
         return self.encode_image(init_image, generator, sample=True).expand(batch, -1, -1, -1)
 
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet reads z_t, a mask and the masked image's latents (SD's 9-channel inpainting model)."""
+        return self.unet.cfg.in_channels == 2 * self.vae.cfg.z_channels + 1
+
+    def _inpainting_channels(self, init_image, mask, batch: int, generator) -> torch.Tensor:
+        """The inpainting model's extra input (B, 1 + zc, h, w): the mask (1 = repaint) at latent size, and
+        the latents of the image with the masked part set to 0 (a posterior sample, drawn after the noise)."""
+        m = (mask.float() >= 0.5).float().to(self.device)                  # binarised, like diffusers
+        masked = init_image.to(self.device, torch.float32) * (m < 0.5)
+        h, w = init_image.shape[-2] // self.downsample_factor, init_image.shape[-1] // self.downsample_factor
+        m = F.interpolate(m, size=(h, w))                                  # nearest, as the original
+        masked_latents = self._encode_init_image(masked, batch, generator)
+        return torch.cat([m.expand(batch, -1, -1, -1), masked_latents], dim=1)
+
+    def _with_inpainting_channels(self, extra: torch.Tensor):
+        """The UNet with `extra` (B, 1 + zc, h, w) appended to every z_t (repeated for guidance's 2B rows)."""
+        def model(z_t, t, context):
+            repeats = z_t.shape[0] // extra.shape[0]
+            return self._unet(torch.cat([z_t, extra.repeat(repeats, 1, 1, 1).to(z_t)], dim=1), t, context)
+        return model
+
     @torch.no_grad()
     def sample_from_noise(self, context: torch.Tensor, uncond_context: torch.Tensor, noise: torch.Tensor, *,
                           sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
-                          generator=None, callback=None, **sampler_options) -> torch.Tensor:
+                          generator=None, callback=None, model=None, **sampler_options) -> torch.Tensor:
         """The text-to-image loop on given contexts (B, L, D) and unit-variance noise (B, zc, h, w).
 
         Scales the noise to the sampler's start (samplers.init_noise_scale: the start diffusers uses)
         and runs the sampler with classifier-free guidance; returns the latents z_0. generator: the
-        CPU generator (or one per image) that stochastic samplers draw from, after the noise.
+        CPU generator (or one per image) that stochastic samplers draw from, after the noise. model:
+        the noise predictor (z_t, t, context) -> eps, the UNet by default.
         """
-        eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
+        eps_fn = samplers.cfg_denoiser(model or self._unet, context, uncond_context, guidance_scale)
         scale = samplers.init_noise_scale(sampler, self.schedule, num_steps, **sampler_options)
         z = noise.to(self.device, torch.float32) * scale
         return self._run_sampler(sampler, eps_fn, z, num_steps, 0, generator, callback, sampler_options)
@@ -435,7 +467,11 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
             if meta.get("prediction", "eps") != "eps":
                 raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
         else:
-            unet_config = unet_config or UNetConfig.sd15()
+            if unet_config is None:
+                unet_config = UNetConfig.sd15()
+                conv_in = (ckpt.unet_state(use_ema) or {}).get("input_blocks.0.0.weight")
+                if conv_in is not None and conv_in.shape[1] != unet_config.in_channels:  # e.g. 9: inpainting
+                    unet_config = dataclasses.replace(unet_config, in_channels=conv_in.shape[1])
             to_k = next((v for k, v in ckpt.unet.items() if k.endswith("attn2.to_k.weight")), None)
             if to_k is not None and to_k.shape[1] != unet_config.context_dim:
                 raise convert.CheckpointError(

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", default=None, help="image to start from (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
-                        "default 0.75")
+                        "default 0.75 (1 with an inpainting model)")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
@@ -216,6 +216,12 @@ def main(argv=None) -> int:
         except (CheckpointError, ValueError) as e:
             fail(f"--embedding {path}: {e}")
         notes.append(f"embedding {path}: write {token} in the prompt")
+    if model.is_inpainting_model:
+        if not (args.init_image and args.mask):
+            fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",
+                 USAGE)
+        if args.strength is None:  # it sees the masked image itself, so it starts from pure noise
+            strength = 1.0
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
     check_int("--steps", args.steps, 1, model.schedule.num_timesteps)
