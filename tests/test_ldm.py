@@ -15,7 +15,7 @@ from minildm.tokenizer import CLIPTokenizer
 from minildm.unet import UNet
 from minildm.vae import AutoencoderKL
 from reference_configs import diffusers_unet_config, diffusers_vae_config, transformers_text_config
-from test_convert import original_state, tiny_configs, tiny_models, write_safetensors
+from test_convert import UNET_3LEVEL, original_state, tiny_configs, tiny_models, write_safetensors
 
 SIZE = 32  # pixels; the tiny VAE makes 16x16 latents
 
@@ -191,6 +191,88 @@ def test_img2img_matches_diffusers_pipeline(models, original_file, tmp_path, sam
     assert steps == list(range(4, 10))
     diff = (z - z_ref).abs()
     assert diff.max() < PIPELINE_ATOL, f"{sampler}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+@pytest.fixture(scope="module")
+def inpainting_models():
+    """Tiny models whose UNet reads 9 channels: z_t, the mask and the masked image's latents."""
+    return tiny_models(seed=3, unet=dict(UNET_3LEVEL, in_channels=9))
+
+
+@pytest.fixture(scope="module")
+def inpainting_file(inpainting_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("inpaint") / "sd-inpainting.safetensors"
+    return write_safetensors(path, original_state(*inpainting_models, ema_offset=0.0))
+
+
+def load_inpainting(path, monkeypatch):
+    """Load as an original file of unknown size is loaded (the presets, here the tiny ones): the UNet's
+    input channels come from the file."""
+    import minildm.ldm as ldm_module
+
+    unet_cfg, vae_cfg, text_cfg = tiny_configs()
+    monkeypatch.setattr(ldm_module.UNetConfig, "sd15", classmethod(lambda cls: unet_cfg))
+    monkeypatch.setattr(ldm_module.VAEConfig, "sd", classmethod(lambda cls: vae_cfg))
+    monkeypatch.setattr(ldm_module.CLIPTextConfig, "vit_l14", classmethod(lambda cls: text_cfg))
+    return load_stable_diffusion(path)
+
+
+INPAINT_CASES = [("ddim", "DDIMScheduler", 1.0), ("euler_a", "EulerAncestralDiscreteScheduler", 1.0),
+                 ("dpmpp_2m", "DPMSolverMultistepScheduler", 1.0), ("ddim", "DDIMScheduler", 0.7)]
+
+
+@pytest.mark.parametrize("sampler, scheduler, strength", INPAINT_CASES,
+                         ids=[f"{c[0]}-strength{c[2]}" for c in INPAINT_CASES])
+def test_inpainting_model_matches_diffusers_pipeline(inpainting_models, inpainting_file, tmp_path, monkeypatch,
+                                                     sampler, scheduler, strength):
+    """The 9-channel inpainting model, loaded from an original file, equals StableDiffusionInpaintPipeline."""
+    import diffusers
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    ours = load_inpainting(inpainting_file, monkeypatch)
+    assert ours.is_inpainting_model and ours.unet.cfg.in_channels == 9
+    unet, vae, text, tokenizer = diffusers_parts(inpainting_models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=getattr(diffusers, scheduler).from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 6:22, 10:30] = 1
+    prompts, negative = ["a red door", "a window with flowers"], "low quality"
+    z = ours.generate(prompts, negative_prompt=negative, init_image=x, mask=mask, strength=strength, num_steps=6,
+                      seed=5, guidance_scale=5.0, sampler=sampler, output_type="latent")
+    with torch.no_grad():
+        z_ref = pipe(prompts, image=x, mask_image=mask, strength=strength, num_inference_steps=6, guidance_scale=5.0,
+                     negative_prompt=[negative] * 2, generator=torch.Generator().manual_seed(5), height=SIZE,
+                     width=SIZE, output_type="latent").images
+    diff = (z - z_ref).abs()
+    assert diff.max() < PIPELINE_ATOL, f"{sampler}: max diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_inpainting_model_from_a_diffusers_folder_and_its_errors(inpainting_models, inpainting_file, tmp_path,
+                                                                 monkeypatch):
+    """A diffusers folder of the inpainting model loads with its 9 channels and gives the original file's
+    images; without an init image and a mask it says what it needs."""
+    import diffusers
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    unet, vae, text, tokenizer = diffusers_parts(inpainting_models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "folder")
+    folder = load_stable_diffusion(str(tmp_path / "folder"))
+    original = load_inpainting(inpainting_file, monkeypatch)
+    assert folder.is_inpainting_model
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    mask = torch.ones(1, 1, SIZE, SIZE)
+    kw = dict(init_image=x, mask=mask, strength=1.0, num_steps=3, seed=1, output_type="latent")
+    assert torch.equal(folder.generate("a door", **kw), original.generate("a door", **kw))
+    with pytest.raises(ValueError, match="inpainting model .* needs an init image and a mask"):
+        original.generate("a door", num_steps=2)
 
 
 def test_float16_file_loads_as_float32_or_float16(models, tmp_path):
