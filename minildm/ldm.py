@@ -410,18 +410,21 @@ def _check_schedule(schedule, buffers):
 def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool = True, *,
                           unet_config: UNetConfig | None = None, vae_config: VAEConfig | None = None,
                           text_config: CLIPTextConfig | None = None,
-                          tokenizer: CLIPTokenizer | None = None) -> LatentDiffusion:
+                          tokenizer: CLIPTokenizer | None = None, config=None) -> LatentDiffusion:
     """A LatentDiffusion from SD v1 weights or a minildm checkpoint.
 
     path: an original `.safetensors`/`.ckpt` (CompVis layout, EMA weights used when present and
     `use_ema`), a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ with their config.json), or a
-    checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). Original
-    files are assumed to be SD v1 sized unless configs are given. dtype: float32, or float16 on CUDA.
+    checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). An original
+    file's sizes are read from its tensors' shapes; what shapes cannot tell (the UNet's head count, the
+    latent scale factor) is SD v1's for a model of SD v1's size, else it comes from `config`, the
+    original inference YAML the model was trained with (which must agree with the weights), or from
+    explicit configs. dtype: float32, or float16 on CUDA.
     Raises convert.CheckpointError when the file cannot be used, saying what it seems to be.
     """
     try:
         return _load_stable_diffusion(os.fspath(path), device, dtype, use_ema, unet_config, vae_config, text_config,
-                                      tokenizer)
+                                      tokenizer, config)
     except convert.CheckpointError:
         raise
     except torch.cuda.OutOfMemoryError:
@@ -433,7 +436,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
                                       f"({type(e).__name__}: {convert.first_line(e)})") from None
 
 
-def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer):
+def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer, config):
     device = torch.device(device)
     schedule = None
     if os.path.isdir(path):
@@ -467,19 +470,10 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
             if meta.get("prediction", "eps") != "eps":
                 raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
         else:
-            if unet_config is None:
-                unet_config = UNetConfig.sd15()
-                conv_in = (ckpt.unet_state(use_ema) or {}).get("input_blocks.0.0.weight")
-                if conv_in is not None and conv_in.shape[1] != unet_config.in_channels:  # e.g. 9: inpainting
-                    unet_config = dataclasses.replace(unet_config, in_channels=conv_in.shape[1])
-            to_k = next((v for k, v in ckpt.unet.items() if k.endswith("attn2.to_k.weight")), None)
-            if to_k is not None and to_k.shape[1] != unet_config.context_dim:
-                raise convert.CheckpointError(
-                    f"{path} has a {to_k.shape[1]}-wide text context, SD v1 has {unet_config.context_dim}: "
-                    f"it is probably {convert.describe('sd2')}")
-            vae_config = vae_config or VAEConfig.sd()
-            text_config = text_config or CLIPTextConfig.vit_l14()
-            scale_factor = None
+            if ckpt.vae is None:
+                raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
+            unet_config, vae_config, text_config, scale_factor, schedule = _original_configs(
+                path, ckpt, use_ema, config, unet_config, vae_config, text_config)
         if ckpt.vae is None or vae_config is None:
             raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
         schedule = schedule or NoiseSchedule.sd()
@@ -493,6 +487,57 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
     if scale_factor is None:
         scale_factor = vae_config.scale_factor
     return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)
+
+
+def _original_configs(path, ckpt, use_ema, config, unet_config, vae_config, text_config):
+    """(unet, vae, text configs, scale factor, schedule) of an original-layout file without minildm's
+    metadata: its tensors' shapes, SD v1's values for what shapes cannot tell when it has SD v1's size,
+    else the inference YAML `config`; explicit configs win. A disagreement is a one-line error."""
+    try:
+        shapes = {"UNet": convert.unet_shapes(ckpt.unet_state(use_ema)), "VAE": convert.vae_shapes(ckpt.vae),
+                  "text": convert.text_shapes(ckpt.text_encoder_state(use_ema))}
+    except (KeyError, IndexError, ValueError, AttributeError):  # tensors missing: let strict loading name them
+        return (unet_config or UNetConfig.sd15(), vae_config or VAEConfig.sd(),
+                text_config or CLIPTextConfig.vit_l14(), None, None)
+    yaml = convert.read_inference_yaml(config) if config else None
+    if yaml:
+        convert.check_against_yaml("UNet", shapes["UNet"], yaml["unet"], path, config)
+        convert.check_against_yaml("VAE", shapes["VAE"], yaml["vae"], path, config)
+    sd_unet, sd_vae = UNetConfig.sd15(), VAEConfig.sd()
+    if unet_config is None:
+        fields = {k: v for k, v in shapes["UNet"].items() if v is not None}
+        if yaml:
+            heads = yaml["unet"]["num_heads"]
+        elif dataclasses.replace(sd_unet, in_channels=fields["in_channels"]) == UNetConfig(**fields, num_heads=8):
+            heads = sd_unet.num_heads                                      # SD v1's sizes: its 8 heads
+        else:
+            raise convert.CheckpointError(
+                f"{path} holds a UNet of another size than SD v1's (width {fields['model_channels']}, levels "
+                f"{fields['channel_mult']}); its number of attention heads cannot be read from the weights: give "
+                "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
+        unet_config = UNetConfig(**fields, num_heads=heads)
+    elif shapes["UNet"]["context_dim"] not in (None, unet_config.context_dim):
+        raise convert.CheckpointError(f"{path}'s cross-attention reads {shapes['UNet']['context_dim']}-wide contexts, "
+                                      f"the UNet config given says {unet_config.context_dim}")
+    text_config = text_config or CLIPTextConfig(**shapes["text"])
+    if text_config.width != unet_config.context_dim:
+        raise convert.CheckpointError(f"{path}'s text encoder is {text_config.width} wide but its UNet reads "
+                                      f"{unet_config.context_dim}-wide contexts")
+    scale_factor = None
+    if vae_config is None:
+        if yaml and yaml["scale_factor"] is not None:
+            scale_factor = float(yaml["scale_factor"])
+        elif dataclasses.replace(sd_vae, **shapes["VAE"]) == sd_vae:
+            scale_factor = sd_vae.scale_factor                             # SD v1's VAE: its 0.18215
+        else:
+            raise convert.CheckpointError(
+                f"{path} holds a VAE of another size than SD v1's, so its latent scale factor is unknown: give "
+                "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
+        vae_config = VAEConfig(**shapes["VAE"], scale_factor=scale_factor)
+    schedule = None
+    if yaml and yaml["schedule"][1] is not None:
+        schedule = NoiseSchedule.scaled_linear(*yaml["schedule"])          # the original's "linear" is in sqrt(beta)
+    return unet_config, vae_config, text_config, scale_factor, schedule
 
 
 def _tokenizer_from_folder(folder) -> CLIPTokenizer:

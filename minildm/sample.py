@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default="", help='the text prompt ("" for unconditional samples)')
     p.add_argument("--ckpt", default=None, help="SD v1 .safetensors/.ckpt, a diffusers folder, or a minildm "
                    "checkpoint; default: the newest runs/*/model.safetensors")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the original inference YAML of an original-layout file that is not SD v1-sized "
+                        "(its head count and latent scale cannot be read from the weights)")
     p.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
     p.add_argument("--steps", type=int, default=50, help="number of sampler steps")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
                      f"image is {image.size[0]}x{image.size[1]}; they must be the same size", USAGE)
 
     started = time.time()
-    model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
+    model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
+                             config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
     for path, scale in args.lora:
         try:

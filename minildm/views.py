@@ -636,6 +636,8 @@ def build_parser():
     p.add_argument("prompts", nargs="+", help="one prompt (filmstrip, attention, gallery, seeds), two "
                    "(interpolate) or three (arithmetic)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the newest run in --runs-dir)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the original inference YAML of an original-layout file that is not SD v1-sized")
     p.add_argument("--runs-dir", default="runs", help="where `python -m minildm.train` writes runs")
     p.add_argument("--out", default="views", help="folder for the PNG/GIF files")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
@@ -670,7 +672,7 @@ def main(argv=None) -> int:
     if args.size is not None and (args.size <= 0 or args.size % 8 or args.size > 4096):
         usage("--size", args.size, "must be a positive multiple of 8, at most 4096")
     check_writable_dir("--out", args.out)
-    ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
+    ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, config=args.config)
     check_int("--steps", args.steps, 1, ldm.schedule.num_timesteps)
     if args.size is not None:
         if args.size > 4 * ldm.default_size:

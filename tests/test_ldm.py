@@ -1,5 +1,6 @@
 """The composed model: loading every layout, parity with diffusers' StableDiffusionPipeline, img2img,
 inpainting, determinism and the memory options."""
+import dataclasses
 import gzip
 import json
 import os
@@ -14,7 +15,7 @@ from minildm.schedule import NoiseSchedule
 from minildm.tokenizer import CLIPTokenizer
 from minildm.unet import UNet
 from minildm.vae import AutoencoderKL
-from reference_configs import diffusers_unet_config, diffusers_vae_config, transformers_text_config
+from reference_configs import diffusers_unet_config, diffusers_vae_config, original_yaml, transformers_text_config
 from test_convert import UNET_3LEVEL, original_state, tiny_configs, tiny_models, write_safetensors
 
 SIZE = 32  # pixels; the tiny VAE makes 16x16 latents
@@ -322,13 +323,70 @@ def test_text_encoder_with_fewer_positions_gets_a_matching_tokenizer(tmp_path):
     assert loaded.generate("a photo of a cat", num_steps=2, seed=0, height=SIZE, width=SIZE).shape == (1, 3, SIZE, SIZE)
 
 
-def test_wrong_context_width_is_named_sd2(models, tmp_path):
-    """An original file whose cross-attention reads a 1024-wide context is reported as SD 2.x."""
+def test_context_width_disagreement_names_both_widths(models, tmp_path):
+    """A config whose context width is not the file's is refused with both widths, and no guess at SD 2.x."""
     path = write_safetensors(tmp_path / "m.safetensors", original_state(*models))
     unet_cfg, vae_cfg, text_cfg = tiny_configs()
     unet_cfg.context_dim = 1024
-    with pytest.raises(convert.CheckpointError, match="2.x"):
+    with pytest.raises(convert.CheckpointError, match="reads 32-wide contexts, the UNet config given says 1024") as e:
         load_stable_diffusion(path, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg)
+    assert "2.x" not in str(e.value)
+
+
+def test_sizes_are_read_from_the_shapes_of_original_weights():
+    """unet_shapes, vae_shapes and text_shapes give back the SD v1.5 and tiny configs from weights alone."""
+    from minildm.unet import UNetConfig
+    from minildm.vae import VAEConfig
+
+    with torch.device("meta"):
+        for cfg in (UNetConfig.sd15(), UNetConfig(**UNET_3LEVEL), UNetConfig(**dict(UNET_3LEVEL, in_channels=9))):
+            shapes = convert.unet_shapes(UNet(cfg).state_dict())
+            assert dataclasses.replace(cfg, **shapes) == cfg, shapes
+        for cfg in (VAEConfig.sd(), VAEConfig.tiny()):
+            shapes = convert.vae_shapes(AutoencoderKL(cfg).state_dict())
+            assert dataclasses.replace(cfg, **shapes) == cfg, shapes
+        shapes = convert.text_shapes(CLIPTextModel(CLIPTextConfig.vit_l14()).state_dict())
+        assert CLIPTextConfig(**shapes) == CLIPTextConfig.vit_l14()
+
+
+def small_original_model(tmp_path):
+    """An original-layout file of a model trained at another size: 64-wide text context, width-32 UNet."""
+    from minildm.unet import UNetConfig
+    from minildm.vae import VAEConfig
+
+    torch.manual_seed(5)
+    # 32 GroupNorm groups, as the original code fixes them (a YAML cannot say otherwise)
+    unet_cfg = UNetConfig(**dict(UNET_3LEVEL, context_dim=64, norm_groups=32))
+    vae_cfg = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, scale_factor=0.7)
+    text_cfg = CLIPTextConfig(width=64, num_layers=2, num_heads=1, mlp_width=128)
+    models = UNet(unet_cfg).eval(), AutoencoderKL(vae_cfg).eval(), CLIPTextModel(text_cfg).eval()
+    path = write_safetensors(tmp_path / "small.safetensors", original_state(*models))
+    yaml_dict = original_yaml(unet=unet_cfg, vae=vae_cfg)
+    yaml_dict["model"]["params"].update(linear_start=0.00085, linear_end=0.012, timesteps=1000)
+    return path, yaml_dict, (unet_cfg, vae_cfg, text_cfg)
+
+
+def test_original_file_of_another_size_loads_with_its_yaml(tmp_path):
+    """Without its YAML such a file is a one-line error asking for it (not a guess at SD 2.x); with it,
+    the model is the one explicit configs give; a YAML that disagrees with the weights names both."""
+    import yaml
+
+    path, yaml_dict, (unet_cfg, vae_cfg, text_cfg) = small_original_model(tmp_path)
+    with pytest.raises(convert.CheckpointError, match="another size than SD v1's.*give the inference YAML") as e:
+        load_stable_diffusion(path)
+    assert "2.x" not in str(e.value)
+    config = tmp_path / "small-inference.yaml"
+    config.write_text(yaml.safe_dump(yaml_dict))
+    model = load_stable_diffusion(path, config=str(config))
+    assert model.unet.cfg == unet_cfg and model.text_encoder.cfg == text_cfg and model.scale_factor == 0.7
+    explicit = load_stable_diffusion(path, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg)
+    kw = dict(num_steps=3, seed=3, height=SIZE, width=SIZE, output_type="latent")
+    assert torch.equal(model.generate("a red cube", **kw), explicit.generate("a red cube", **kw))
+    yaml_dict["model"]["params"]["unet_config"]["params"]["model_channels"] = 64
+    config.write_text(yaml.safe_dump(yaml_dict))
+    with pytest.raises(convert.CheckpointError, match="disagree: the YAML's UNet has model_channels 64, "
+                                                      "the weights have 32"):
+        load_stable_diffusion(path, config=str(config))
 
 
 @pytest.fixture(scope="module")
