@@ -503,23 +503,25 @@ def _original_configs(path, ckpt, use_ema, config, unet_config, vae_config, text
     if yaml:
         convert.check_against_yaml("UNet", shapes["UNet"], yaml["unet"], path, config)
         convert.check_against_yaml("VAE", shapes["VAE"], yaml["vae"], path, config)
-    sd_unet, sd_vae = UNetConfig.sd15(), VAEConfig.sd()
+    sd_unet, sd_vae, sd_text = UNetConfig.sd15(), VAEConfig.sd(), CLIPTextConfig.vit_l14()
     if unet_config is None:
         fields = {k: v for k, v in shapes["UNet"].items() if v is not None}
+        sd_like = dataclasses.replace(sd_unet, in_channels=fields["in_channels"])  # 9: the inpainting model
         if yaml:
-            heads = yaml["unet"]["num_heads"]
-        elif dataclasses.replace(sd_unet, in_channels=fields["in_channels"]) == UNetConfig(**fields, num_heads=8):
-            heads = sd_unet.num_heads                                      # SD v1's sizes: its 8 heads
+            unet_config = UNetConfig(**fields, num_heads=yaml["unet"]["num_heads"])
+        elif dataclasses.replace(sd_like, **fields) == sd_like:
+            unet_config = sd_like                                          # SD v1's sizes: its 8 heads
         else:
             raise convert.CheckpointError(
                 f"{path} holds a UNet of another size than SD v1's (width {fields['model_channels']}, levels "
                 f"{fields['channel_mult']}); its number of attention heads cannot be read from the weights: give "
                 "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
-        unet_config = UNetConfig(**fields, num_heads=heads)
     elif shapes["UNet"]["context_dim"] not in (None, unet_config.context_dim):
         raise convert.CheckpointError(f"{path}'s cross-attention reads {shapes['UNet']['context_dim']}-wide contexts, "
                                       f"the UNet config given says {unet_config.context_dim}")
-    text_config = text_config or CLIPTextConfig(**shapes["text"])
+    if text_config is None:
+        text_sizes = {k: v for k, v in shapes["text"].items() if k != "num_heads"}
+        text_config = sd_text if dataclasses.replace(sd_text, **text_sizes) == sd_text else CLIPTextConfig(**shapes["text"])
     if text_config.width != unet_config.context_dim:
         raise convert.CheckpointError(f"{path}'s text encoder is {text_config.width} wide but its UNet reads "
                                       f"{unet_config.context_dim}-wide contexts")
@@ -527,13 +529,13 @@ def _original_configs(path, ckpt, use_ema, config, unet_config, vae_config, text
     if vae_config is None:
         if yaml and yaml["scale_factor"] is not None:
             scale_factor = float(yaml["scale_factor"])
+            vae_config = VAEConfig(**shapes["VAE"], scale_factor=scale_factor)
         elif dataclasses.replace(sd_vae, **shapes["VAE"]) == sd_vae:
-            scale_factor = sd_vae.scale_factor                             # SD v1's VAE: its 0.18215
+            vae_config = sd_vae                                            # SD v1's VAE: its 0.18215
         else:
             raise convert.CheckpointError(
                 f"{path} holds a VAE of another size than SD v1's, so its latent scale factor is unknown: give "
                 "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
-        vae_config = VAEConfig(**shapes["VAE"], scale_factor=scale_factor)
     schedule = None
     if yaml and yaml["schedule"][1] is not None:
         schedule = NoiseSchedule.scaled_linear(*yaml["schedule"])          # the original's "linear" is in sqrt(beta)
