@@ -44,10 +44,10 @@ class LoraLayer:
         """scale-free alpha / r * B A, shaped like the weight it is added to."""
         rank = self.down.shape[0]
         alpha = rank if self.alpha is None else self.alpha
-        product = self.up.flatten(1).double() @ self.down.flatten(1).double()  # (out, in * kh * kw)
+        product = self.up.flatten(1) @ self.down.flatten(1)                 # (out, in * kh * kw)
         if product.numel() != torch.Size(shape).numel():
             raise ValueError(f"shape {tuple(product.shape)}")
-        return (alpha / rank * product).reshape(shape)
+        return (product * (alpha / rank)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- names
@@ -146,5 +146,5 @@ def merge_lora(unet, text_encoder, path, scale: float = 1.0) -> int:
                                           f"{e}, the weight is {tuple(weight.shape)}") from None
         updates.append((weight, delta))
     for weight, delta in updates:
-        weight.copy_((weight.double() + scale * delta).to(weight.dtype))
+        weight.copy_((weight.float() + scale * delta).to(weight.dtype))
     return len(updates)

