@@ -116,6 +116,20 @@ def test_original_and_diffusers_folder_give_identical_images(original_file, diff
     assert torch.equal(x_a, x_b), f"max diff {(x_a - x_b).abs().max():.3g}"
 
 
+def reference_pipeline(kind, models, tmp_path, scheduler="DDIMScheduler", **scheduler_options):
+    """diffusers' pipeline `kind` holding the same weights, its scheduler built from SD v1.5's config."""
+    import diffusers
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = getattr(diffusers, kind)(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=getattr(diffusers, scheduler).from_config({**SD15_SCHEDULER_CONFIG, **scheduler_options}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 PIPELINE_CASES = [  # every sampler with a diffusers scheduler, built from SD v1.5's scheduler config
     ("ddim", "DDIMScheduler", {}), ("plms", "PNDMScheduler", {}), ("ddpm", "DDPMScheduler", {}),
     ("euler", "EulerDiscreteScheduler", {}), ("euler", "EulerDiscreteScheduler", {"karras": True}),
@@ -140,17 +154,9 @@ def assert_close_to_reference(ours, reference, what):
 def test_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, scheduler, options):
     """Same weights, scheduler and unit-variance initial noise (each library scales it to its own start),
     the same generator for the noise stochastic samplers add: images equal StableDiffusionPipeline's."""
-    import diffusers
-    from test_samplers import SD15_SCHEDULER_CONFIG
-
     ours = load_original(original_file)
-    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
     extra = {"use_karras_sigmas": True} if options.get("karras") else {}
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=getattr(diffusers, scheduler).from_config({**SD15_SCHEDULER_CONFIG, **extra}),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, scheduler, **extra)
     prompts, negative = ["a photo of an astronaut riding a horse", "a cat in a hat"], "low quality"
     latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
     kw = dict(num_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE, latents=latents, sampler=sampler, **options)
@@ -177,16 +183,8 @@ IMG2IMG_CASES = [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler"), ("euler",
 def test_img2img_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, scheduler):
     """img2img equals StableDiffusionImg2ImgPipeline's: the same strength gives the same first step and
     noise level, and one generator draws the posterior sample, then the noise, then the sampler's noise."""
-    import diffusers
-    from test_samplers import SD15_SCHEDULER_CONFIG
-
     ours = load_original(original_file)
-    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=getattr(diffusers, scheduler).from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline("StableDiffusionImg2ImgPipeline", models, tmp_path, scheduler)
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
     prompts, negative = ["a watercolour of a lighthouse", "a cat in a hat"], "low quality"
     steps = []
@@ -234,17 +232,9 @@ INPAINT_CASES = [("ddim", "DDIMScheduler", 1.0), ("euler_a", "EulerAncestralDisc
 def test_inpainting_model_matches_diffusers_pipeline(inpainting_models, inpainting_file, tmp_path, monkeypatch,
                                                      sampler, scheduler, strength):
     """The 9-channel inpainting model, loaded from an original file, equals StableDiffusionInpaintPipeline."""
-    import diffusers
-    from test_samplers import SD15_SCHEDULER_CONFIG
-
     ours = load_inpainting(inpainting_file, monkeypatch)
     assert ours.is_inpainting_model and ours.unet.cfg.in_channels == 9
-    unet, vae, text, tokenizer = diffusers_parts(inpainting_models, write_tokenizer_folder(str(tmp_path / "tok")))
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=getattr(diffusers, scheduler).from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline("StableDiffusionInpaintPipeline", inpainting_models, tmp_path, scheduler)
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)) * 2 - 1
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., 6:22, 10:30] = 1
@@ -262,14 +252,7 @@ def test_inpainting_model_from_a_diffusers_folder_and_its_errors(inpainting_mode
                                                                  monkeypatch):
     """A diffusers folder of the inpainting model loads with its 9 channels and gives the original file's
     images; without an init image and a mask it says what it needs."""
-    import diffusers
-    from test_samplers import SD15_SCHEDULER_CONFIG
-
-    unet, vae, text, tokenizer = diffusers_parts(inpainting_models, write_tokenizer_folder(str(tmp_path / "tok")))
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = reference_pipeline("StableDiffusionInpaintPipeline", inpainting_models, tmp_path)
     pipe.save_pretrained(tmp_path / "folder")
     folder = load_stable_diffusion(str(tmp_path / "folder"))
     original = load_inpainting(inpainting_file, monkeypatch)
