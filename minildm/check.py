@@ -17,7 +17,6 @@ answers, which must fail.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import sys
@@ -629,10 +628,6 @@ def reference_08():
 # 09 break it: predictions the learner makes before looking at the pictures
 # ----------------------------------------------------------------------------------------------
 
-def _hashed(answer) -> str:
-    return hashlib.sha256(f"minildm-09:{str(answer).strip().lower()}".encode()).hexdigest()[:16]
-
-
 def _ask(impl, name):
     value = getattr(impl, name, None)
     if value is None:
@@ -649,7 +644,9 @@ def check_no_guidance(impl) -> None:
         torch.zeros(1, 1, 1, 1), torch.zeros(1)).flatten()[0])
     compare_number("GUIDED_EPS (eps_uncond 0.2, eps_cond 0.5, guidance_scale 7.5)",
                    _ask(impl, "GUIDED_EPS"), expected, rel=1e-3)
-    if _hashed(_ask(impl, "NO_GUIDANCE_CHOICE")) != "91ecac07abb048d8":
+    # (b): at guidance 1 the model samples its own conditional distribution, broad but on the data;
+    # stronger guidance pulls the samples onto a thin arc (a), and 0 ignores the condition (c).
+    if str(_ask(impl, "NO_GUIDANCE_CHOICE")).strip().lower() != "b":
         raise CheckFailed("NO_GUIDANCE_CHOICE: not the right letter; look again at the guidance_scale=1 row")
 
 

@@ -182,15 +182,17 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
     return ckpt
 
 
-def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True):
-    """(LatentDiffusion, checkpoint path) for a command line, every problem a one-line error."""
+def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True, config=None):
+    """(LatentDiffusion, checkpoint path) for a command line, every problem a one-line error.
+    config: the original inference YAML of an original-layout file that is not SD v1-sized."""
     path = find_checkpoint(ckpt, runs_dir)
+    check_readable_file("--config", config)
     device, dtype = resolve_device(device_name, dtype_name)
 
     from .convert import CheckpointError
     from .ldm import load_stable_diffusion
 
     try:
-        return load_stable_diffusion(path, device=device, dtype=dtype, use_ema=use_ema), path
+        return load_stable_diffusion(path, device=device, dtype=dtype, use_ema=use_ema, config=config), path
     except CheckpointError as e:
         fail(str(e))

@@ -22,6 +22,7 @@ Notation and shapes:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -169,6 +170,20 @@ class CLIPTextModel(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    @torch.no_grad()
+    def add_token_vectors(self, vectors: torch.Tensor) -> list[int]:
+        """Append rows (n, D) to the token table, as a textual-inversion embedding does; returns their ids."""
+        old = self.embeddings.token_embedding
+        if vectors.dim() != 2 or vectors.shape[1] != old.embedding_dim:
+            raise ValueError(f"token vectors must be (n, {old.embedding_dim}), got {tuple(vectors.shape)}")
+        table = nn.Embedding(old.num_embeddings + len(vectors), old.embedding_dim,
+                             device=old.weight.device, dtype=old.weight.dtype)
+        table.weight[:old.num_embeddings] = old.weight
+        table.weight[old.num_embeddings:] = vectors.to(table.weight)
+        self.embeddings.token_embedding = table
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=table.num_embeddings)
+        return list(range(old.num_embeddings, table.num_embeddings))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, L = tokens.shape

@@ -132,6 +132,18 @@ def _last_line(error):
 
 def read_ckpt(path):
     """The state dict of a pickled .ckpt, refusing any pickle that wants to run code."""
+    obj = load_pickle(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return state, {}
+
+
+def load_pickle(path):
+    """Whatever a PyTorch pickle (.ckpt, .pt, .bin) holds, through the weights-only loader: tensors,
+    dicts, lists, numbers and strings come back; a pickle that wants to run code is refused."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -151,12 +163,45 @@ def read_ckpt(path):
             MemoryError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a "
                               f".ckpt file?): {_last_line(e)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return state, {}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# Textual-inversion embeddings: a token string and one or more vectors for the text encoder's table
+
+def read_textual_inversion(path):
+    """(token or None, vectors (n, D)) of a textual-inversion file, in any of the layouts people share:
+
+        diffusers    {token: (D,) or (n, D)}                      .bin / .safetensors
+        A1111 .pt    {"string_to_param": {"*": (n, D)}, "name": token, ...}
+        A1111        {"emb_params": (n, D)}                       .safetensors (the token is the file name)
+
+    None for the token means the file does not name one. Pickles go through the weights-only loader.
+    """
+    kind = sniff(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a textual-inversion embedding")
+    if str(path).endswith(".safetensors"):
+        state, _ = read_safetensors(path)
+    else:
+        state = load_pickle(path)
+    token, vectors = None, None
+    if isinstance(state, torch.Tensor):
+        vectors = state
+    elif isinstance(state, dict) and isinstance(state.get("string_to_param"), dict):
+        params = list(state["string_to_param"].values())
+        vectors = params[0] if len(params) == 1 else None
+        token = state.get("name") if isinstance(state.get("name"), str) else None
+    elif isinstance(state, dict) and "emb_params" in state:
+        vectors = state["emb_params"]
+    elif isinstance(state, dict) and len(state) == 1:
+        token, vectors = next(iter(state.items()))
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
+        kind = (identify(state) if isinstance(state, dict) and len(state) > 1
+                and all(isinstance(k, str) for k in state) else "unknown")
+        raise CheckpointError(f"{path} is not a textual-inversion embedding (one token's vectors)"
+                              + (f": it is {describe(kind)}" if kind != "unknown" else ""))
+    return token, vectors.detach().reshape(-1, vectors.shape[-1]).float()
 
 
 # The first bytes of files people mistake for checkpoints, and what to call them.
@@ -247,7 +292,8 @@ KIND_NAMES = {
     "sd2": "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder with a 1024-wide context, "
            "often v-prediction); minildm implements SD v1",
     "sdxl": "an SDXL checkpoint (conditioner.embedders.*, two text encoders); minildm implements SD v1",
-    "lora": "a LoRA (lora_* weight deltas), not a full model; it needs the base model it was trained on",
+    "lora": "a LoRA (lora_* weight deltas), not a full model; it needs the base model it was trained on "
+            "(python -m minildm.sample --ckpt BASE --lora FILE)",
     "vae": "a VAE-only file (only autoencoder weights); it has no UNet or text encoder to sample with",
     "diffusers": "one component of a diffusers folder; point at the folder that holds unet/, vae/, "
                  "text_encoder/ and tokenizer/",
@@ -377,6 +423,109 @@ def read_checkpoint(path, device="cpu"):
     if kind not in ("sd1", "minildm", "vae"):
         raise CheckpointError(f"{path} is {describe(kind)}")
     return split_original(state, kind, meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes of an original-layout model: what its tensors' shapes say, and what its inference YAML says
+
+def _count(state, pattern):
+    """How many consecutive i from 0 make pattern.format(i) a key of state."""
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+def unet_shapes(state) -> dict:
+    """The UNetConfig fields an original-layout UNet's weights determine: all but num_heads (a head count
+    leaves every shape as it is) and the normalisation groups (the original code fixes 32)."""
+    model_channels, in_channels = state["input_blocks.0.0.weight"].shape[:2]
+    widths, blocks, attention, level, count, i = [], [], [], 0, 0, 1
+    while True:  # input_blocks 1, 2, ...: ResBlocks (maybe with a transformer), a downsampler after each level
+        if f"input_blocks.{i}.0.op.weight" in state:
+            blocks.append(count)
+            level, count = level + 1, 0
+        elif f"input_blocks.{i}.0.in_layers.2.weight" in state:
+            if count == 0:
+                widths.append(state[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0])
+            if f"input_blocks.{i}.1.proj_in.weight" in state and level not in attention:
+                attention.append(level)
+            count += 1
+        else:
+            break
+        i += 1
+    blocks.append(count)
+    first_attention = next((k for k in state if k.endswith(".1.proj_in.weight")), None)
+    depth = _count(state, first_attention[: -len("proj_in.weight")] + "transformer_blocks.{}.attn1.to_q.weight") \
+        if first_attention else 1
+    to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
+    if len(set(blocks)) != 1 or any(w % model_channels for w in widths):
+        raise CheckpointError("the UNet's blocks do not follow the original UNetModel's layout")
+    return dict(in_channels=int(in_channels), out_channels=int(state["out.2.weight"].shape[0]),
+                model_channels=int(model_channels), channel_mult=tuple(w // model_channels for w in widths),
+                num_res_blocks=blocks[0], attention_levels=tuple(attention), transformer_depth=depth,
+                context_dim=int(to_k.shape[1]) if to_k is not None else None)
+
+
+def vae_shapes(state) -> dict:
+    """The VAEConfig fields an original-layout VAE's weights determine (not its latent scale factor)."""
+    base, in_channels = state["encoder.conv_in.weight"].shape[:2]
+    levels = _count(state, "encoder.down.{}.block.0.conv1.weight")
+    widths = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
+    return dict(in_channels=int(in_channels), base_channels=int(base), channel_mult=tuple(w // base for w in widths),
+                num_res_blocks=_count(state, "encoder.down.0.block.{}.conv1.weight"),
+                z_channels=int(state["decoder.conv_in.weight"].shape[1]))
+
+
+def text_shapes(state) -> dict:
+    """The CLIPTextConfig of a CLIP text transformer's weights; heads are width / 64, as in every CLIP."""
+    vocab, width = state["embeddings.token_embedding.weight"].shape
+    return dict(vocab_size=int(vocab), context_length=int(state["embeddings.position_embedding.weight"].shape[0]),
+                width=int(width), num_layers=_count(state, "encoder.layers.{}.self_attn.q_proj.weight"),
+                num_heads=max(1, int(width) // 64), mlp_width=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]))
+
+
+def read_inference_yaml(path) -> dict:
+    """The sizes an original inference YAML (e.g. v1-inference.yaml) gives, in minildm's field names:
+    {"unet": {...}, "vae": {...}, "scale_factor": s, "schedule": (T, beta_start, beta_end)}."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)["model"]["params"]
+        unet = params["unet_config"]["params"]
+        ddconfig = params["first_stage_config"]["params"]["ddconfig"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not an original inference YAML (model.params.unet_config and "
+                              f"first_stage_config): {first_line(e)}") from None
+    if params.get("parameterization", "eps") != "eps":
+        raise CheckpointError(f"{path} describes a {params['parameterization']}-prediction model; minildm samples "
+                              "eps-prediction models (SD v1)")
+    if unet.get("num_heads", -1) == -1:
+        raise CheckpointError(f"{path} sets num_head_channels (a head width per level, as SD 2.x does); minildm's "
+                              "UNet takes one head count, num_heads")
+    levels = len(unet["channel_mult"])
+    return {
+        "unet": dict(in_channels=unet["in_channels"], out_channels=unet["out_channels"],
+                     model_channels=unet["model_channels"], channel_mult=tuple(unet["channel_mult"]),
+                     num_res_blocks=unet["num_res_blocks"],
+                     attention_levels=tuple(lv for lv in range(levels) if 2**lv in unet["attention_resolutions"]),
+                     num_heads=unet["num_heads"], transformer_depth=unet.get("transformer_depth", 1),
+                     context_dim=unet.get("context_dim")),
+        "vae": dict(in_channels=ddconfig["in_channels"], base_channels=ddconfig["ch"],
+                    channel_mult=tuple(ddconfig["ch_mult"]), num_res_blocks=ddconfig["num_res_blocks"],
+                    z_channels=ddconfig["z_channels"]),
+        "scale_factor": params.get("scale_factor"),
+        "schedule": (params.get("timesteps", 1000), params.get("linear_start"), params.get("linear_end")),
+    }
+
+
+def check_against_yaml(part: str, from_weights: dict, from_yaml: dict, path, yaml_path) -> None:
+    """A one-line error at the first size on which a YAML and the weights disagree."""
+    for name, value in from_weights.items():
+        if name in from_yaml and from_yaml[name] != value:
+            raise CheckpointError(f"{yaml_path} and {path} disagree: the YAML's {part} has {name} {from_yaml[name]}, "
+                                  f"the weights have {value}")
 
 
 # ----------------------------------------------------------------------------------------------------

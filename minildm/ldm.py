@@ -23,6 +23,7 @@ f the VAE's downsampling factor (8 for SD), L tokens (77), D context width (768 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -105,12 +106,44 @@ class LatentDiffusion(nn.Module):
         tokens = self.tokenizer(prompts).to(self.device)                  # (B, L)
         return self.text_encoder(tokens)                                  # (B, L, D)
 
+    def load_lora(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA file (kohya or diffusers layout) into the UNet and text encoder weights, times
+        `scale` (minildm.lora); returns the number of layers changed. Loading several adds them up."""
+        from . import lora
+
+        return lora.merge_lora(self.unet, self.text_encoder, path, scale)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Teach prompts a new word from a textual-inversion file (diffusers or A1111 layout).
+
+        The file's vectors become new rows of the text encoder's token table and `token` (default: the
+        name the file gives, else the file name) a new tokenizer entry that stands for all of them, as
+        diffusers' load_textual_inversion does. Returns the token to write in prompts.
+        """
+        file_token, vectors = convert.read_textual_inversion(path)
+        token = token or file_token or os.path.splitext(os.path.basename(str(path)))[0]
+        width = self.text_encoder.cfg.width
+        if vectors.shape[1] != width:
+            hint = " (SD 2.x's OpenCLIP encoder is 1024 wide)" if vectors.shape[1] == 1024 else ""
+            raise convert.CheckpointError(f"{path} holds {vectors.shape[1]}-wide vectors{hint}; this model's text "
+                                          f"encoder is {width} wide")
+        if self.tokenizer.vocab_size != self.text_encoder.embeddings.token_embedding.num_embeddings:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} entries and the text encoder's table "
+                             f"{self.text_encoder.embeddings.token_embedding.num_embeddings}: they must agree")
+        ids = self.tokenizer.add_tokens(token, len(vectors))
+        assert self.text_encoder.add_token_vectors(vectors) == ids
+        return token
+
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      sample: bool = False) -> torch.Tensor:
-        """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean (or a sample)."""
+        """x (B, 3, H, W) in [-1, 1] -> scaled latents z (B, zc, h, w): the posterior mean, or with
+        `sample` a sample from it (its noise drawn on the CPU from `generator`, like every seed here)."""
         posterior = self.vae.encode(x.to(self.device, self.vae_dtype))
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.mode()
+        if sample:
+            eps = samplers.noise_like(torch.empty(z.shape), generator)
+            z = z + posterior.std * eps.to(z)
         return to_diffusion_latents(z.float(), self.scale_factor)
 
     @torch.no_grad()
@@ -166,8 +199,10 @@ class LatentDiffusion(nn.Module):
         guidance steers away from ("" is the unconditional context). seed or generator pins the noise
         (drawn on the CPU, so a seed gives the same image on any device); latents (B, zc, h, w) gives
         it explicitly. seeds: one seed per image instead (a single prompt is repeated for each), so
-        image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in [-1, 1]: img2img, running the last `strength`
-        fraction of the sampler's steps (0 returns the init image's reconstruction). mask (1 or B, 1,
+        image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in
+        [-1, 1]: img2img from a sample of its VAE posterior (the generator's first draw, as in the original
+        script and diffusers), running the last `strength` fraction of the sampler's steps (0 returns the
+        reconstruction of the posterior mean). mask (1 or B, 1,
         H, W), 1 = repaint, 0 = keep: inpainting of init_image. callback(info) is called every step
         with the sampler's dict (z_t, x0_pred, ...); `self.decode_latents(info["x0_pred"])` turns the
         prediction into a picture. Returns images (B, 3, H, W) in [0, 1], or the latents z_0 with
@@ -206,36 +241,94 @@ class LatentDiffusion(nn.Module):
 
         context = self.encode_prompt(prompts)                              # (B, L, D)
         uncond_context = self.encode_prompt(negatives)                     # (B, L, D)
-        eps_fn = samplers.cfg_denoiser(self._unet, context, uncond_context, guidance_scale)
 
+        if self.is_inpainting_model and (init_image is None or mask is None):
+            raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): "
+                             "it needs an init image and a mask")
         f = self.downsample_factor
-        shape = (B, self.unet.cfg.in_channels, height // f, width // f)
+        shape = (B, self.vae.cfg.z_channels, height // f, width // f)
+        first_step = num_steps - int(num_steps * strength) if init_image is not None else 0
+        if init_image is not None and first_step >= num_steps:  # strength 0: nothing to denoise
+            z0 = self.encode_image(init_image).expand(B, -1, -1, -1)
+            return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
+        from_noise = init_image is None or (self.is_inpainting_model and first_step == 0)
+        if not from_noise:  # a sample of the VAE posterior, drawn before the noise (as the original)
+            z0 = self._encode_init_image(init_image, B, generator)        # (B, zc, h, w)
         noise = latents if latents is not None else samplers.noise_like(torch.empty(shape), generator)
         noise = noise.to(self.device, torch.float32)
-        if init_image is None:
-            z, first_step = noise, 0
+        model = self._unet
+        if self.is_inpainting_model:  # the mask and the masked image's latents ride along as 5 channels
+            model = self._with_inpainting_channels(self._inpainting_channels(init_image, mask, B, generator))
+        if from_noise:
+            z = self.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
+                                       guidance_scale=guidance_scale, generator=generator, callback=callback,
+                                       model=model, **sampler_options)
         else:
-            z0 = self.encode_image(init_image).expand(B, -1, -1, -1)       # (B, zc, h, w)
-            first_step = num_steps - int(num_steps * strength)
-            if first_step >= num_steps:  # strength 0: nothing to denoise
-                return z0 if output_type == "latent" else self.to_unit(self.decode_latents(z0))
+            eps_fn = samplers.cfg_denoiser(model, context, uncond_context, guidance_scale)
             a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
             z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
-            if mask is not None:
+            blend = mask is not None and not self.is_inpainting_model
+            if blend:
                 m = self.latent_mask(mask, B)
                 eps_fn = self._inpainting(eps_fn, z0, noise, m)
-
-        if self.device.type != "cpu":  # noise added by ancestral samplers, drawn where the latents are
-            generator = ([self._device_generator(g) for g in generator] if isinstance(generator, list)
-                         else self._device_generator(generator))
-        sample = samplers.SAMPLERS[sampler]
-        z = sample(eps_fn, z, self.schedule, num_steps, first_step=first_step, generator=generator,
-                   callback=callback, **sampler_options)
-        if mask is not None:
-            z = m * z + (1 - m) * z0
+            z = self._run_sampler(sampler, eps_fn, z, num_steps, first_step, generator, callback, sampler_options)
+            if blend:
+                z = m * z + (1 - m) * z0
         if output_type == "latent":
             return z
         return self.to_unit(self.decode_latents(z))
+
+    def _encode_init_image(self, init_image: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """img2img's clean latents: one posterior sample per image, from its own generator when there are several."""
+        if isinstance(generator, list):
+            images = init_image.expand(batch, -1, -1, -1) if init_image.shape[0] == 1 else init_image
+            return torch.cat([self.encode_image(images[i:i + 1], g, sample=True) for i, g in enumerate(generator)])
+        return self.encode_image(init_image, generator, sample=True).expand(batch, -1, -1, -1)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet reads z_t, a mask and the masked image's latents (SD's 9-channel inpainting model)."""
+        return self.unet.cfg.in_channels == 2 * self.vae.cfg.z_channels + 1
+
+    def _inpainting_channels(self, init_image, mask, batch: int, generator) -> torch.Tensor:
+        """The inpainting model's extra input (B, 1 + zc, h, w): the mask (1 = repaint) at latent size, and
+        the latents of the image with the masked part set to 0 (a posterior sample, drawn after the noise)."""
+        m = (mask.float() >= 0.5).float().to(self.device)                  # binarised, like diffusers
+        masked = init_image.to(self.device, torch.float32) * (m < 0.5)
+        h, w = init_image.shape[-2] // self.downsample_factor, init_image.shape[-1] // self.downsample_factor
+        m = F.interpolate(m, size=(h, w))                                  # nearest, as the original
+        masked_latents = self._encode_init_image(masked, batch, generator)
+        return torch.cat([m.expand(batch, -1, -1, -1), masked_latents], dim=1)
+
+    def _with_inpainting_channels(self, extra: torch.Tensor):
+        """The UNet with `extra` (B, 1 + zc, h, w) appended to every z_t (repeated for guidance's 2B rows)."""
+        def model(z_t, t, context):
+            repeats = z_t.shape[0] // extra.shape[0]
+            return self._unet(torch.cat([z_t, extra.repeat(repeats, 1, 1, 1).to(z_t)], dim=1), t, context)
+        return model
+
+    @torch.no_grad()
+    def sample_from_noise(self, context: torch.Tensor, uncond_context: torch.Tensor, noise: torch.Tensor, *,
+                          sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
+                          generator=None, callback=None, model=None, **sampler_options) -> torch.Tensor:
+        """The text-to-image loop on given contexts (B, L, D) and unit-variance noise (B, zc, h, w).
+
+        Scales the noise to the sampler's start (samplers.init_noise_scale: the start diffusers uses)
+        and runs the sampler with classifier-free guidance; returns the latents z_0. generator: the
+        CPU generator (or one per image) that stochastic samplers draw from, after the noise. model:
+        the noise predictor (z_t, t, context) -> eps, the UNet by default.
+        """
+        eps_fn = samplers.cfg_denoiser(model or self._unet, context, uncond_context, guidance_scale)
+        scale = samplers.init_noise_scale(sampler, self.schedule, num_steps, **sampler_options)
+        z = noise.to(self.device, torch.float32) * scale
+        return self._run_sampler(sampler, eps_fn, z, num_steps, 0, generator, callback, sampler_options)
+
+    def _run_sampler(self, sampler, eps_fn, z, num_steps, first_step, generator, callback, options):
+        if self.device.type != "cpu":  # noise added by ancestral samplers, drawn where the latents are
+            generator = ([self._device_generator(g) for g in generator] if isinstance(generator, list)
+                         else self._device_generator(generator))
+        return samplers.SAMPLERS[sampler](eps_fn, z, self.schedule, num_steps, first_step=first_step,
+                                          generator=generator, callback=callback, **options)
 
     def _device_generator(self, generator: torch.Generator) -> torch.Generator:
         """A generator on the model's device, seeded from a CPU one (the same stream for a given seed)."""
@@ -317,18 +410,21 @@ def _check_schedule(schedule, buffers):
 def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool = True, *,
                           unet_config: UNetConfig | None = None, vae_config: VAEConfig | None = None,
                           text_config: CLIPTextConfig | None = None,
-                          tokenizer: CLIPTokenizer | None = None) -> LatentDiffusion:
+                          tokenizer: CLIPTokenizer | None = None, config=None) -> LatentDiffusion:
     """A LatentDiffusion from SD v1 weights or a minildm checkpoint.
 
     path: an original `.safetensors`/`.ckpt` (CompVis layout, EMA weights used when present and
     `use_ema`), a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ with their config.json), or a
-    checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). Original
-    files are assumed to be SD v1 sized unless configs are given. dtype: float32, or float16 on CUDA.
+    checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). An original
+    file's sizes are read from its tensors' shapes; what shapes cannot tell (the UNet's head count, the
+    latent scale factor) is SD v1's for a model of SD v1's size, else it comes from `config`, the
+    original inference YAML the model was trained with (which must agree with the weights), or from
+    explicit configs. dtype: float32, or float16 on CUDA.
     Raises convert.CheckpointError when the file cannot be used, saying what it seems to be.
     """
     try:
         return _load_stable_diffusion(os.fspath(path), device, dtype, use_ema, unet_config, vae_config, text_config,
-                                      tokenizer)
+                                      tokenizer, config)
     except convert.CheckpointError:
         raise
     except torch.cuda.OutOfMemoryError:
@@ -340,7 +436,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
                                       f"({type(e).__name__}: {convert.first_line(e)})") from None
 
 
-def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer):
+def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer, config):
     device = torch.device(device)
     schedule = None
     if os.path.isdir(path):
@@ -374,15 +470,10 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
             if meta.get("prediction", "eps") != "eps":
                 raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
         else:
-            unet_config = unet_config or UNetConfig.sd15()
-            to_k = next((v for k, v in ckpt.unet.items() if k.endswith("attn2.to_k.weight")), None)
-            if to_k is not None and to_k.shape[1] != unet_config.context_dim:
-                raise convert.CheckpointError(
-                    f"{path} has a {to_k.shape[1]}-wide text context, SD v1 has {unet_config.context_dim}: "
-                    f"it is probably {convert.describe('sd2')}")
-            vae_config = vae_config or VAEConfig.sd()
-            text_config = text_config or CLIPTextConfig.vit_l14()
-            scale_factor = None
+            if ckpt.vae is None:
+                raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
+            unet_config, vae_config, text_config, scale_factor, schedule = _original_configs(
+                path, ckpt, use_ema, config, unet_config, vae_config, text_config)
         if ckpt.vae is None or vae_config is None:
             raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
         schedule = schedule or NoiseSchedule.sd()
@@ -396,6 +487,59 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
     if scale_factor is None:
         scale_factor = vae_config.scale_factor
     return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)
+
+
+def _original_configs(path, ckpt, use_ema, config, unet_config, vae_config, text_config):
+    """(unet, vae, text configs, scale factor, schedule) of an original-layout file without minildm's
+    metadata: its tensors' shapes, SD v1's values for what shapes cannot tell when it has SD v1's size,
+    else the inference YAML `config`; explicit configs win. A disagreement is a one-line error."""
+    try:
+        shapes = {"UNet": convert.unet_shapes(ckpt.unet_state(use_ema)), "VAE": convert.vae_shapes(ckpt.vae),
+                  "text": convert.text_shapes(ckpt.text_encoder_state(use_ema))}
+    except (KeyError, IndexError, ValueError, AttributeError):  # tensors missing: let strict loading name them
+        return (unet_config or UNetConfig.sd15(), vae_config or VAEConfig.sd(),
+                text_config or CLIPTextConfig.vit_l14(), None, None)
+    yaml = convert.read_inference_yaml(config) if config else None
+    if yaml:
+        convert.check_against_yaml("UNet", shapes["UNet"], yaml["unet"], path, config)
+        convert.check_against_yaml("VAE", shapes["VAE"], yaml["vae"], path, config)
+    sd_unet, sd_vae, sd_text = UNetConfig.sd15(), VAEConfig.sd(), CLIPTextConfig.vit_l14()
+    if unet_config is None:
+        fields = {k: v for k, v in shapes["UNet"].items() if v is not None}
+        sd_like = dataclasses.replace(sd_unet, in_channels=fields["in_channels"])  # 9: the inpainting model
+        if yaml:
+            unet_config = UNetConfig(**fields, num_heads=yaml["unet"]["num_heads"])
+        elif dataclasses.replace(sd_like, **fields) == sd_like:
+            unet_config = sd_like                                          # SD v1's sizes: its 8 heads
+        else:
+            raise convert.CheckpointError(
+                f"{path} holds a UNet of another size than SD v1's (width {fields['model_channels']}, levels "
+                f"{fields['channel_mult']}); its number of attention heads cannot be read from the weights: give "
+                "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
+    elif shapes["UNet"]["context_dim"] not in (None, unet_config.context_dim):
+        raise convert.CheckpointError(f"{path}'s cross-attention reads {shapes['UNet']['context_dim']}-wide contexts, "
+                                      f"the UNet config given says {unet_config.context_dim}")
+    if text_config is None:
+        text_sizes = {k: v for k, v in shapes["text"].items() if k != "num_heads"}
+        text_config = sd_text if dataclasses.replace(sd_text, **text_sizes) == sd_text else CLIPTextConfig(**shapes["text"])
+    if text_config.width != unet_config.context_dim:
+        raise convert.CheckpointError(f"{path}'s text encoder is {text_config.width} wide but its UNet reads "
+                                      f"{unet_config.context_dim}-wide contexts")
+    scale_factor = None
+    if vae_config is None:
+        if yaml and yaml["scale_factor"] is not None:
+            scale_factor = float(yaml["scale_factor"])
+            vae_config = VAEConfig(**shapes["VAE"], scale_factor=scale_factor)
+        elif dataclasses.replace(sd_vae, **shapes["VAE"]) == sd_vae:
+            vae_config = sd_vae                                            # SD v1's VAE: its 0.18215
+        else:
+            raise convert.CheckpointError(
+                f"{path} holds a VAE of another size than SD v1's, so its latent scale factor is unknown: give "
+                "the inference YAML it was made with (--config FILE.yaml, or config= in load_stable_diffusion)")
+    schedule = None
+    if yaml and yaml["schedule"][1] is not None:
+        schedule = NoiseSchedule.scaled_linear(*yaml["schedule"])          # the original's "linear" is in sqrt(beta)
+    return unet_config, vae_config, text_config, scale_factor, schedule
 
 
 def _tokenizer_from_folder(folder) -> CLIPTokenizer:

@@ -27,7 +27,10 @@ import torch
 
 from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
                   free_path, load_model, usage)
+from .convert import CheckpointError
 from .samplers import SAMPLERS
+
+KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
 
 MAX_STEPS = 1000        # the schedules' length: more steps than timesteps would repeat timesteps
 MAX_SIZE = 4096         # pixels a side, whatever the model; a model's own limit is 4x its training size
@@ -39,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default="", help='the text prompt ("" for unconditional samples)')
     p.add_argument("--ckpt", default=None, help="SD v1 .safetensors/.ckpt, a diffusers folder, or a minildm "
                    "checkpoint; default: the newest runs/*/model.safetensors")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the original inference YAML of an original-layout file that is not SD v1-sized "
+                        "(its head count and latent scale cannot be read from the weights)")
     p.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
     p.add_argument("--steps", type=int, default=50, help="number of sampler steps")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
+    p.add_argument("--karras", action="store_true",
+                   help="Karras et al. sigma spacing (for euler, euler_a, heun, lms and dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
@@ -54,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", default=None, help="image to start from (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
-                        "default 0.75")
+                        "default 0.75 (1 with an inpainting model)")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
+                        "whose token the prompt may then use; TOKEN renames it; may be given several times")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA for SD v1 (kohya or diffusers layout) into the weights, times SCALE "
+                        "(default 1); may be given several times")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files of the same name (default: a new name, <prompt>-<seed>-2.png, ...)")
@@ -136,6 +150,8 @@ def check_flags(args) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIZE):
             usage(flag, value, f"must be a positive multiple of 8, at most {MAX_SIZE}")
+    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+        fail(f"--karras works with --sampler {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}", USAGE)
     if args.mask and not args.init_image:
         fail("--mask needs --init-image (the image to inpaint)", USAGE)
     if args.strength is not None and not args.init_image:
@@ -143,6 +159,35 @@ def check_flags(args) -> None:
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
     check_writable_dir("--out", args.out)
+    args.embedding = [split_embedding(value) for value in args.embedding]
+    args.lora = [split_lora(value) for value in args.lora]
+    for path, _ in args.lora:
+        check_readable_file("--lora", path)
+    for path, _ in args.embedding:
+        check_readable_file("--embedding", path)
+
+
+def split_embedding(value: str) -> tuple[str, str | None]:
+    """'FILE' or 'FILE:TOKEN' -> (file, token or None); a path that exists as written is never split."""
+    if os.path.exists(value) or ":" not in value:
+        return value, None
+    path, token = value.rsplit(":", 1)
+    if not token.strip():
+        usage("--embedding", value, "TOKEN after the colon must not be empty")
+    return path, token
+
+
+def split_lora(value: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:SCALE' -> (file, scale); a path that exists as written is never split."""
+    if os.path.exists(value) or ":" not in value:
+        return value, 1.0
+    path, scale = value.rsplit(":", 1)
+    try:
+        number = float(scale)
+    except ValueError:
+        usage("--lora", value, "SCALE after the colon must be a number, e.g. style.safetensors:0.8")
+    check_float("--lora scale", number, -10, 10)
+    return path, number
 
 
 def main(argv=None) -> int:
@@ -160,8 +205,27 @@ def main(argv=None) -> int:
                      f"image is {image.size[0]}x{image.size[1]}; they must be the same size", USAGE)
 
     started = time.time()
-    model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema)
+    model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
+                             config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
+    for path, scale in args.lora:
+        try:
+            layers = model.load_lora(path, scale)
+        except (CheckpointError, ValueError) as e:
+            fail(f"--lora {path}: {e}")
+        notes.append(f"LoRA {path}: {layers} layers merged at scale {scale:g}")
+    for path, token in args.embedding:
+        try:
+            token = model.load_textual_inversion(path, token)
+        except (CheckpointError, ValueError) as e:
+            fail(f"--embedding {path}: {e}")
+        notes.append(f"embedding {path}: write {token} in the prompt")
+    if model.is_inpainting_model:
+        if not (args.init_image and args.mask):
+            fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",
+                 USAGE)
+        if args.strength is None:  # it sees the masked image itself, so it starts from pure noise
+            strength = 1.0
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
     check_int("--steps", args.steps, 1, model.schedule.num_timesteps)
@@ -217,13 +281,18 @@ def main(argv=None) -> int:
             xs = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
                                 sampler=args.sampler, guidance_scale=args.guidance, height=height, width=width,
                                 seeds=seeds, init_image=init, strength=strength, mask=mask,
-                                callback=callback)
+                                callback=callback, **({"karras": True} if args.karras else {}))
         except ValueError as e:
             fail(str(e))
         for s, x, name in zip(seeds, xs, names):
             settings = {"prompt": args.prompt, "negative": args.negative, "seed": s, "steps": args.steps,
-                        "sampler": args.sampler, "guidance": args.guidance, "height": height, "width": width,
-                        "checkpoint": os.path.abspath(ckpt), "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+                        "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance,
+                        "height": height, "width": width, "checkpoint": os.path.abspath(ckpt),
+                        "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
+            if args.lora:
+                settings["loras"] = [[os.path.abspath(path), scale] for path, scale in args.lora]
+            if args.embedding:
+                settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
             if init is not None:
                 settings.update(init_image=os.path.abspath(args.init_image), strength=strength)
             if mask is not None:

@@ -20,12 +20,17 @@ Two families live here.
 * Discrete-time samplers (DDPM, DDIM, PLMS) walk a subsequence of the integer training timesteps and
   work on z_t directly. They follow the original Stable Diffusion (CompVis) code: DDIM and PLMS use
   timesteps 1, 1 + T/n, 1 + 2T/n, ... (uniform spacing with a +1 offset) and, after the last one,
-  the signal level abar_0 rather than 1.
-* The k-diffusion samplers (Euler, Euler ancestral, Heun, DPM-Solver++(2M)) see the same model as
+  the signal level abar_0 rather than 1. Strided DDPM, which the original code does not have, takes
+  the same timesteps (as diffusers' DDPMScheduler with SD v1's scheduler config) and ends at abar = 1.
+* The k-diffusion samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++(2M)) see the same model as
   the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma of the variance-exploding variable
   x = z_t / sqrt(abar_t) = x0 + sigma eps (Karras et al. 2022). DDIM with eta = 0 is Euler's method
   on this ODE. They walk a decreasing sequence of sigmas ending at 0, placed like diffusers'
   schedulers do (timesteps evenly spaced from T-1 to 0, or Karras spacing): see sigma_grid.
+
+A text-to-image run starts from pure noise scaled by init_noise_scale(): 1 for the samplers that work
+on z_t, and for Euler, Euler ancestral, Heun and LMS the scale that puts x at sigma_max * noise, which
+is where diffusers' schedulers start (their init_noise_sigma), so one seed gives the same image in both.
 
 Notation (code -> paper): abar = alphas_cumprod (abar_t), a / a_prev = abar at this and the next
 step, x0_pred (x_0 estimate), eps_pred (epsilon_theta), eta (DDIM's eta), sigma (k-diffusion sigma),
@@ -44,14 +49,8 @@ KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5: the spacing exponent they found be
 # ---------------------------------------------------------------------------- timestep sequences
 
 
-def ddpm_timesteps(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
-    """Timesteps of an n-step DDPM run, most noisy first: 0, T/n, 2T/n, ... reversed (LongTensor (n,))."""
-    stride = schedule.num_timesteps // num_steps
-    return (torch.arange(num_steps) * stride).flip(0)
-
-
 def ddim_timesteps(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
-    """Timesteps of an n-step DDIM/PLMS run as in the original SD code: uniform with a +1 offset.
+    """Timesteps of an n-step DDIM/PLMS/DDPM run as in the original SD code: uniform with a +1 offset.
 
     When n does not divide T the original code takes ceil(T / stride) steps; here it is always n.
     The offset is dropped when it would run past T-1 (e.g. n = T).
@@ -141,7 +140,7 @@ def sample_ddpm(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
     With fewer steps than training timesteps, each step jumps between non-adjacent timesteps and the
     posterior is that of the jump (beta becomes 1 - abar_t / abar_prev).
     """
-    timesteps = ddpm_timesteps(schedule, num_steps)
+    timesteps = ddim_timesteps(schedule, num_steps)
     abar = schedule.alphas_cumprod.to(z.device)
     for i in range(first_step, num_steps):
         t = int(timesteps[i])
@@ -302,6 +301,53 @@ def sample_heun(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
     return x
 
 
+def lms_coefficients(sigmas: list, i: int, order: int) -> list:
+    """The weights of the last `order` derivatives in one linear multistep step from sigmas[i] to sigmas[i+1].
+
+    Through the derivatives d_i, d_{i-1}, ... at sigmas[i], sigmas[i-1], ... passes one polynomial
+    p(sigma) = sum_j d_{i-j} l_j(sigma), with l_j the Lagrange basis polynomial that is 1 at sigmas[i-j]
+    and 0 at the others. The step integrates it: x_next = x + sum_j d_{i-j} * (integral of l_j from
+    sigmas[i] to sigmas[i+1]). l_j has degree order - 1 <= 3, which two-point Gauss-Legendre
+    quadrature integrates exactly. sigmas: plain floats; returns [w_0, w_1, ...], w_0 for d_i.
+    """
+    nodes = [sigmas[i - k] for k in range(order)]
+    a, b = sigmas[i], sigmas[i + 1]
+    mid, half = (a + b) / 2, (b - a) / 2
+    points = (mid - half / 3**0.5, mid + half / 3**0.5)
+
+    def basis(j, s):
+        value = 1.0
+        for k, node in enumerate(nodes):
+            if k != j:
+                value *= (s - node) / (nodes[j] - node)
+        return value
+
+    return [half * sum(basis(j, s) for s in points) for j in range(order)]
+
+
+@torch.no_grad()
+def sample_lms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False,
+               order=4):
+    """Linear multistep (Adams-Bashforth in sigma, as k-diffusion and diffusers' LMSDiscreteScheduler).
+
+    Each step integrates the polynomial through the last `order` derivatives dx/dsigma (fewer at the
+    start, while there is less history): lms_coefficients. Steps are placed by sigma_grid, like Euler.
+    """
+    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
+    sigma_list = sigmas.tolist()
+    sigmas = sigmas.to(z.device)
+    x = _k_start(z, sigmas, first_step)
+    derivatives = []  # most recent last
+    for i in range(first_step, num_steps):
+        sigma = sigmas[i]
+        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
+        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        derivatives = (derivatives + [(x - x0_pred) / sigma])[-order:]
+        weights = lms_coefficients(sigma_list, i, len(derivatives))
+        x = x + sum(w * d for w, d in zip(weights, reversed(derivatives)))
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
     """DPM-Solver++(2M) (Lu et al. 2022): exact integration of the linear part in lambda = -log sigma,
@@ -337,6 +383,7 @@ SAMPLERS = {
     "euler": sample_euler,
     "euler_a": sample_euler_a,
     "heun": sample_heun,
+    "lms": sample_lms,
     "dpmpp_2m": sample_dpmpp_2m,
 }
 
@@ -351,13 +398,33 @@ def noise_level(sampler_name: str, schedule: NoiseSchedule, num_steps: int, firs
         raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {sorted(SAMPLERS)}")
     if not 0 <= first_step < num_steps:
         raise ValueError(f"first_step must be in [0, {num_steps}), got {first_step}")
-    if sampler_name == "ddpm":
-        return float(schedule.alphas_cumprod[ddpm_timesteps(schedule, num_steps)[first_step]])
-    if sampler_name in ("ddim", "plms"):
+    if sampler_name in ("ddpm", "ddim", "plms"):
         return float(schedule.alphas_cumprod[ddim_timesteps(schedule, num_steps)[first_step]])
     grid = dpm_solver_grid if sampler_name == "dpmpp_2m" else sigma_grid
     sigmas, _ = grid(schedule, num_steps, options.get("karras", False))
     return 1.0 / (1.0 + float(sigmas[first_step]) ** 2)
+
+
+# The k-samplers that diffusers starts at x = sigma_max * noise (their schedulers' init_noise_sigma).
+SIGMA_MAX_START = ("euler", "euler_a", "heun", "lms")
+
+
+def init_noise_scale(sampler_name: str, schedule: NoiseSchedule, num_steps: int, **options) -> float:
+    """What pure N(0, I) noise is multiplied by to become the starting z of a text-to-image run.
+
+    In the variance-preserving scale the start is simply the noise (scale 1), and so it is for DDPM,
+    DDIM, PLMS and DPM++ 2M, here and in diffusers. diffusers' Euler, Euler ancestral, Heun and LMS
+    schedulers start from x = sigma_max * noise instead (their init_noise_sigma with the default
+    "linspace" spacing), i.e. z = sigma_max / sqrt(1 + sigma_max^2) * noise, about 0.2% smaller for
+    SD v1; this function returns that factor so that a seed gives the diffusers image. img2img does
+    not use it: there the start is the noised image, as in diffusers.
+    """
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {sorted(SAMPLERS)}")
+    if sampler_name not in SIGMA_MAX_START:
+        return 1.0
+    sigma_max = float(sigma_grid(schedule, num_steps, options.get("karras", False))[0][0])
+    return sigma_max / (1 + sigma_max**2) ** 0.5
 
 
 # ---------------------------------------------------------------------------- classifier-free guidance

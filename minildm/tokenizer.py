@@ -131,6 +131,33 @@ class CLIPTokenizer:
         self.special_tokens = {self.sot_token, self.eot_token, self.pad_token}
         # Prompts repeat the same words; BPE on a word is the slow part, so remember the answers.
         self.cache: dict[str, tuple[str, ...]] = {SOT_TEXT: (SOT_TEXT,), EOT_TEXT: (EOT_TEXT,)}
+        # Added tokens (textual inversion): a string matched in the raw prompt before BPE -> its ids.
+        self.added_tokens: dict[str, list[int]] = {}
+        self._added_pattern = None
+
+    def add_tokens(self, token: str, count: int = 1) -> list[int]:
+        """Add `token` with `count` new ids after the vocabulary; returns the ids.
+
+        The token is matched in the raw prompt, case-sensitively, before any cleaning or BPE (like a
+        Hugging Face added token), and stands for all `count` ids: a multi-vector embedding. As in
+        diffusers, the ids after the first are also reachable alone as token_1, token_2, ...
+        """
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        taken = [n for n in names if n in self.encoder or n in self.added_tokens]
+        if taken or not token.strip():
+            raise ValueError(f"cannot add the token {token!r}: " + (f"{taken[0]!r} is already in the vocabulary"
+                                                                    if taken else "it is blank"))
+        ids = list(range(self.vocab_size, self.vocab_size + count))
+        self.added_tokens[token] = ids
+        for i in range(1, count):
+            self.added_tokens[names[i]] = [ids[i]]
+        for name, i in zip(names, ids):
+            self.decoder[i] = name
+        self.vocab_size += count
+        # longest first, so that "<cat>_1" is not read as "<cat>" followed by "_1"
+        alternatives = sorted(self.added_tokens, key=len, reverse=True)
+        self._added_pattern = regex.compile("|".join(regex.escape(a) for a in alternatives))
+        return ids
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -206,6 +233,16 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start/end tokens and without truncation."""
+        if self._added_pattern is not None:  # added tokens first; the text between them goes through BPE
+            ids, start = [], 0
+            for match in self._added_pattern.finditer(text):
+                ids += self.encode_bpe(text[start:match.start()]) + self.added_tokens[match.group()]
+                start = match.end()
+            return ids + self.encode_bpe(text[start:])
+        return self.encode_bpe(text)
+
+    def encode_bpe(self, text: str) -> list[int]:
+        """Token ids of `text` by the pre-tokenizer and BPE alone."""
         # An unknown piece cannot come out of byte-level BPE with a matching vocabulary; like
         # CLIP's Hugging Face tokenizer, map it to <|endoftext|> rather than fail.
         return [
@@ -218,12 +255,15 @@ class CLIPTokenizer:
         """Text of a list of ids; word ends become spaces, start/end/padding tokens are dropped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        pieces = [
-            self.decoder[i] for i in ids if not (skip_special_tokens and i in self.special_tokens)
-        ]
-        # Special tokens are plain ASCII, which the byte table maps to itself.
-        data = bytearray(self.byte_decoder[c] for c in "".join(pieces))
-        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+        data = bytearray()
+        for i in ids:
+            if skip_special_tokens and i in self.special_tokens:
+                continue
+            if i >= len(self.encoder):  # an added token: its own text, as a word
+                data += (self.decoder[i] + END_OF_WORD).encode("utf-8")
+            else:  # special tokens are plain ASCII, which the byte table maps to itself
+                data += bytes(self.byte_decoder[c] for c in self.decoder[i])
+        return " ".join(data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").split())
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """A batch of prompts as a LongTensor (B, context_length): sot, pieces, eot, padding."""

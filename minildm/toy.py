@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, init_noise_scale
 from .schedule import NoiseSchedule
 
 # ---------------------------------------------------------------------------- data sets
@@ -161,7 +161,7 @@ def train_toy(data: str = "moons", num_steps: int = 1500, batch_size: int = 512,
 def sample_toy(model, schedule: NoiseSchedule, sampler: str = "ddim", num_steps: int = 50, n: int = 2000,
                generator: torch.Generator | None = None, return_trajectory: bool = False, **options):
     """Draw n points with a named sampler; optionally also the path (num_steps + 1, n, 2) of z_t."""
-    z = torch.randn(n, 2, generator=generator)
+    z = torch.randn(n, 2, generator=generator) * init_noise_scale(sampler, schedule, num_steps, **options)
     path = []
 
     def keep(info):

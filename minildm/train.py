@@ -39,6 +39,7 @@ same global batch over its processes: the loss is the mean over the global batch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -519,6 +520,14 @@ class Budget:
                  started: Optional[float] = None):
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.start = (time.perf_counter() if started is None else started) - elapsed
+        self.costs: dict = {}  # seconds the work after the last step takes (a save, a sample grid), as measured
+
+    @contextlib.contextmanager
+    def reserving(self, name: str):
+        """Time a piece of work the stage also does after its last step, and keep that much time for it."""
+        began = time.perf_counter()
+        yield
+        self.costs[name] = time.perf_counter() - began
 
     @property
     def elapsed(self) -> float:
@@ -548,8 +557,9 @@ class Budget:
 
     def reached(self, step: int) -> bool:
         """Whether the step count or the minutes are used up (on this process)."""
+        reserve = sum(self.costs.values())  # so that the final save and grid end within the minutes too
         return ((self.max_steps is not None and step >= self.max_steps) or
-                (self.max_minutes is not None and self.elapsed >= 60 * self.max_minutes))
+                (self.max_minutes is not None and self.elapsed + reserve >= 60 * self.max_minutes))
 
 
 def _progress_bar(total: Optional[int], desc: str, enabled: bool, initial: int = 0):
@@ -1002,10 +1012,12 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}",
                             **({"budget_left": budget.left()} if budget.max_minutes else {}))
         if cfg.save_every and step % cfg.save_every == 0:
-            save()
+            with budget.reserving("save"):
+                save()
             last_saved = step
         if cfg.sample_every and step % cfg.sample_every == 0:
-            samples()
+            with budget.reserving("samples"):
+                samples()
         if callback is not None and callback("ldm", step, {"loss": mean_loss.item(), "lr": lr}):
             break
     bar.close()

@@ -262,14 +262,10 @@ def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.
     if uncond_context is None:
         uncond_context = ldm.encode_prompt([""])
     uncond_context = uncond_context.to(context).expand(n, -1, -1)
-    # ldm._unet runs the UNet in its own dtype (float16 on a GPU) while the sampler stays in float32.
-    eps_fn = samplers.cfg_denoiser(ldm._unet, context, uncond_context, guidance_scale)
     generator = torch.Generator().manual_seed(int(seed))
     torch.randn(noise.shape, generator=generator)  # generate() drew its noise from it first
-    if ldm.device.type != "cpu":  # as generate(): ancestral noise from a generator on the device
-        generator = torch.Generator(ldm.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    z0 = samplers.SAMPLERS[sampler](eps_fn, noise, ldm.schedule, num_steps, generator=generator,
-                                    callback=callback)
+    z0 = ldm.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
+                               guidance_scale=guidance_scale, generator=generator, callback=callback)
     return ldm.decode_latents(z0) if decode else z0
 
 
@@ -566,7 +562,7 @@ class Gallery:
     figure: object = None
 
 
-DEFAULT_SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "ddpm")
+DEFAULT_SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "ddpm")
 
 
 @torch.no_grad()
@@ -640,6 +636,8 @@ def build_parser():
     p.add_argument("prompts", nargs="+", help="one prompt (filmstrip, attention, gallery, seeds), two "
                    "(interpolate) or three (arithmetic)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the newest run in --runs-dir)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the original inference YAML of an original-layout file that is not SD v1-sized")
     p.add_argument("--runs-dir", default="runs", help="where `python -m minildm.train` writes runs")
     p.add_argument("--out", default="views", help="folder for the PNG/GIF files")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
@@ -674,7 +672,7 @@ def main(argv=None) -> int:
     if args.size is not None and (args.size <= 0 or args.size % 8 or args.size > 4096):
         usage("--size", args.size, "must be a positive multiple of 8, at most 4096")
     check_writable_dir("--out", args.out)
-    ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
+    ldm, _ = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, config=args.config)
     check_int("--steps", args.steps, 1, ldm.schedule.num_timesteps)
     if args.size is not None:
         if args.size > 4 * ldm.default_size:

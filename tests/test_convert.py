@@ -13,6 +13,7 @@ from minildm.clip_text import CLIPTextConfig, CLIPTextModel
 from minildm.schedule import NoiseSchedule
 from minildm.unet import UNet, UNetConfig
 from minildm.vae import AutoencoderKL, VAEConfig
+from reference_configs import diffusers_unet_config, diffusers_vae_config
 
 # A UNet with three levels, two ResBlocks per level and attention on two of them exercises every
 # index of the rename maps (downsamplers, upsamplers after attention and without).
@@ -76,14 +77,14 @@ def test_original_layout_is_what_diffusers_converter_expects(unet):
     models = tiny_models(unet=unet)
     state = original_state(*models)
     unet_model, vae, text = models
-    d_unet = UNet2DConditionModel(**convert.unet_config_to_diffusers(unet_model.cfg))
+    d_unet = UNet2DConditionModel(**diffusers_unet_config(unet_model.cfg))
     converted = sfu.convert_ldm_unet_checkpoint(dict(state), d_unet.config, extract_ema=True)
     d_unet.load_state_dict(converted, strict=True)
     ours = convert.unet_to_diffusers({k: v + 0.01 for k, v in unet_model.state_dict().items()}, unet_model.cfg)
     assert converted.keys() == ours.keys()
     assert all(torch.equal(converted[k], ours[k]) for k in ours), "diffusers did not pick the EMA weights"
 
-    d_vae = DiffusersVAE(**convert.vae_config_to_diffusers(vae.cfg))
+    d_vae = DiffusersVAE(**diffusers_vae_config(vae.cfg))
     converted = sfu.convert_ldm_vae_checkpoint(dict(state), d_vae.config)
     d_vae.load_state_dict(converted, strict=True)
     ours = convert.vae_to_diffusers(vae.state_dict(), vae.cfg)
@@ -315,7 +316,7 @@ def test_sd15_key_set_loads_on_meta_device():
     state["alphas_cumprod"] = torch.empty(1000, device="meta")
     ckpt = convert.split_original(state)
     with torch.device("meta"):
-        d_unet = UNet2DConditionModel(**convert.unet_config_to_diffusers(UNetConfig.sd15()))
+        d_unet = UNet2DConditionModel(**diffusers_unet_config(UNetConfig.sd15()))
     converted = sfu.convert_ldm_unet_checkpoint(dict(state), d_unet.config, extract_ema=True)
     expected = d_unet.state_dict()
     assert converted.keys() == expected.keys()

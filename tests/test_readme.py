@@ -29,5 +29,6 @@ def test_reference_libraries_are_installed():
     parity test or notebook run is skipped for want of them: a skipped parity test proves nothing."""
     import importlib
 
-    for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers", "nbformat", "nbclient"):
+    for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers", "scipy", "peft", "nbformat",
+                 "nbclient"):
         importlib.import_module(name)

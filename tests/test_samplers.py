@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minildm.samplers import (
-    SAMPLERS, cfg_denoiser, ddim_timesteps, dpm_solver_grid, noise_level, sample_ddim, sigma_grid,
+    SAMPLERS, cfg_denoiser, ddim_timesteps, dpm_solver_grid, init_noise_scale, lms_coefficients, noise_level,
+    sample_ddim, sigma_grid,
 )
 from minildm.schedule import NoiseSchedule
 
@@ -28,102 +29,174 @@ def report(ours, ref):
     return f"max abs diff {diff.max():.3e}, mean abs diff {diff.mean():.3e}, ref scale {ref.abs().max():.3f}"
 
 
-def run_diffusers(scheduler, num_steps, z, generator=None, eta=None, patch_grid=None):
-    """The usual diffusers denoising loop, with the same eps function as ours."""
+def run_diffusers(scheduler, num_steps, noise, generator=None, eta=None, patch_grid=None):
+    """The usual diffusers denoising loop from `noise` scaled by the scheduler's own init_noise_sigma.
+
+    Returns the final sample and the sample at the start of every step, in the variance-preserving
+    scale (z_t = x / sqrt(1 + sigma^2) for the schedulers that work on x). Heun's corrector calls and
+    PNDM's warm-up call (which see a trial sample, not a step's state) are left out of the list.
+    """
     scheduler.set_timesteps(num_steps)
     if patch_grid is not None:
         scheduler.sigmas, scheduler.timesteps = patch_grid
     step_kwargs = {} if eta is None else {"eta": eta}
     if generator is not None:
         step_kwargs["generator"] = generator
+    z = noise * scheduler.init_noise_sigma
+    states = []
     for t in scheduler.timesteps:
+        trial = (getattr(scheduler, "state_in_first_order", True) is False
+                 or getattr(scheduler, "counter", None) == 1 and getattr(scheduler.config, "skip_prk_steps", False))
+        if not trial:
+            in_x_scale = hasattr(scheduler, "sigmas") and scheduler.init_noise_sigma != 1.0
+            if in_x_scale:
+                sigma = scheduler.sigmas[scheduler.step_index or 0]
+                states.append(z / (1 + sigma**2).sqrt())
+            else:
+                states.append(z)
         model_in = scheduler.scale_model_input(z, t)
         eps = smooth_eps(model_in, torch.full((z.shape[0],), float(t)))
         z = scheduler.step(eps, t, z, **step_kwargs).prev_sample
-    return z
+    return z, states
+
+
+def run_ours(name, num_steps, noise, generator=None, **options):
+    """minildm's sampler from the same noise, started as a text-to-image run starts (init_noise_scale)."""
+    schedule = NoiseSchedule.sd()
+    states = []
+    z = noise * init_noise_scale(name, schedule, num_steps, **options)
+    out = SAMPLERS[name](smooth_eps, z, schedule, num_steps, generator=generator,
+                         callback=lambda info: states.append(info["z_t"]), **options)
+    return out, states
+
+
+def assert_same_path(ours, ref, atol):
+    """The final latents and every step's z_t agree."""
+    (out, states), (ref_out, ref_states) = ours, ref
+    assert len(states) == len(ref_states), (len(states), len(ref_states))
+    for i, (a, b) in enumerate(zip(states, ref_states)):
+        assert torch.allclose(a, b, atol=atol, rtol=0), f"step {i}: {report(a, b)}"
+    assert torch.allclose(out, ref_out, atol=atol, rtol=0), f"final: {report(out, ref_out)}"
 
 
 # ---------------------------------------------------------------------------- parity with diffusers
 
 ATOL = 1e-5  # float32 rounding of two independent implementations (measured: about 2e-6)
 
+# Stable Diffusion v1.5's scheduler_config.json, as its model folder ships it: every diffusers scheduler
+# below is built from it (from_config keeps the keys a scheduler knows and its defaults for the rest).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+def sd15_scheduler(class_name, **overrides):
+    diffusers = pytest.importorskip("diffusers")
+    return getattr(diffusers, class_name).from_config({**SD15_SCHEDULER_CONFIG, **overrides})
+
 
 @pytest.mark.parametrize("num_steps,eta", [(20, 0.0), (50, 0.0), (20, 0.5), (50, 0.5)])
 def test_ddim_matches_diffusers(num_steps, eta):
     """DDIM (CompVis spacing with +1 offset, abar_0 after the last step) matches diffusers' DDIMScheduler."""
-    diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = sd15_scheduler("DDIMScheduler")
     z = start_noise()
     ref = run_diffusers(sched, num_steps, z, torch.Generator().manual_seed(7), eta=eta)
-    ours = SAMPLERS["ddim"](smooth_eps, z, NoiseSchedule.sd(), num_steps, eta=eta,
-                            generator=torch.Generator().manual_seed(7))
+    ours = run_ours("ddim", num_steps, z, torch.Generator().manual_seed(7), eta=eta)
     assert torch.equal(ddim_timesteps(NoiseSchedule.sd(), num_steps), sched.timesteps)
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=0), report(ours, ref)
+    assert_same_path(ours, ref, ATOL)
 
 
 @pytest.mark.parametrize("num_steps", [20, 50])
 def test_plms_matches_diffusers(num_steps):
-    """PLMS with its warm-up step matches diffusers' PNDMScheduler(skip_prk_steps=True)."""
-    diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    """PLMS with its warm-up step matches diffusers' PNDMScheduler as SD v1.5 configures it (skip_prk_steps)."""
+    sched = sd15_scheduler("PNDMScheduler")
     z = start_noise()
-    ref = run_diffusers(sched, num_steps, z)
-    ours = SAMPLERS["plms"](smooth_eps, z, NoiseSchedule.sd(), num_steps)
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=0), report(ours, ref)
+    assert_same_path(run_ours("plms", num_steps, z), run_diffusers(sched, num_steps, z), ATOL)
 
 
-def test_ddpm_1000_steps_matches_diffusers():
-    """1000-step ancestral DDPM with the fixed-small variance matches diffusers' DDPMScheduler."""
-    diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.DDPMScheduler(**SD_BETAS, clip_sample=False, variance_type="fixed_small")
+@pytest.mark.parametrize("num_steps", [20, 50, 1000])
+def test_ddpm_matches_diffusers(num_steps):
+    """Ancestral DDPM, full and strided, matches diffusers' DDPMScheduler with the same injected noise."""
+    # at 1000 steps SD v1.5's steps_offset=1 would send diffusers to t = 1000; the full chain is 999..0
+    sched = sd15_scheduler("DDPMScheduler", **({"steps_offset": 0} if num_steps == 1000 else {}))
     z = start_noise()
-    ref = run_diffusers(sched, 1000, z, torch.Generator().manual_seed(3))
-    ours = SAMPLERS["ddpm"](smooth_eps, z, NoiseSchedule.sd(), 1000, generator=torch.Generator().manual_seed(3))
-    assert torch.allclose(ours, ref, atol=5e-5, rtol=0), report(ours, ref)  # 1000 steps: about 2e-5
+    ref = run_diffusers(sched, num_steps, z, torch.Generator().manual_seed(3))
+    ours = run_ours("ddpm", num_steps, z, torch.Generator().manual_seed(3))
+    if num_steps < 1000:
+        assert torch.equal(ddim_timesteps(NoiseSchedule.sd(), num_steps), sched.timesteps)
+    assert_same_path(ours, ref, 5e-5)  # 1000 steps: about 2e-5
 
 
 K_REFERENCES = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
 }
-
-
-# diffusers' EulerAncestralDiscreteScheduler has no Karras option; its grid is Euler's, tested here.
-K_CASES = [("euler", False), ("euler", True), ("euler_a", False), ("heun", False), ("heun", True)]
+K_CASES = [(name, karras) for name in K_REFERENCES for karras in (False, True)]
 
 
 @pytest.mark.parametrize("name,karras", K_CASES, ids=[f"{n}-{'karras' if k else 'default'}" for n, k in K_CASES])
 @pytest.mark.parametrize("num_steps", [20, 50])
 def test_k_samplers_match_diffusers(name, num_steps, karras):
-    """Euler, Euler ancestral and Heun match diffusers' discrete schedulers, with and without Karras sigmas."""
-    diffusers = pytest.importorskip("diffusers")
-    options = {"use_karras_sigmas": True} if karras else {}
-    sched = getattr(diffusers, K_REFERENCES[name])(**SD_BETAS, **options)
+    """Euler, Euler ancestral, Heun and LMS match diffusers' schedulers from the same unit-variance noise,
+    step by step, with and without Karras sigmas (diffusers' own start: init_noise_sigma)."""
+    patch_grid = None
+    if name == "euler_a" and karras:  # EulerAncestralDiscreteScheduler has no Karras option: Euler's grid
+        grid = sd15_scheduler("EulerDiscreteScheduler", use_karras_sigmas=True)
+        grid.set_timesteps(num_steps)
+        sched = sd15_scheduler(K_REFERENCES[name])
+        sched.set_timesteps(num_steps)
+        patch_grid = (grid.sigmas, grid.timesteps)
+    else:
+        sched = sd15_scheduler(K_REFERENCES[name], **({"use_karras_sigmas": True} if karras else {}))
     z = start_noise()
-    # our z is variance-preserving; diffusers starts from x = z * sqrt(1 + sigma_max^2)
-    sigma_max = sigma_grid(NoiseSchedule.sd(), num_steps, karras)[0][0]
-    generator = torch.Generator().manual_seed(5) if name == "euler_a" else None
-    ref = run_diffusers(sched, num_steps, z * (1 + sigma_max**2).sqrt(), generator)
-    ours = SAMPLERS[name](smooth_eps, z, NoiseSchedule.sd(), num_steps, karras=karras,
-                          generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=0), report(ours, ref)
+    generator = torch.Generator().manual_seed(5) if name == "euler_a" else None  # the others take none
+    ref = run_diffusers(sched, num_steps, z, generator, patch_grid=patch_grid)
+    ours = run_ours(name, num_steps, z, torch.Generator().manual_seed(5), karras=karras)
+    assert_same_path(ours, ref, ATOL)
+
+
+def test_lms_coefficients_integrate_polynomials_exactly():
+    """One LMS step of order k is exact when dx/dsigma is a polynomial of degree < k in sigma."""
+    sigmas = [14.6, 9.0, 5.5, 3.1, 1.7, 0.0]
+    for order, i in ((1, 0), (2, 1), (3, 2), (4, 3), (4, 4)):
+        derivative = lambda s: 0.3 - 0.2 * s + 0.05 * s**2 - 0.004 * s**3 if order == 4 else 1.5 - 0.7 * s ** (order - 1)
+        weights = lms_coefficients(sigmas, i, order)
+        step = sum(w * derivative(sigmas[i - j]) for j, w in enumerate(weights))
+        a, b = sigmas[i], sigmas[i + 1]
+        if order == 4:
+            exact = sum(c / (p + 1) * (b ** (p + 1) - a ** (p + 1)) for p, c in enumerate((0.3, -0.2, 0.05, -0.004)))
+        else:
+            exact = 1.5 * (b - a) - 0.7 / order * (b**order - a**order)
+        assert step == pytest.approx(exact, rel=1e-12, abs=1e-12), (order, i)
+
+
+def test_init_noise_scale():
+    """Samplers on z_t start from the noise itself; Euler-type ones from x = sigma_max * noise."""
+    schedule = NoiseSchedule.sd()
+    for name in ("ddim", "plms", "ddpm", "dpmpp_2m"):
+        assert init_noise_scale(name, schedule, 20) == 1.0
+    for karras in (False, True):
+        sigma_max = sigma_grid(schedule, 20, karras)[0][0].item()
+        for name in ("euler", "euler_a", "heun", "lms"):
+            assert init_noise_scale(name, schedule, 20, karras=karras) == pytest.approx(sigma_max / math.sqrt(1 + sigma_max**2))
 
 
 @pytest.mark.parametrize("karras", [False, True], ids=["default", "karras"])
 @pytest.mark.parametrize("num_steps", [10, 20, 50])
 def test_dpmpp_2m_matches_diffusers(num_steps, karras):
     """DPM-Solver++(2M) matches diffusers' DPMSolverMultistepScheduler as it comes (its own step grid)."""
-    diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
-                                                  use_karras_sigmas=karras)
+    sched = sd15_scheduler("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+                           use_karras_sigmas=karras)
     z = start_noise()
     ref = run_diffusers(sched, num_steps, z)
     sigmas, timesteps = dpm_solver_grid(NoiseSchedule.sd(), num_steps, karras)
     assert torch.equal(timesteps.long(), sched.timesteps), (timesteps, sched.timesteps)
     assert torch.allclose(sigmas, sched.sigmas, rtol=1e-4, atol=0), report(sigmas, sched.sigmas)
-    ours = SAMPLERS["dpmpp_2m"](smooth_eps, z, NoiseSchedule.sd(), num_steps, karras=karras)
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=0), report(ours, ref)
+    assert_same_path(run_ours("dpmpp_2m", num_steps, z, karras=karras), ref, ATOL)
 
 
 def test_dpmpp_2m_img2img_start_matches_its_grid():
@@ -249,6 +322,7 @@ def test_noise_level_values():
     assert noise_level("ddim", schedule, 50) == schedule.alphas_cumprod[981].item()
     assert noise_level("plms", schedule, 50, first_step=25) == schedule.alphas_cumprod[481].item()
     assert noise_level("ddpm", schedule, 1000) == schedule.alphas_cumprod[999].item()
+    assert noise_level("ddpm", schedule, 50) == schedule.alphas_cumprod[981].item()
     assert math.isclose(noise_level("euler", schedule, 30), schedule.alphas_cumprod[999].item(), rel_tol=1e-5)
     with pytest.raises(ValueError):
         noise_level("nope", schedule, 10)

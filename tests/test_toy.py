@@ -73,7 +73,7 @@ def test_training_reduces_the_loss(trained_toy):
 
 
 @pytest.mark.parametrize("name,num_steps", [
-    ("ddpm", 100), ("ddim", 50), ("plms", 20), ("euler", 30), ("euler_a", 30), ("heun", 15), ("dpmpp_2m", 20),
+    ("ddpm", 100), ("ddim", 50), ("plms", 20), ("euler", 30), ("euler_a", 30), ("heun", 15), ("lms", 20), ("dpmpp_2m", 20),
 ])
 def test_trained_toy_samples_match_the_data(trained_toy, name, num_steps):
     """Every sampler draws points from the trained toy whose distribution is close to the data's."""

@@ -305,6 +305,21 @@ def test_a_budget_counts_the_work_before_the_loop():
     assert train.Budget(5, None).reached(5) and not train.Budget(None, None).reached(10**9)
 
 
+def test_a_budget_keeps_time_for_the_work_after_the_last_step():
+    """A stage stops early enough that the final save and sample grid (timed when they ran during the
+    stage) still end within its minutes."""
+    budget = train.Budget(None, 1.0, started=time.perf_counter() - 58.0)
+    assert not budget.reached(0)
+    with budget.reserving("samples"):
+        time.sleep(0.6)
+    with budget.reserving("save"):
+        time.sleep(0.5)
+    assert budget.elapsed < 60 and budget.reached(0)  # 58 + 1.1 s spent, and 1.1 s more to keep
+    with budget.reserving("save"):  # a measurement replaces the last one of its kind
+        pass
+    assert budget.costs["save"] < 0.1
+
+
 def _wait_for_step(run_dir: Path, stage: str, step: int, proc, timeout: float = 240):
     """Poll metrics.jsonl until `stage` has logged `step`."""
     deadline = time.time() + timeout

@@ -1,0 +1,42 @@
+"""How much of a class the first stage keeps: the evaluation judge on VAE reconstructions of real photos.
+
+    python bench/vae_ceiling.py runs/cpu60b [--runs-dir runs] [--data-dir ../shared/data/cifar10-train-jpg.tar.gz]
+
+A trained CIFAR run's held-out photos x are read by the judge `python -m minildm.evaluate` uses (the
+cached one: run the evaluation first) three ways: as they are, as decode(encode(x)) through the run's
+VAE (posterior mean), and blurred over 4x4 pixel blocks. Samples of a class can hardly be more
+recognisable than the VAE's reconstructions of it. Prints accuracy overall and per class.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from minildm import data as data_module
+from minildm import evaluate
+from minildm.ldm import load_stable_diffusion
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", help="a CIFAR-10 run folder (config.json, model.safetensors)")
+    p.add_argument("--runs-dir", default="runs", help="where the evaluation caches its judge (runs/judges/)")
+    p.add_argument("--data-dir", default=None, help="the CIFAR-10 copy the run used (default: its config's)")
+    args = p.parse_args()
+    run = Path(args.run)
+    train, held = evaluate.run_data(run, args.data_dir)
+    key = evaluate.data_key(train.images, train.labels, steps=evaluate.JUDGE_STEPS, width=32, seed=0)
+    judge, _ = evaluate.load_or_train_judge(Path(args.runs_dir) / "judges" / f"cifar-{key}.safetensors", train, held)
+    x = data_module.to_float(held.images)
+    model = load_stable_diffusion(run / "model.safetensors")
+    with torch.no_grad():
+        rec = torch.cat([model.decode_latents(model.encode_image(x[i:i + 500])) for i in range(0, len(x), 500)])
+    for name, images in (("real photos", x), ("VAE reconstructions", rec), ("blurred 4x4", evaluate.blurred(x))):
+        _, predicted = evaluate.judge_outputs(judge, images)
+        right = predicted == held.labels
+        per_class = " ".join(f"{c} {right[held.labels == k].float().mean():.2f}" for k, c in enumerate(held.class_names))
+        print(f"{name:<20} {right.float().mean():.3f}   {per_class}")
+
+
+if __name__ == "__main__":
+    main()

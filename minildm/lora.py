@@ -1,0 +1,150 @@
+"""LoRA: a fine-tune shipped as low-rank weight deltas, merged into the model's own weights.
+
+A LoRA file holds, for some layers W (out, in) or convolutions W (out, in, kh, kw) of the UNet and the
+text encoder, a "down" matrix A (r, in[, kh, kw]) and an "up" matrix B (out, r[, 1, 1]) of small rank r,
+and often a number alpha. Merging adds their product to the weight:
+
+    W <- W + scale * (alpha / r) * B A          (alpha = r when the file has none)
+
+after which the model runs at its usual speed and nothing else changes. Several LoRAs add up.
+
+Files name the layers in one of two ways, both after diffusers' module names (with the original SD
+names accepted too), never after minildm's, so each name goes through convert's rename maps:
+
+    kohya (A1111, ComfyUI)  lora_unet_<module path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
+                            lora_te_<text_model.... path, "." -> "_">...
+    diffusers / PEFT        unet.<module path>.lora_A.weight / .lora_B.weight (older files: .lora.down/.up,
+                            .lora_linear_layer.down/.up, or processor.to_q_lora.down/.up),
+                            text_encoder.<module path>....
+
+A name with no counterpart, or a shape that does not fit, means a LoRA for another model (SD 2.x, SDXL):
+nothing is merged and the error says so.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import convert
+
+
+@dataclass
+class LoraLayer:
+    """One layer's delta: which model part, its key in minildm's (original) layout, down, up, alpha."""
+
+    part: str                 # "unet" or "text_encoder"
+    key: str                  # the weight's key in the part's state dict, e.g. "...attn1.to_q.weight"
+    down: torch.Tensor        # A (r, in[, kh, kw])
+    up: torch.Tensor          # B (out, r[, 1, 1])
+    alpha: float | None       # None: alpha = r
+
+    def delta(self, shape) -> torch.Tensor:
+        """scale-free alpha / r * B A, shaped like the weight it is added to."""
+        rank = self.down.shape[0]
+        alpha = rank if self.alpha is None else self.alpha
+        product = self.up.flatten(1) @ self.down.flatten(1)                 # (out, in * kh * kw)
+        if product.numel() != torch.Size(shape).numel():
+            raise ValueError(f"shape {tuple(product.shape)}")
+        return (product * (alpha / rank)).reshape(shape)
+
+
+# ---------------------------------------------------------------------------- names
+
+def _module_names(model, part: str) -> dict:
+    """Every name a LoRA may use for a weight of this model part -> its key in the part's state dict."""
+    keys = [k for k in model.state_dict() if k.endswith(".weight")]
+    names = {}
+    if part == "unet":
+        diffusers_keys = convert.unet_to_diffusers({k: k for k in keys}, model.cfg)   # diffusers key -> ours
+        for d_key, key in diffusers_keys.items():
+            module = d_key[: -len(".weight")]
+            names[module] = key
+            names["lora_unet_" + module.replace(".", "_")] = key
+        for key in keys:  # the original (CompVis) module names, which some kohya files use
+            names["lora_unet_" + key[: -len(".weight")].replace(".", "_")] = key
+    else:
+        for key in keys:
+            module = "text_model." + key[: -len(".weight")]
+            names[module] = key
+            names["lora_te_" + module.replace(".", "_")] = key
+    return names
+
+
+KOHYA = re.compile(r"^(lora_(?:unet|te)_.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
+DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down"
+                       r"|lora_linear_layer\.up)\.weight$|^(unet|text_encoder)\.(.+?)\.alpha$")
+PROCESSOR = re.compile(r"^unet\.(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _other_family(keys) -> str | None:
+    """A few words on what model a LoRA was made for, when its names say it is not SD v1."""
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "an SDXL LoRA (it adapts two text encoders)"
+    return None
+
+
+def read_lora(path, unet, text_encoder) -> list[LoraLayer]:
+    """The layers of a LoRA file, matched to this UNet's and text encoder's weights."""
+    state, _ = convert.read_state_dict(path)
+    if not state or not any("lora" in k for k in state):
+        kind = convert.identify(state)
+        what = {"sd1": "a Stable Diffusion v1 checkpoint (a whole model: give it as --ckpt)",
+                "minildm": "a minildm checkpoint (a whole model: give it as --ckpt)"}.get(kind, convert.describe(kind))
+        raise convert.CheckpointError(f"{path} is not a LoRA" + ("" if kind == "unknown" else f": it is {what}"))
+    other = _other_family(state)
+    if other:
+        raise convert.CheckpointError(f"{path} is {other}; minildm applies LoRAs made for SD v1")
+    names = {"unet": _module_names(unet, "unet"), "text_encoder": _module_names(text_encoder, "text_encoder")}
+    found: dict[tuple, dict] = {}
+    for key, value in state.items():
+        if (m := KOHYA.match(key)):
+            name, what = m.group(1), m.group(2)
+            part = "unet" if name.startswith("lora_unet_") else "text_encoder"
+            what = {"lora_down": "down", "lora_up": "up"}.get(what, what)
+        elif (m := PROCESSOR.match(key)):
+            part, name = "unet", m.group(1) + "." + (m.group(2) if m.group(2) != "to_out" else "to_out.0")
+            what = m.group(3)
+        elif (m := DIFFUSERS.match(key)):
+            if m.group(1):
+                part, name = m.group(1), m.group(2)
+                what = "down" if re.search(r"(lora_A|\.down)\.weight$", key) else "up"
+            else:
+                part, name, what = m.group(3), m.group(4), "alpha"
+        else:
+            raise convert.CheckpointError(f"{path}: {key} is not a LoRA weight name minildm knows")
+        found.setdefault((part, name), {})[what] = value
+    layers = []
+    for (part, name), parts in found.items():
+        if name not in names[part]:
+            raise convert.CheckpointError(f"{path} was made for another model: {name} has no counterpart in this "
+                                          f"SD v1 {part.replace('_', ' ')}")
+        if "down" not in parts or "up" not in parts:
+            raise convert.CheckpointError(f"{path}: {name} has no {'down' if 'down' not in parts else 'up'} matrix")
+        alpha = parts.get("alpha")
+        layers.append(LoraLayer(part, names[part][name], parts["down"].float(), parts["up"].float(),
+                                None if alpha is None else float(alpha)))
+    return layers
+
+
+# ---------------------------------------------------------------------------- merging
+
+@torch.no_grad()
+def merge_lora(unet, text_encoder, path, scale: float = 1.0) -> int:
+    """Add a LoRA's deltas, times `scale`, to the weights of unet and text_encoder; returns the number
+    of layers changed. Every delta is checked before any weight changes."""
+    layers = read_lora(path, unet, text_encoder)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    updates = []
+    for layer in layers:
+        weight = models[layer.part].get_parameter(layer.key)
+        try:
+            delta = layer.delta(weight.shape).to(weight.device)
+        except ValueError as e:
+            raise convert.CheckpointError(f"{path} was made for another model: its {layer.key} delta has "
+                                          f"{e}, the weight is {tuple(weight.shape)}") from None
+        updates.append((weight, delta))
+    for weight, delta in updates:
+        weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+    return len(updates)

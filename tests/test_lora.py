@@ -1,0 +1,137 @@
+"""LoRA files: both layouts merged like diffusers' load_lora_weights + fuse_lora, and one clear error for a
+LoRA made for another model."""
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from minildm import convert
+from test_ldm import (SIZE, assert_close_to_reference, diffusers_parts, load_original, models,  # noqa: F401
+                      original_file, write_tokenizer_folder)
+from test_sample import cli_error, run, workdir  # noqa: F401
+
+RANK, ALPHA = 4, 2.0
+
+
+def lora_targets(unet, text):
+    """(kind, module name, module) of the layers a LoRA trainer adapts, named as diffusers and
+    transformers name them: attention and feed-forward layers and the transformers' 1x1 projections."""
+    wanted = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    for name, module in unet.named_modules():
+        if name.endswith(wanted) and isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield "unet", name, module
+    for name, module in text.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")) and isinstance(module, nn.Linear):
+            yield "text_encoder", "text_model." + name.removeprefix("text_model."), module
+
+
+def random_lora(unet, text, layout, seed=0):
+    """A random LoRA for these diffusers/transformers models in the kohya or the diffusers (PEFT) layout."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for kind, name, module in lora_targets(unet, text):
+        w = module.weight
+        kernel = tuple(w.shape[2:])
+        down = torch.randn(RANK, w.shape[1], *kernel, generator=g) * 0.1
+        up = torch.randn(w.shape[0], RANK, *([1] * len(kernel)), generator=g) * 0.1
+        if layout == "kohya":
+            prefix = ("lora_unet_" if kind == "unet" else "lora_te_") + name.replace(".", "_")
+            state.update({f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                          f"{prefix}.alpha": torch.tensor(ALPHA)})
+        else:
+            state.update({f"{kind}.{name}.lora_A.weight": down, f"{kind}.{name}.lora_B.weight": up})
+    return state
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layout):
+    """The same LoRA file, merged at scale 0.7, gives the image diffusers gives after load_lora_weights and
+    fuse_lora(lora_scale=0.7), and a different image from the model without it."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    path = tmp_path / f"{layout}.safetensors"
+    save_file({k: v.contiguous() for k, v in random_lora(unet, text, layout).items()}, str(path))
+    targets = len(list(lora_targets(unet, text)))  # before peft wraps the layers
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=0.7)
+    ours = load_original(original_file)
+    plain = ours.generate("a cat in a hat", num_steps=4, guidance_scale=5.0, seed=2, output_type="latent")
+    layers = ours.load_lora(path, 0.7)
+    assert layers == targets
+    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(2))
+    z = ours.generate("a cat in a hat", num_steps=4, guidance_scale=5.0, latents=latents, output_type="latent")
+    with torch.no_grad():
+        z_ref = pipe("a cat in a hat", num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE,
+                     latents=latents, output_type="latent").images
+    assert_close_to_reference(z, z_ref, layout)
+    assert (z - plain).abs().max().item() > 1e-2  # the LoRA does change the image
+
+
+def test_loras_add_up_and_scale_zero_changes_nothing(models, original_file, tmp_path):
+    """Merging at scale 0 leaves every weight as it was; two merges at 0.5 equal one at 1."""
+    pytest.importorskip("diffusers")
+    unet, vae, text, _ = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    path = tmp_path / "style.safetensors"
+    save_file({k: v.contiguous() for k, v in random_lora(unet, text, "kohya").items()}, str(path))
+    a, b = load_original(original_file), load_original(original_file)
+    before = {k: v.clone() for k, v in a.unet.state_dict().items()}
+    a.load_lora(path, 0.0)
+    assert all(torch.equal(before[k], v) for k, v in a.unet.state_dict().items())
+    a.load_lora(path, 0.5)
+    a.load_lora(path, 0.5)
+    b.load_lora(path, 1.0)
+    for k, v in b.unet.state_dict().items():
+        torch.testing.assert_close(a.unet.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
+def test_lora_for_another_model_is_a_one_line_error(original_file, tmp_path):
+    """An SDXL LoRA, a LoRA whose shapes fit another model, unknown layer names, and a file that is no
+    LoRA are refused before any weight changes."""
+    model = load_original(original_file)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    cases = {
+        "sdxl": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+                  "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)},
+                 "SDXL LoRA"),
+        "sd2": ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+                 torch.zeros(4, 1024),
+                 "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+                 torch.zeros(64, 4)}, "made for another model: its .*attn2.to_k.weight delta"),
+        "names": ({"lora_unet_middle_block_9_conv.lora_down.weight": torch.zeros(4, 8),
+                   "lora_unet_middle_block_9_conv.lora_up.weight": torch.zeros(8, 4)}, "has no counterpart"),
+        "model": ({convert.UNET_PREFIX + "out.2.bias": torch.zeros(4)}, "not a LoRA: it is .*Stable Diffusion"),
+    }
+    for name, (state, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path))
+        with pytest.raises(convert.CheckpointError, match=message):
+            model.load_lora(path)
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+
+
+def test_command_line_lora(workdir, monkeypatch, tmp_path):  # noqa: F811
+    """--lora FILE:SCALE merges before sampling and is recorded; a bad scale is a usage error."""
+    pytest.importorskip("diffusers")
+    from test_convert import tiny_models
+    from reference_configs import diffusers_unet_config
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel as HFTextModel
+    from reference_configs import transformers_text_config
+
+    unet, _, text = tiny_models()
+    d_unet = UNet2DConditionModel(**diffusers_unet_config(unet.cfg))
+    d_text = HFTextModel(transformers_text_config(text.cfg))
+    save_file({k: v.contiguous() for k, v in random_lora(d_unet, d_text, "kohya").items()},
+              str(workdir / "style.safetensors"))
+    result = run(workdir, "a cat", "--steps", "2", "--seed", "1", "--out", "lora", "--lora", "style.safetensors:0.5")
+    assert result.returncode == 0, result.stderr
+    assert "layers merged at scale 0.5" in result.stderr
+    message = cli_error(workdir, monkeypatch, "a cat", "--lora", "style.safetensors:strong")
+    assert message.startswith("--lora 'style.safetensors:strong': SCALE")

@@ -1,0 +1,126 @@
+"""The SD v1 presets, every field, against independent readings of the original configuration.
+
+Shapes alone cannot catch a wrong head count, GroupNorm group count or schedule: a checkpoint loads
+strictly with any of them. So each preset field is compared with what diffusers reads from the original
+`v1-inference.yaml` (written out below as the original repository ships it), or with the text encoder's
+config of `openai/clip-vit-large-patch14`. The correspondence of names is written out in each test,
+and each test first checks that it covers every field of the dataclass, so a new field cannot pass
+unchecked.
+"""
+import dataclasses
+
+import pytest
+
+from minildm.clip_text import CLIPTextConfig
+from minildm.unet import UNetConfig
+from minildm.vae import VAEConfig
+
+# configs/stable-diffusion/v1-inference.yaml of the original Stable Diffusion repository, as a dict
+# (the training-only entries, such as the learning-rate scheduler, left out).
+V1_INFERENCE = {"model": {
+    "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "params": {
+        "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
+        "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64, "channels": 4,
+        "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+        "scale_factor": 0.18215, "use_ema": False,
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {
+                "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+                "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+                "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768,
+                "use_checkpoint": True, "legacy": False,
+            },
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": 4, "monitor": "val/rec_loss",
+                "ddconfig": {
+                    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+    },
+}}
+
+# text_config of openai/clip-vit-large-patch14's config.json (the text tower SD v1 uses)
+CLIP_L14_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                 "layer_norm_eps": 1e-05}
+
+
+def field_names(cls):
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_unet_preset_matches_diffusers_reading_of_the_yaml():
+    """Every UNetConfig field of the SD v1 preset is the one diffusers reads from v1-inference.yaml."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    d = sfu.create_unet_diffusers_config_from_ldm(V1_INFERENCE, {})
+    ours = UNetConfig()
+    widths = d["block_out_channels"]
+    expected = {
+        "in_channels": d["in_channels"],
+        "out_channels": d["out_channels"],
+        "model_channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "num_res_blocks": d["layers_per_block"],
+        "attention_levels": tuple(i for i, kind in enumerate(d["down_block_types"]) if kind.startswith("CrossAttn")),
+        "num_heads": d["attention_head_dim"],  # for SD v1 diffusers keeps the head count under this name
+        "transformer_depth": d["transformer_layers_per_block"],
+        "context_dim": d["cross_attention_dim"],
+        "norm_groups": 32,  # UNet2DConditionModel's norm_num_groups, which the reading leaves at its default
+        "dropout": 0.0,  # inference: no dropout
+        "num_classes": d.get("num_class_embeds"),
+        "pooled_context": d["class_embed_type"] is not None,
+    }
+    assert set(expected) == field_names(UNetConfig)
+    assert d["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    assert not d["use_linear_projection"]  # SD v1's transformers project with 1x1 convolutions
+    for name, value in expected.items():
+        assert getattr(ours, name) == value, f"UNetConfig.{name}: {getattr(ours, name)!r}, the YAML says {value!r}"
+
+
+def test_vae_preset_matches_diffusers_reading_of_the_yaml():
+    """Every VAEConfig field of VAEConfig.sd() is the one diffusers reads from v1-inference.yaml."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    d = sfu.create_vae_diffusers_config_from_ldm(V1_INFERENCE, {})
+    widths = d["block_out_channels"]
+    expected = {
+        "in_channels": d["in_channels"],
+        "base_channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "num_res_blocks": d["layers_per_block"],
+        "z_channels": d["latent_channels"],
+        "norm_groups": 32,  # AutoencoderKL's norm_num_groups default; the original hard-codes 32
+        "dropout": V1_INFERENCE["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["dropout"],
+        "scale_factor": d["scaling_factor"],
+    }
+    assert set(expected) == field_names(VAEConfig)
+    assert d["out_channels"] == d["in_channels"]
+    ours = VAEConfig.sd()
+    for name, value in expected.items():
+        assert getattr(ours, name) == value, f"VAEConfig.{name}: {getattr(ours, name)!r}, the YAML says {value!r}"
+
+
+def test_text_encoder_preset_matches_clip_vit_l14():
+    """Every CLIPTextConfig field of the ViT-L/14 preset is the published text config's."""
+    expected = {
+        "vocab_size": CLIP_L14_TEXT["vocab_size"],
+        "context_length": CLIP_L14_TEXT["max_position_embeddings"],
+        "width": CLIP_L14_TEXT["hidden_size"],
+        "num_layers": CLIP_L14_TEXT["num_hidden_layers"],
+        "num_heads": CLIP_L14_TEXT["num_attention_heads"],
+        "mlp_width": CLIP_L14_TEXT["intermediate_size"],
+        "layer_norm_eps": CLIP_L14_TEXT["layer_norm_eps"],
+    }
+    assert set(expected) == field_names(CLIPTextConfig)
+    ours = CLIPTextConfig.vit_l14()
+    for name, value in expected.items():
+        assert getattr(ours, name) == value, f"CLIPTextConfig.{name}: {getattr(ours, name)!r}, CLIP says {value!r}"
+
