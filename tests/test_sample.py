@@ -202,3 +202,34 @@ def test_slug_names_files_by_prompt():
     """Prompts become short lower-case file names; an empty prompt is 'unconditional'."""
     assert slug("A cat, in a hat!") == "a-cat-in-a-hat"
     assert slug("") == "unconditional" and len(slug("word " * 40)) <= 60
+
+
+def test_inpainting_model_of_another_size_from_the_command_line(workdir, monkeypatch):
+    """An original-layout 9-channel inpainting model of a non-SD size runs with --config (its YAML),
+    --init-image and --mask, at strength 1 by default; without the YAML or the mask it says what it needs."""
+    import yaml
+
+    from minildm.clip_text import CLIPTextConfig, CLIPTextModel
+    from minildm.unet import UNet, UNetConfig
+    from minildm.vae import AutoencoderKL, VAEConfig
+    from reference_configs import original_yaml
+    from test_convert import UNET_3LEVEL, original_state, write_safetensors
+
+    torch.manual_seed(2)
+    unet_cfg = UNetConfig(**dict(UNET_3LEVEL, in_channels=9, context_dim=64, norm_groups=32))
+    vae_cfg = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, scale_factor=0.7)
+    models = UNet(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(CLIPTextConfig(width=64, num_layers=2,
+                                                                                  num_heads=1, mlp_width=128))
+    write_safetensors(workdir / "inpaint.safetensors", original_state(*models))
+    (workdir / "inpaint.yaml").write_text(yaml.safe_dump(original_yaml(unet=unet_cfg, vae=vae_cfg)))
+    result = run(workdir, "a red door", "--ckpt", "inpaint.safetensors", "--config", "inpaint.yaml",
+                 "--init-image", "init.png", "--mask", "mask.png", "--steps", "2", "--seed", "1", "--out", "inp")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(Image.open(workdir / "inp" / "a-red-door-1.png").text["minildm"])
+    assert settings["strength"] == 1.0
+    message = cli_error(workdir, monkeypatch, "a red door", "--ckpt", "inpaint.safetensors", "--init-image", "init.png",
+                        "--mask", "mask.png")
+    assert "another size than SD v1's" in message and "--config" in message
+    message = cli_error(workdir, monkeypatch, "a red door", "--ckpt", "inpaint.safetensors", "--config", "inpaint.yaml",
+                        "--init-image", "init.png")
+    assert "is an inpainting model" in message and "--mask" in message
