@@ -25,8 +25,7 @@ def main():
     args = p.parse_args()
     run = Path(args.run)
     train, held = evaluate.run_data(run, args.data_dir)
-    key = evaluate.data_key(train.images, train.labels, steps=evaluate.JUDGE_STEPS, width=32, seed=0)
-    judge, _ = evaluate.load_or_train_judge(Path(args.runs_dir) / "judges" / f"cifar-{key}.safetensors", train, held)
+    judge, _ = evaluate.load_or_train_judge(evaluate.cached_judge_path(args.runs_dir, train), train, held)
     x = data_module.to_float(held.images)
     model = load_stable_diffusion(run / "model.safetensors")
     with torch.no_grad():

@@ -125,6 +125,12 @@ def data_key(images: torch.Tensor, labels: torch.Tensor, **settings) -> str:
     return h.hexdigest()[:16]
 
 
+def cached_judge_path(runs_dir, train, steps: int = JUDGE_STEPS) -> Path:
+    """Where the judge for these training images is cached: <runs_dir>/judges/cifar-<data key>.safetensors."""
+    key = data_key(train.images, train.labels, steps=steps, width=32, seed=0)
+    return Path(runs_dir) / "judges" / f"cifar-{key}.safetensors"
+
+
 def load_or_train_judge(path, train, held, steps: int = JUDGE_STEPS, width: int = 32, seed: int = 0,
                         progress: bool = True) -> tuple:
     """(judge, info): the judge cached at `path`, or a new one trained on `train` and saved there.
@@ -381,8 +387,7 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
     run_dir = Path(run_dir)
     train, held = run_data(run_dir, data_dir)
     if judge_path is None:
-        key = data_key(train.images, train.labels, steps=judge_steps, width=32, seed=0)
-        judge_path = Path(runs_dir) / "judges" / f"cifar-{key}.safetensors"
+        judge_path = cached_judge_path(runs_dir, train, judge_steps)
     judge, info = load_or_train_judge(judge_path, train, held, steps=judge_steps, progress=progress)
     print(f"judge: {judge_path} ({'cached' if info['cached'] else 'trained now'})", file=sys.stderr)
     if model is None:

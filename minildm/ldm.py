@@ -460,6 +460,9 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
         if ckpt.text_encoder is None:
             raise convert.CheckpointError(f"{path} has no text encoder weights "
                                           "(cond_stage_model.transformer.*), so prompts cannot be encoded")
+        no_vae = f"{path} has no VAE weights (first_stage_model.*) to decode latents"
+        if ckpt.vae is None:
+            raise convert.CheckpointError(no_vae)
         if meta:
             unet_config = unet_config or UNetConfig.from_dict(meta["unet"])
             vae_config = vae_config or (VAEConfig.from_dict(meta["vae"]) if meta.get("vae") else None)
@@ -470,12 +473,10 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
             if meta.get("prediction", "eps") != "eps":
                 raise convert.CheckpointError(f"{path} predicts {meta['prediction']}; only eps is supported")
         else:
-            if ckpt.vae is None:
-                raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
             unet_config, vae_config, text_config, scale_factor, schedule = _original_configs(
                 path, ckpt, use_ema, config, unet_config, vae_config, text_config)
-        if ckpt.vae is None or vae_config is None:
-            raise convert.CheckpointError(f"{path} has no VAE weights (first_stage_model.*) to decode latents")
+        if vae_config is None:  # a minildm file saved without its VAE's config
+            raise convert.CheckpointError(no_vae)
         schedule = schedule or NoiseSchedule.sd()
         _check_schedule(schedule, ckpt.buffers)
 

@@ -27,7 +27,6 @@ import torch
 
 from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
                   free_path, load_model, usage)
-from .convert import CheckpointError
 from .samplers import SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
@@ -159,35 +158,32 @@ def check_flags(args) -> None:
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
     check_writable_dir("--out", args.out)
-    args.embedding = [split_embedding(value) for value in args.embedding]
-    args.lora = [split_lora(value) for value in args.lora]
-    for path, _ in args.lora:
-        check_readable_file("--lora", path)
-    for path, _ in args.embedding:
-        check_readable_file("--embedding", path)
+    args.embedding = [split_file_option("--embedding", value, "TOKEN") for value in args.embedding]
+    args.lora = [(path, lora_scale(path, scale)) for path, scale in
+                 (split_file_option("--lora", value, "SCALE") for value in args.lora)]
+    for flag, files in (("--lora", args.lora), ("--embedding", args.embedding)):
+        for path, _ in files:
+            check_readable_file(flag, path)
 
 
-def split_embedding(value: str) -> tuple[str, str | None]:
-    """'FILE' or 'FILE:TOKEN' -> (file, token or None); a path that exists as written is never split."""
+def split_file_option(flag: str, value: str, what: str) -> tuple[str, str | None]:
+    """'FILE' or 'FILE:WHAT' -> (file, what or None); a path that exists as written is never split."""
     if os.path.exists(value) or ":" not in value:
         return value, None
-    path, token = value.rsplit(":", 1)
-    if not token.strip():
-        usage("--embedding", value, "TOKEN after the colon must not be empty")
-    return path, token
+    path, suffix = value.rsplit(":", 1)
+    if not suffix.strip():
+        usage(flag, value, f"{what} after the colon must not be empty")
+    return path, suffix
 
 
-def split_lora(value: str) -> tuple[str, float]:
-    """'FILE' or 'FILE:SCALE' -> (file, scale); a path that exists as written is never split."""
-    if os.path.exists(value) or ":" not in value:
-        return value, 1.0
-    path, scale = value.rsplit(":", 1)
+def lora_scale(path: str, scale: str | None) -> float:
+    """The number after --lora FILE: (1 without one), within [-10, 10]."""
     try:
-        number = float(scale)
+        number = 1.0 if scale is None else float(scale)
     except ValueError:
-        usage("--lora", value, "SCALE after the colon must be a number, e.g. style.safetensors:0.8")
+        usage("--lora", f"{path}:{scale}", "SCALE after the colon must be a number, e.g. style.safetensors:0.8")
     check_float("--lora scale", number, -10, 10)
-    return path, number
+    return number
 
 
 def main(argv=None) -> int:
@@ -211,13 +207,13 @@ def main(argv=None) -> int:
     for path, scale in args.lora:
         try:
             layers = model.load_lora(path, scale)
-        except (CheckpointError, ValueError) as e:
+        except ValueError as e:  # CheckpointError included
             fail(f"--lora {path}: {e}")
         notes.append(f"LoRA {path}: {layers} layers merged at scale {scale:g}")
     for path, token in args.embedding:
         try:
             token = model.load_textual_inversion(path, token)
-        except (CheckpointError, ValueError) as e:
+        except ValueError as e:  # CheckpointError included
             fail(f"--embedding {path}: {e}")
         notes.append(f"embedding {path}: write {token} in the prompt")
     if model.is_inpainting_model:

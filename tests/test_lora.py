@@ -7,7 +7,7 @@ from torch import nn
 
 from minildm import convert
 from test_ldm import (SIZE, assert_close_to_reference, diffusers_parts, load_original, models,  # noqa: F401
-                      original_file, write_tokenizer_folder)
+                      original_file, reference_pipeline, write_tokenizer_folder)
 from test_sample import cli_error, run, workdir  # noqa: F401
 
 RANK, ALPHA = 4, 2.0
@@ -47,18 +47,12 @@ def random_lora(unet, text, layout, seed=0):
 def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layout):
     """The same LoRA file, merged at scale 0.7, gives the image diffusers gives after load_lora_weights and
     fuse_lora(lora_scale=0.7), and a different image from the model without it."""
-    diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path)
     path = tmp_path / f"{layout}.safetensors"
-    save_file({k: v.contiguous() for k, v in random_lora(unet, text, layout).items()}, str(path))
-    targets = len(list(lora_targets(unet, text)))  # before peft wraps the layers
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    lora = random_lora(pipe.unet, pipe.text_encoder, layout)
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
+    targets = len(list(lora_targets(pipe.unet, pipe.text_encoder)))  # before peft wraps the layers
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=0.7)
     ours = load_original(original_file)

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from minildm import convert
-from minildm.sample import main
 from test_convert import _RunsCode
-from test_ldm import SIZE, diffusers_parts, load_original, models, original_file, write_tokenizer_folder  # noqa: F401
+from test_ldm import load_original, models, original_file, reference_pipeline  # noqa: F401
 from test_sample import cli_error, run, workdir  # noqa: F401
 
 WIDTH = 32  # the tiny text encoder's width
@@ -36,15 +35,10 @@ CASES = [("diffusers", 1, "emb.bin"), ("diffusers-safetensors", 3, "emb.safetens
 def test_prompts_match_diffusers_load_textual_inversion(models, original_file, tmp_path, layout, count, name):
     """After loading the same file, a prompt with the token gives the same token ids and the same context as
     diffusers' StableDiffusionPipeline.load_textual_inversion (multi-vector tokens included)."""
-    import diffusers
-
     vectors = torch.randn(count, WIDTH, generator=torch.Generator().manual_seed(count))
     path = write_embedding(tmp_path / name, layout, vectors)
     ours = load_original(original_file)
-    unet, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=diffusers.DDIMScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path)
     before = ours.encode_prompt("a photo of a cat")
     assert ours.load_textual_inversion(path) == "<cat-toy>"
     pipe.load_textual_inversion(str(path))
