@@ -2,6 +2,8 @@
 
     python bench/vae_ceiling.py runs/cpu60b [--runs-dir runs] [--data-dir ../shared/data/cifar10-train-jpg.tar.gz]
 
+The run may be a whole run (model.safetensors) or a first stage alone (`--stage vae`: vae.safetensors),
+which makes this a quick screen of a first-stage design before an hour is spent on stage 2.
 A trained CIFAR run's held-out photos x are read by the judge `python -m minildm.evaluate` uses (the
 cached one: run the evaluation first) three ways: as they are, as decode(encode(x)) through the run's
 VAE (posterior mean), and blurred over 4x4 pixel blocks. Samples of a class can hardly be more
@@ -15,11 +17,12 @@ import torch
 from minildm import data as data_module
 from minildm import evaluate
 from minildm.ldm import load_stable_diffusion
+from minildm.train import load_vae
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", help="a CIFAR-10 run folder (config.json, model.safetensors)")
+    p.add_argument("run", help="a CIFAR-10 run folder (config.json and model.safetensors or vae.safetensors)")
     p.add_argument("--runs-dir", default="runs", help="where the evaluation caches its judge (runs/judges/)")
     p.add_argument("--data-dir", default=None, help="the CIFAR-10 copy the run used (default: its config's)")
     args = p.parse_args()
@@ -27,9 +30,14 @@ def main():
     train, held = evaluate.run_data(run, args.data_dir)
     judge, _ = evaluate.load_or_train_judge(evaluate.cached_judge_path(args.runs_dir, train), train, held)
     x = data_module.to_float(held.images)
-    model = load_stable_diffusion(run / "model.safetensors")
+    if (run / "model.safetensors").exists():
+        model = load_stable_diffusion(run / "model.safetensors")
+        reconstruct = lambda images: model.decode_latents(model.encode_image(images))
+    else:
+        vae, _ = load_vae(run / "vae.safetensors")
+        reconstruct = lambda images: vae.decode(vae.encode(images).mode()).clamp(-1, 1)
     with torch.no_grad():
-        rec = torch.cat([model.decode_latents(model.encode_image(x[i:i + 500])) for i in range(0, len(x), 500)])
+        rec = torch.cat([reconstruct(x[i:i + 500]) for i in range(0, len(x), 500)])
     for name, images in (("real photos", x), ("VAE reconstructions", rec), ("blurred 4x4", evaluate.blurred(x))):
         _, predicted = evaluate.judge_outputs(judge, images)
         right = predicted == held.labels
