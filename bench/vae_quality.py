@@ -8,7 +8,7 @@ minildm/convert.py), an original-layout file with first_stage_model.* keys, or a
 (keys encoder.*, decoder.*, ...) together with --preset. It prints
 
     PSNR          mean over held-out images of 10 log10(1 / MSE), pixels in [0, 1], reconstruction
-                  = decode(posterior mode), clamped (the same definition as minildm.train.psnr);
+                  = decode(posterior mode), clamped (the same definition as minildm.steps.psnr);
                   also the PSNR of the pooled MSE, which is lower (Jensen's inequality)
     compression   numbers per image / numbers per latent, e.g. 32*32*3 / (8*8*4) = 12
     ms/image      encode + decode time per image at the given batch size

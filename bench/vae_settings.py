@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minildm import data as data_module
-from minildm.train import psnr
+from minildm.steps import psnr
 from minildm.vae import AutoencoderKL, VAEConfig, VAELoss
 
 

@@ -12,7 +12,9 @@ The package follows the data flow of a latent diffusion model, one concept per m
     convert.py    the only module that knows checkpoint key names
     ldm.py        the composed model: text -> context, noise -> latents -> image
     data.py       data sets: CIFAR-10, a folder of images, generated shapes
-    train.py      the training command line
+    steps.py      the training step: diffusion loss, caption dropout, EMA
+    plumbing.py   a training run's processes, seeds, run folder and budgets
+    train/        the two training stages and the training command line
     sample.py     the sampling command line
 
 Names are imported lazily, so `import minildm` stays cheap.

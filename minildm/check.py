@@ -476,9 +476,9 @@ def reference_05():
 # ----------------------------------------------------------------------------------------------
 
 def check_training_loss(impl) -> None:
-    """training_loss(model, schedule, z0, context, t, noise) equals train.diffusion_loss."""
+    """training_loss(model, schedule, z0, context, t, noise) equals steps.diffusion_loss."""
     from .schedule import NoiseSchedule
-    from .train import diffusion_loss
+    from .steps import diffusion_loss
 
     model = _FakeConditionalModel()
     schedule = NoiseSchedule.sd()
@@ -491,8 +491,8 @@ def check_training_loss(impl) -> None:
 
 
 def check_ema_update(impl) -> None:
-    """ema_update(shadow, weights, decay, num_updates) follows train.EMA, warm-up included."""
-    from .train import EMA
+    """ema_update(shadow, weights, decay, num_updates) follows steps.EMA, warm-up included."""
+    from .steps import EMA
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -515,7 +515,7 @@ def check_ema_update(impl) -> None:
 
 
 def reference_06():
-    from .train import EMA, diffusion_loss
+    from .steps import EMA, diffusion_loss
 
     def training_loss(model, schedule, z0, context, t, noise):
         return diffusion_loss(model, schedule, z0, context, t, noise)

@@ -12,7 +12,7 @@ the step where `strength` says to start. Inpainting also keeps, at every step, t
 
 This is the only module that applies the latent scale factor (0.18215 for SD v1): the VAE works on
 unscaled latents, the UNet and samplers on scaled ones, which have roughly unit variance. Training
-(train.py) crosses the same border through `to_diffusion_latents`.
+(minildm/train/) crosses the same border through `to_diffusion_latents`.
 
 Notation (code -> paper): x image in [-1, 1] (x in the paper), z latent z_0 = scale_factor * E(x),
 z_t noisy latent, context tau_theta(y), guidance_scale w (classifier-free guidance), strength

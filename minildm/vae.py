@@ -114,7 +114,7 @@ class VAEConfig:
             channels 64/128/128, 1 block   3.79M params   21.3 img/CPU-s   19.7 dB
         Width at 32x32 and 16x16 pays more per FLOP than a second block or width at 8x8.
         scale_factor is a placeholder until `estimate_scale_factor` is run on the trained model
-        (train.py stores the measured value in the checkpoint).
+        (training stores the measured value in the checkpoint).
         """
         return cls(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
                    norm_groups=16, scale_factor=1.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minildm import data, train
+from minildm import data, plumbing, steps, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -42,13 +42,13 @@ def cli(args, **kwargs):
 
 def test_lr_schedule_and_ema_follow_their_formulas():
     """Warm-up is linear, the cosine ends at min_ratio, and the EMA is the stated running average."""
-    assert train.lr_factor(0, 10, 0.0, 0.1) == pytest.approx(0.1)
-    assert train.lr_factor(9, 10, 0.0, 0.1) == pytest.approx(1.0)
-    assert train.lr_factor(50, 10, 0.5, 0.1) == pytest.approx(0.55)
-    assert train.lr_factor(99, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert plumbing.lr_factor(0, 10, 0.0, 0.1) == pytest.approx(0.1)
+    assert plumbing.lr_factor(9, 10, 0.0, 0.1) == pytest.approx(1.0)
+    assert plumbing.lr_factor(50, 10, 0.5, 0.1) == pytest.approx(0.55)
+    assert plumbing.lr_factor(99, 10, 1.0, 0.1) == pytest.approx(0.1)
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = train.EMA(model, decay=0.5)
+    ema = steps.EMA(model, decay=0.5)
     with torch.no_grad():
         model.weight.fill_(1.0)
     ema.update(model)  # decay min(0.5, 2/11) = 2/11: ema = 9/11
@@ -57,18 +57,18 @@ def test_lr_schedule_and_ema_follow_their_formulas():
 
 def test_data_order_is_a_function_of_seed_and_step():
     """Each epoch visits every image once, in an order fixed by (seed, step) alone."""
-    steps = [train.global_batch_indices(40, 8, seed=1, step=s) for s in range(5)]
+    steps = [plumbing.global_batch_indices(40, 8, seed=1, step=s) for s in range(5)]
     assert sorted(torch.cat(steps).tolist()) == list(range(40))
-    assert torch.equal(steps[3], train.global_batch_indices(40, 8, seed=1, step=3))
-    assert not torch.equal(train.global_batch_indices(40, 8, seed=1, step=5), steps[0])
+    assert torch.equal(steps[3], plumbing.global_batch_indices(40, 8, seed=1, step=3))
+    assert not torch.equal(plumbing.global_batch_indices(40, 8, seed=1, step=5), steps[0])
 
 
 def test_caption_dropout_rate():
     """About 10% of captions become empty, and which ones is fixed by the generator."""
     captions = ["a red circle"] * 5000
-    dropped = train.drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
+    dropped = steps.drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
     assert 0.08 < dropped.count("") / 5000 < 0.12
-    assert dropped == train.drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
+    assert dropped == steps.drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
 
 
 def test_end_to_end_cli_then_sample(tmp_path):
@@ -179,7 +179,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     """A NaN loss stops training with a message naming the last good checkpoint, which still loads."""
     cfg = tiny_config(tmp_path / "n", ldm_steps=6, save_every=2)
     vae, scale = train.train_vae(cfg)
-    real = train.diffusion_loss
+    real = steps.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -187,8 +187,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(train, "diffusion_loss", poisoned)
-    with pytest.raises(train.TrainingDiverged, match="step 3.*last good checkpoint \\(step 2\\)"):
+    monkeypatch.setattr(train.stage2, "diffusion_loss", poisoned)   # the name the stage-2 loop calls
+    with pytest.raises(plumbing.TrainingDiverged, match="step 3.*last good checkpoint \\(step 2\\)"):
         train.train_ldm(cfg, vae=vae, scale_factor=scale)
     from minildm.convert import load_checkpoint
     assert load_checkpoint(tmp_path / "n" / "model.safetensors").unet is not None
@@ -241,7 +241,7 @@ def test_distinct_captions_are_encoded_once_with_the_same_loss_and_gradients():
     from minildm.unet import UNet, UNetConfig
     unet_cfg = UNetConfig.tiny()
     unet_cfg.pooled_context = True
-    denoiser = train.Denoiser(UNet(unet_cfg), CLIPTextModel(CLIPTextConfig.tiny()))
+    denoiser = steps.Denoiser(UNet(unet_cfg), CLIPTextModel(CLIPTextConfig.tiny()))
     tokens = CLIPTokenizer.default()(["a cat", "a dog", "a cat", "", "a dog", "a cat"])
     z, t = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,))
 
@@ -298,17 +298,17 @@ def test_the_plain_command_picks_a_plan_for_the_machine(monkeypatch, capsys):
 
 def test_a_budget_counts_the_work_before_the_loop():
     """The clock starts when the run started (data loading, caching), not when the loop begins."""
-    budget = train.Budget(None, 1.0, started=time.perf_counter() - 59.9)
+    budget = plumbing.Budget(None, 1.0, started=time.perf_counter() - 59.9)
     assert not budget.reached(0)
     time.sleep(0.2)
     assert budget.reached(0) and budget.progress(0) >= 1.0
-    assert train.Budget(5, None).reached(5) and not train.Budget(None, None).reached(10**9)
+    assert plumbing.Budget(5, None).reached(5) and not plumbing.Budget(None, None).reached(10**9)
 
 
 def test_a_budget_keeps_time_for_the_work_after_the_last_step():
     """A stage stops early enough that the final save and sample grid (timed when they ran during the
     stage) still end within its minutes."""
-    budget = train.Budget(None, 1.0, started=time.perf_counter() - 58.0)
+    budget = plumbing.Budget(None, 1.0, started=time.perf_counter() - 58.0)
     assert not budget.reached(0)
     with budget.reserving("samples"):
         time.sleep(0.6)
@@ -394,8 +394,8 @@ def test_min_snr_weighting_follows_its_formula():
     def predictor(z_t, t, tokens):
         return torch.zeros_like(z_t)                # error = noise, per example mean(noise^2)
 
-    plain = train.diffusion_loss(predictor, schedule, z, None, t, noise)
-    weighted = train.diffusion_loss(predictor, schedule, z, None, t, noise, min_snr_gamma=5.0)
+    plain = steps.diffusion_loss(predictor, schedule, z, None, t, noise)
+    weighted = steps.diffusion_loss(predictor, schedule, z, None, t, noise, min_snr_gamma=5.0)
     per_example = noise.pow(2).flatten(1).mean(1)
     snr = schedule.snr(t)
     assert snr[0] > 5 > snr[1]

@@ -180,7 +180,7 @@ def test_conditioning_arithmetic(ldm):
 
 
 def test_views_on_a_saved_run(ldm, tmp_path):
-    """A checkpoint written as train.py writes it loads through load_stable_diffusion and feeds a view."""
+    """A checkpoint written as training writes it loads through load_stable_diffusion and feeds a view."""
     from minildm.convert import save_checkpoint
     from minildm.ldm import find_latest_checkpoint, load_stable_diffusion
 

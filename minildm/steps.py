@@ -1,0 +1,127 @@
+"""The training step, as a chapter: what one optimizer step of each stage computes.
+
+Stage 2 (lesson 06) in seven lines, each a function here or in schedule.py:
+
+    z       = to_diffusion_latents(vae.encode(x).sample(), scale_factor)   unit-variance latents
+    tokens  = tokenizer(drop_captions(captions, 0.1))                     "" teaches guidance's baseline
+    t, eps  = uniform timesteps, standard normal noise
+    z_t     = schedule.q_sample(z, t, eps)                                 the forward process
+    loss    = diffusion_loss(denoiser, schedule, z, tokens, t, eps)        || eps - eps_theta(z_t, t, c) ||^2
+    loss.backward(); optimizer.step()
+    ema.update(denoiser)                                                   the weights that sample
+
+Stage 1 is `vae_step`: reconstruction + KL (and a discriminator's verdict, when there is one), one
+optimizer step. `train/stage1.py` and `train/stage2.py` run these in their loops; `plumbing.py` does the rest of a run's work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_module
+from .clip_text import CLIPTextModel
+from .schedule import NoiseSchedule
+from .unet import UNet
+from .vae import AutoencoderKL
+
+
+class EMA:
+    """An exponential moving average of a model's parameters: ema = decay * ema + (1 - decay) * param.
+
+    The effective decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as the original
+    LitEma), so early averages are not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        state = model.state_dict()
+        floats = [(self.shadow[k], v.float()) for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([s for s, _ in floats], [v for _, v in floats], 1 - d)  # shadow += (1-d)(v - shadow)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        model.load_state_dict({k: v.to(p.dtype) for (k, v), p in
+                               zip(self.shadow.items(), model.state_dict().values())})
+        return model
+
+
+class Denoiser(nn.Module):
+    """The trained pair as one module (one DDP wrapper): tokens -> context, then the UNet's eps."""
+
+    def __init__(self, unet: UNet, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, z_t, t, tokens):
+        # Rows of a batch often share a caption (CIFAR-10 has about sixty different ones): encode each
+        # distinct caption once and give its context to every row that has it. Same loss, same gradients.
+        distinct, row = torch.unique(tokens, dim=0, return_inverse=True)    # (U, L), (B,)
+        return self.unet(z_t, t, self.text_encoder(distinct)[row])
+
+
+def diffusion_loss(denoiser, schedule: NoiseSchedule, z: torch.Tensor, tokens: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+    """The simple objective: mean squared error between the noise and the model's estimate of it.
+
+    With `min_snr_gamma`, each example's error is weighted by min(SNR(t), gamma) / SNR(t) (Hang et al.,
+    2023, "min-SNR-gamma" for an eps-predicting model): the nearly clean timesteps, whose noise is easy
+    to tell and whose gradients would dominate, count less; the noisy ones, where the layout and the
+    class of the image are decided, count fully.
+    """
+    z_t = schedule.q_sample(z, t, noise)
+    eps_pred = denoiser(z_t, t, tokens)
+    if min_snr_gamma is None:
+        return F.mse_loss(eps_pred.float(), noise.float())
+    snr = schedule.snr(t.cpu()).to(z.device)                                      # (B,)
+    per_example = (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)    # (B,)
+    return (per_example * snr.clamp(max=min_snr_gamma) / snr).mean()
+
+
+def training_inputs(z: torch.Tensor, captions: list, schedule: NoiseSchedule, caption_dropout: float,
+                    generator: torch.Generator) -> tuple:
+    """The rest of one step's random draws, in this order: (captions with a fraction replaced by "",
+    timesteps t ~ U{0, ..., T-1}, noise ~ N(0, I) shaped like the latents z)."""
+    captions = drop_captions(captions, caption_dropout, generator)
+    t = torch.randint(0, schedule.num_timesteps, (len(z),), generator=generator)
+    noise = torch.randn(z.shape, generator=generator)
+    return captions, t, noise
+
+
+def drop_captions(captions: list, p: float, generator: torch.Generator) -> list:
+    """Replace a fraction p of captions by the empty prompt, which guidance uses as 'unconditional'."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKL, data, batch_size: int = 128, device="cpu") -> float:
+    """Mean PSNR (dB, pixels in [0, 1]) of the VAE's reconstructions (posterior mode) of `data`."""
+    vae.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        x = data_module.to_float(data.images[i:i + batch_size]).to(device)
+        x_rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+        mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        total += (-10 * torch.log10(mse)).sum().item()
+        n += len(x)
+    return total / max(1, n)

@@ -1,0 +1,4 @@
+"""python -m minildm.train: see cli.py."""
+from .cli import main
+
+main()
