@@ -7,7 +7,7 @@
         --guidance 1 3 5 --grid bench/train_cifar_classes.png
 
 `python -m minildm.evaluate` is the built-in successor of this script (the same judge, a cached one,
-and Fréchet distances too). The judge is `minildm.evaluate.Judge`, a small convolutional network (three
+and Fréchet distances too). The judge is `minildm.judge.Judge`, a small convolutional network (three
 stages of two 3x3 convolutions with batch norm, then global average pooling), trained with random crops and flips for a wall-clock budget, and its
 own accuracy on the 5,000 held-out images is printed first: a sample's class accuracy can only be
 read against it. Chance is 10%.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minildm import data as data_module
-from minildm.evaluate import Judge, augment
+from minildm.judge import Judge, augment
 from minildm.ldm import find_latest_checkpoint, load_stable_diffusion
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minildm import data as data_module
-from minildm import evaluate
+from minildm import evaluate, judge as judge_module
 from minildm.ldm import load_stable_diffusion
 from minildm.train import load_vae
 
@@ -28,7 +28,7 @@ def main():
     args = p.parse_args()
     run = Path(args.run)
     train, held = evaluate.run_data(run, args.data_dir)
-    judge, _ = evaluate.load_or_train_judge(evaluate.cached_judge_path(args.runs_dir, train), train, held)
+    judge, _ = judge_module.load_or_train_judge(judge_module.cached_judge_path(args.runs_dir, train), train, held)
     x = data_module.to_float(held.images)
     if (run / "model.safetensors").exists():
         model = load_stable_diffusion(run / "model.safetensors")
@@ -38,8 +38,8 @@ def main():
         reconstruct = lambda images: vae.decode(vae.encode(images).mode()).clamp(-1, 1)
     with torch.no_grad():
         rec = torch.cat([reconstruct(x[i:i + 500]) for i in range(0, len(x), 500)])
-    for name, images in (("real photos", x), ("VAE reconstructions", rec), ("blurred 4x4", evaluate.blurred(x))):
-        _, predicted = evaluate.judge_outputs(judge, images)
+    for name, images in (("real photos", x), ("VAE reconstructions", rec), ("blurred 4x4", judge_module.blurred(x))):
+        _, predicted = judge_module.judge_outputs(judge, images)
         right = predicted == held.labels
         per_class = " ".join(f"{c} {right[held.labels == k].float().mean():.2f}" for k, c in enumerate(held.class_names))
         print(f"{name:<20} {right.float().mean():.3f}   {per_class}")

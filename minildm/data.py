@@ -70,6 +70,11 @@ def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def class_prompt(name: str) -> str:
+    """The prompt a user would type: "a photo of a cat", "a photo of an airplane"."""
+    return f"a photo of {article(name)} {name}"
+
+
 def fill_template(template: str, name: str, fix_article: bool = True) -> str:
     """A template with a class name filled in, fixing the article: "a photo of an airplane"."""
     text = template.format(name)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minildm import data, evaluate
+from minildm import data, judge
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -23,9 +23,9 @@ def test_frechet_distance_matches_its_closed_form():
     b = 2 * a + 3
     S = torch.cov(a.T)
     expected = (a.mean(0) - b.mean(0)).pow(2).sum() + S.trace()
-    assert evaluate.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
-    assert evaluate.frechet_distance(b, a) == pytest.approx(expected.item(), rel=1e-6)
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+    assert judge.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
+    assert judge.frechet_distance(b, a) == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(judge.frechet_distance(a, a)) < 1e-6
 
 
 def test_latent_probe_reads_separable_classes_and_chance_otherwise():
@@ -34,15 +34,15 @@ def test_latent_probe_reads_separable_classes_and_chance_otherwise():
     labels = torch.arange(4).repeat(50)
     centres = torch.randn(4, 4, 2, 2, generator=g) * 3
     latents = centres[labels] + torch.randn(200, 4, 2, 2, generator=g)
-    probe = evaluate.LatentProbe(latents, labels, 4)
+    probe = judge.LatentProbe(latents, labels, 4)
     fresh = centres[labels] + torch.randn(200, 4, 2, 2, generator=g)
     assert probe.accuracy(fresh, labels) > 0.95
     assert probe.accuracy(torch.randn(200, 4, 2, 2, generator=g), labels) < 0.5
 
 
 def test_class_prompts_are_what_a_user_types():
-    assert evaluate.class_prompt("cat") == "a photo of a cat"
-    assert evaluate.class_prompt("airplane") == "a photo of an airplane"
+    assert data.class_prompt("cat") == "a photo of a cat"
+    assert data.class_prompt("airplane") == "a photo of an airplane"
 
 
 def fabricated_cifar(root: Path, per_class: int = 8) -> Path:

@@ -402,3 +402,19 @@ def test_min_snr_weighting_follows_its_formula():
     assert plain.item() == pytest.approx(per_example.mean().item(), rel=1e-6)
     expected = (per_example[0] * 5 / snr[0] + per_example[1]) / 2
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lesson_06_quotes_the_step_the_loop_runs():
+    """Every line of lesson 06's training step is a line of train_ldm's loop, in the same order, and
+    every line of its diffusion_loss block is in steps.diffusion_loss: the lesson cannot drift from the code."""
+    import re
+    lesson = (ROOT / "lessons" / "06_training.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", lesson, re.S)
+    step = next(b for b in blocks if "training_inputs(" in b)
+    loss = next(b for b in blocks if "q_sample" in b)
+    for block, source in ((step, ROOT / "minildm" / "train" / "stage2.py"), (loss, ROOT / "minildm" / "steps.py")):
+        code = [line.strip() for line in source.read_text().splitlines()]
+        position = 0
+        for line in block.strip().splitlines():
+            assert line.strip() in code[position:], f"lesson 06 quotes {line.strip()!r}, not in {source.name} (in order)"
+            position = code.index(line.strip(), position) + 1

@@ -58,7 +58,7 @@ def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: f
 def fit_class_probe(vae: AutoencoderKL, train_latents: torch.Tensor, train, held, scale_factor: float,
                     device) -> tuple:
     """(LatentProbe on the training latents, its accuracy on the held-out images' latents)."""
-    from ..evaluate import LatentProbe
+    from ..judge import LatentProbe
 
     probe = LatentProbe(to_diffusion_latents(train_latents, scale_factor), train.labels, len(train.class_names))
     held_latents = to_diffusion_latents(cache_latents(vae, held, device)[0], scale_factor)
@@ -68,9 +68,8 @@ def fit_class_probe(vae: AutoencoderKL, train_latents: torch.Tensor, train, held
 @torch.no_grad()
 def probe_samples(pipeline, probe, class_names, per_class: int, cfg: TrainConfig) -> float:
     """How often the latents sampled for "a photo of a <class>" are read as that class by the probe."""
-    from ..evaluate import class_prompt
 
-    z = pipeline.generate([class_prompt(c) for c in class_names], num_images=per_class, seed=cfg.seed,
+    z = pipeline.generate([data_module.class_prompt(c) for c in class_names], num_images=per_class, seed=cfg.seed,
                           num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, output_type="latent")
     labels = torch.arange(len(class_names)).repeat_interleave(per_class)
     return probe.accuracy(z.float().cpu(), labels)
