@@ -138,22 +138,32 @@ def free_path(path: str, overwrite: bool = False) -> str:
     return f"{stem}-{k}{ext}"
 
 
-def resolve_device(name: str, dtype_name: str = "auto"):
-    """(torch.device, torch.dtype) for --device/--dtype ("auto": CUDA when there is a GPU, float16 on it)."""
+def check_device(name: str, auto: bool = True):
+    """The torch.device a --device value names: cpu, cuda, cuda:N, mps, or with `auto` also "auto" (CUDA
+    when there is a GPU). A value torch does not know is a usage error; a GPU this machine lacks, a failure."""
     import torch
 
-    if name == "auto":
+    kinds = "cpu, cuda, cuda:N, mps" + (" or auto" if auto else "")
+    if auto and name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        usage("--device", name, "must be cpu, cuda, cuda:N or auto")
+        usage("--device", name, f"must be {kinds}")
     if device.type not in ("cpu", "cuda", "mps"):
-        usage("--device", name, "must be cpu, cuda, cuda:N or auto")
+        usage("--device", name, f"must be {kinds}")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def resolve_device(name: str, dtype_name: str = "auto"):
+    """(torch.device, torch.dtype) for --device/--dtype ("auto": CUDA when there is a GPU, float16 on it)."""
+    import torch
+
+    device = check_device(name)
     if dtype_name == "auto":
         dtype_name = "float16" if device.type == "cuda" else "float32"
     check_choice("--dtype", dtype_name, ("auto", "float32", "float16", "bfloat16"))

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .. import data as data_module
-from ..cli import (USAGE, Parser, check_choice, check_float, check_int, check_readable_file, check_seed, check_writable_dir,
-                   fail, usage)
+from ..cli import (USAGE, Parser, check_choice, check_device, check_float, check_int, check_readable_file, check_seed,
+                   check_writable_dir, fail, usage)
 from ..convert import CheckpointError
 from ..ldm import LatentDiffusion
 from ..plumbing import STOP, Budget, Run, TrainingDiverged
@@ -198,7 +198,7 @@ def check_flags(args) -> None:
     check_seed("--seed", args.seed)
     check_choice("--dtype", args.dtype, ("float32", "bfloat16", "float16"))
     if args.device is not None:
-        resolve_cli_device(args.device)
+        check_device(args.device, auto=False)
     if args.dataset == "folder" and not args.data_dir:
         fail("--dataset folder needs --data-dir DIR (a folder of images)", USAGE)
     if args.data_dir is not None and not os.path.exists(args.data_dir):
@@ -229,18 +229,6 @@ def check_config(cfg: TrainConfig) -> None:
         fail("no budget: give --max-steps or --max-minutes", USAGE)
     if cfg.stage == "ldm" and cfg.vae_path is None and not (Path(cfg.run_dir) / "vae.safetensors").exists():
         fail("--stage ldm needs a trained VAE: --vae PATH (or a run folder that has vae.safetensors)", USAGE)
-
-
-def resolve_cli_device(name: str) -> None:
-    """A --device value torch understands, and a GPU where CUDA is asked for."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        usage("--device", name, "must be cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        usage("--device", name, "must be cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu", USAGE)
 
 
 def finished(cfg: TrainConfig) -> Optional[str]:
