@@ -170,6 +170,14 @@ def resolve_device(name: str, dtype_name: str = "auto"):
     return device, getattr(torch, dtype_name)
 
 
+def named_path(name: str, runs_dir: str) -> str:
+    """What a path-or-run-name flag names: the path itself when it exists, else the run <runs_dir>/<name>
+    when that folder exists, else the path as given (for the caller's error)."""
+    if not os.path.exists(name) and os.path.isdir(os.path.join(runs_dir, name)):
+        return os.path.join(runs_dir, name)
+    return name
+
+
 def find_checkpoint(ckpt, runs_dir: str) -> str:
     """The file or folder --ckpt names: a path, a run's folder or name (its model.safetensors), or
     without --ckpt the newest run's; a one-line error when there is none."""
@@ -183,8 +191,7 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
                  "v1-5-pruned-emaonly.safetensors, a .ckpt, or a diffusers folder with unet/ vae/ "
                  "text_encoder/ tokenizer/)")
         return found
-    if not os.path.exists(ckpt) and os.path.isdir(os.path.join(runs_dir, ckpt)):
-        ckpt = os.path.join(runs_dir, ckpt)                                  # a run's name
+    ckpt = named_path(ckpt, runs_dir)                                        # a run's name
     if os.path.isfile(os.path.join(ckpt, "model.safetensors")) and os.path.isfile(os.path.join(ckpt, "config.json")):
         ckpt = os.path.join(ckpt, "model.safetensors")                      # a training run's folder
     if not os.path.exists(ckpt):

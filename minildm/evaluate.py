@@ -227,7 +227,7 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
 
 
 def main(argv=None) -> int:
-    from .cli import USAGE, check_choice, check_float, check_int, check_seed, fail, resolve_device, usage
+    from .cli import USAGE, check_choice, check_float, check_int, check_seed, fail, named_path, resolve_device, usage
     from .convert import CheckpointError
     from .ldm import find_latest_checkpoint
     from .samplers import SAMPLERS
@@ -252,9 +252,7 @@ def main(argv=None) -> int:
                  "or name a run folder", USAGE)
         run_dir = Path(found).parent
     else:
-        run_dir = Path(args.run)
-        if not run_dir.is_dir() and (Path(args.runs_dir) / args.run).is_dir():
-            run_dir = Path(args.runs_dir) / args.run
+        run_dir = Path(named_path(args.run, args.runs_dir))
     if not (run_dir / "config.json").exists() or not (run_dir / "model.safetensors").exists():
         usage("run", str(run_dir), "is not a finished training run (it needs config.json and model.safetensors)")
     try:
