@@ -4,7 +4,7 @@
     python bench/vae_quality.py --throughput --preset cifar
 
 The first form evaluates a VAE checkpoint: a minildm checkpoint (configs in its metadata, see
-minildm/convert.py), an original-layout file with first_stage_model.* keys, or a bare state dict
+minildm/convert/), an original-layout file with first_stage_model.* keys, or a bare state dict
 (keys encoder.*, decoder.*, ...) together with --preset. It prints
 
     PSNR          mean over held-out images of 10 log10(1 / MSE), pixels in [0, 1], reconstruction

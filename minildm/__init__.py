@@ -9,7 +9,7 @@ The package follows the data flow of a latent diffusion model, one concept per m
     tokenizer.py  the CLIP byte-pair-encoding tokenizer
     clip_text.py  the CLIP text transformer that turns tokens into a context
     vae.py        the KL autoencoder between pixels and latents, and its losses
-    convert.py    the only module that knows checkpoint key names
+    convert/      the only package that knows checkpoint key names
     ldm.py        the composed model: text -> context, noise -> latents -> image
     data.py       data sets: CIFAR-10, a folder of images, generated shapes
     steps.py      the training step: diffusion loss, caption dropout, EMA
