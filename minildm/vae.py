@@ -103,20 +103,24 @@ class VAEConfig:
 
     @classmethod
     def cifar(cls) -> "VAEConfig":
-        """32x32x3 -> 8x8x4 (f = 4, 12x fewer numbers). 2,136,823 parameters.
+        """32x32x3 -> 8x8x8 (f = 4, 6x fewer numbers). 2,147,451 parameters.
 
-        Chosen by measurement (lessons/05_vae.md, section 6): CIFAR-10 training JPEGs, batch 32,
-        squared error + 1e-6 KL, Adam 1e-3 with cosine decay, 5 CPU-minutes on one thread each,
-        PSNR on 1,000 held-out images:
+        The shape was chosen by measurement (lessons/05_vae.md, section 6): CIFAR-10 training JPEGs,
+        batch 32, squared error + 1e-6 KL, Adam 1e-3 with cosine decay, 5 CPU-minutes on one thread
+        each, PSNR on 1,000 held-out images (with 4 latent channels):
             channels 32/64/128, 2 blocks   3.48M params   33.0 img/CPU-s   20.8 dB
             channels 32/64/128, 1 block    2.70M params   43.2 img/CPU-s   20.6 dB
             channels 48/96/96,  1 block    2.14M params   34.1 img/CPU-s   21.2 dB   <- this preset
             channels 64/128/128, 1 block   3.79M params   21.3 img/CPU-s   19.7 dB
         Width at 32x32 and 16x16 pays more per FLOP than a second block or width at 8x8.
+        Eight latent channels instead of four cost nothing measurable and keep what tells classes
+        apart: after 9 minutes of training each (2 threads, batch 16, 2,940 steps), held-out PSNR
+        27.17 against 25.68 dB, and a CIFAR-10 judge that is right on 78.6% of the held-out photos
+        reads their reconstructions right 57.1% of the time against 50.2% (bench/RESULTS.md).
         scale_factor is a placeholder until `estimate_scale_factor` is run on the trained model
         (training stores the measured value in the checkpoint).
         """
-        return cls(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
+        return cls(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=8,
                    norm_groups=16, scale_factor=1.0)
 
     @classmethod

@@ -288,4 +288,4 @@ def test_config_round_trip():
         assert VAEConfig.from_dict(d) == cfg
         assert isinstance(d["channel_mult"], list)
     assert VAEConfig.sd().downsample_factor == 8 and VAEConfig.sd().compression_ratio() == 48.0
-    assert VAEConfig.cifar().compression_ratio() == 12.0
+    assert VAEConfig.cifar().compression_ratio() == 6.0

@@ -100,6 +100,9 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     if not scale_factor:
         scale_factor = measure_scale_factor(vae, train, cfg, device)
     cfg.vae = vae.cfg.to_dict()
+    # The UNet denoises this VAE's latents, whatever preset trained it (--vae): its channels in and out.
+    cfg.unet = dict(cfg.unet, in_channels=vae.cfg.z_channels, out_channels=vae.cfg.z_channels)
+    run.write_config(cfg.to_dict())
 
     wdtype = dtype_of(cfg.dtype)
     torch.manual_seed(cfg.seed)
