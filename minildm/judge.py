@@ -185,7 +185,7 @@ def blurred(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
 class LatentProbe:
     """Class from a latent by ridge regression onto one-hot labels, fitted in closed form.
 
-    Cheap enough to run during training (a 256 x 256 solve for 8x8x4 latents): it cannot tell
+    Cheap enough to run during training (a 512 x 512 solve for 8x8x8 latents): it cannot tell
     classes apart as well as the judge, so read its accuracy on samples against its accuracy on real
     held-out latents, not against 1.
     """
