@@ -602,7 +602,7 @@ def reference_07():
 
 def check_slerp(impl) -> None:
     """slerp(a, b, t) equals views.slerp on whole noises; ends at a and b; keeps the norm of equal-norm inputs."""
-    from .views import slerp
+    from .views.core import slerp
 
     a, b = _randn(1, 4, 8, 8, seed=19), _randn(1, 4, 8, 8, seed=20)
     b = b * (a.norm() / b.norm())
@@ -619,7 +619,7 @@ def check_slerp(impl) -> None:
 
 
 def reference_08():
-    from .views import slerp
+    from .views.core import slerp
 
     return SimpleNamespace(slerp=lambda a, b, t: slerp(a, b, t))
 

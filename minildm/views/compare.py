@@ -1,0 +1,158 @@
+"""Comparing generations: conditioning arithmetic as image strips (view 3) and the sampler gallery (view 4)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .core import slerp, lerp, blend, to_uint8, make_noise, encode, generate_from
+
+
+@dataclass
+class Strip:
+    """A row of generated images with a label each."""
+
+    images: np.ndarray      # uint8 (N, H, W, 3)
+    labels: list
+    figure: object = None
+
+
+def plot_strip(images, labels, title: str = ""):
+    """Images in one row with a label over each."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(1.7 * n, 2.1), squeeze=False)
+    for ax, im, label in zip(axes[0], images, labels):
+        ax.imshow(im)
+        ax.set_title(label, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _strip(ldm, contexts, noises, labels, title, **kwargs) -> Strip:
+    x = generate_from(ldm, contexts, noises, **kwargs)
+    images = to_uint8(x)
+    return Strip(images=images, labels=labels, figure=plot_strip(images, labels, title))
+
+
+def prompt_interpolation(ldm, prompt_a: str, prompt_b: str, *, num: int = 5, seed: int = 0,
+                         spherical: bool = True, **kwargs) -> Strip:
+    """From prompt_a to prompt_b with the same noise: each token's context vector slerped (or lerped)."""
+    ca, cb = encode(ldm, [prompt_a, prompt_b]).split(1)
+    ts = np.linspace(0.0, 1.0, num)
+    contexts = torch.cat([slerp(ca, cb, float(t), dim=-1) if spherical else lerp(ca, cb, float(t))
+                          for t in ts])
+    noise = make_noise(ldm, [seed] * num, kwargs.pop("height", None), kwargs.pop("width", None))
+    labels = [f"t={t:.2f}" for t in ts]
+    return _strip(ldm, contexts, noise, labels, f'"{prompt_a}" -> "{prompt_b}"', seed=seed,
+                  **kwargs)
+
+
+def seed_interpolation(ldm, prompt: str, seed_a: int, seed_b: int, *, num: int = 5,
+                       spherical: bool = True, **kwargs) -> Strip:
+    """From seed_a's noise to seed_b's with one prompt: the whole noise tensor slerped (or lerped).
+
+    lerp at t=0.5 shrinks the noise's norm by about 1/sqrt(2) (two independent Gaussians), which the
+    sampler reads as a less noisy start and turns into a washed-out image; slerp keeps the norm.
+    """
+    height, width = kwargs.pop("height", None), kwargs.pop("width", None)
+    na, nb = make_noise(ldm, [seed_a, seed_b], height, width).split(1)
+    ts = np.linspace(0.0, 1.0, num)
+    noises = torch.cat([slerp(na, nb, float(t)) if spherical else lerp(na, nb, float(t))
+                        for t in ts])
+    context = encode(ldm, [prompt])
+    labels = [f"t={t:.2f}" for t in ts]
+    kind = "slerp" if spherical else "lerp"
+    return _strip(ldm, context, noises, labels, f'"{prompt}": seed {seed_a} -> {seed_b} ({kind})',
+                  seed=seed_a, **kwargs)
+
+
+def prompt_blend(ldm, prompts, weight_rows, *, seed: int = 0, **kwargs) -> Strip:
+    """One image per row of weights: the prompts' contexts averaged with those weights."""
+    height, width = kwargs.pop("height", None), kwargs.pop("width", None)
+    contexts = encode(ldm, prompts)
+    mixed = torch.cat([blend(contexts.split(1), w) for w in weight_rows])
+    noise = make_noise(ldm, [seed] * len(weight_rows), height, width)
+    labels = [" ".join(f"{float(w):g}" for w in row) for row in weight_rows]
+    return _strip(ldm, mixed, noise, labels, "blend of " + " | ".join(f'"{p}"' for p in prompts),
+                  seed=seed, **kwargs)
+
+
+def context_arithmetic(ldm, prompt_a: str, prompt_b: str, prompt_c: str, *, seed: int = 0,
+                       **kwargs) -> Strip:
+    """a, b, c and the context a - b + c, all from the same noise."""
+    height, width = kwargs.pop("height", None), kwargs.pop("width", None)
+    ca, cb, cc = encode(ldm, [prompt_a, prompt_b, prompt_c]).split(1)
+    contexts = torch.cat([ca, cb, cc, ca - cb + cc])
+    noise = make_noise(ldm, [seed] * 4, height, width)
+    labels = [prompt_a, prompt_b, prompt_c, "a - b + c"]
+    return _strip(ldm, contexts, noise, labels, f'"{prompt_a}" - "{prompt_b}" + "{prompt_c}"',
+                  seed=seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# View 4: the sampler gallery
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Gallery:
+    """images[(sampler, num_steps)] = uint8 (H, W, 3); seconds[(sampler, num_steps)] = wall time."""
+
+    samplers: list
+    steps: list
+    images: dict
+    seconds: dict
+    figure: object = None
+
+
+DEFAULT_SAMPLERS = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "ddpm")
+
+
+@torch.no_grad()
+def sampler_gallery(ldm, prompt: str, *, samplers=DEFAULT_SAMPLERS, steps=(5, 10, 20), seed: int = 0,
+                    guidance_scale: float = 7.5, height=None, width=None) -> Gallery:
+    """The same prompt and starting noise through every sampler at several step counts.
+
+    Wall time covers sampling and decoding one image; Heun calls the UNet twice per step, so its
+    column costs about twice as much at the same number of steps.
+    """
+    noise = make_noise(ldm, [seed], height, width)
+    context = encode(ldm, [prompt])
+    uncond = ldm.encode_prompt([""])
+    images, seconds = {}, {}
+    for name in samplers:
+        for n in steps:
+            start = time.perf_counter()
+            x = generate_from(ldm, context, noise, uncond_context=uncond,
+                              guidance_scale=guidance_scale, sampler=name, num_steps=n, seed=seed)
+            seconds[(name, n)] = time.perf_counter() - start
+            images[(name, n)] = to_uint8(x)[0]
+    gallery = Gallery(samplers=list(samplers), steps=list(steps), images=images, seconds=seconds)
+    gallery.figure = plot_gallery(gallery, title=f'"{prompt}", seed {seed}, guidance {guidance_scale}')
+    return gallery
+
+
+def plot_gallery(gallery: Gallery, title: str = ""):
+    """Rows: samplers; columns: step counts; each panel titled with its wall time."""
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(gallery.samplers), len(gallery.steps)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols + 0.8, 1.8 * rows), squeeze=False)
+    for r, name in enumerate(gallery.samplers):
+        for c, n in enumerate(gallery.steps):
+            ax = axes[r][c]
+            ax.imshow(gallery.images[(name, n)])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{n} steps, {gallery.seconds[(name, n)]:.2f}s", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
