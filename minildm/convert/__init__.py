@@ -27,6 +27,7 @@ In files, in the order to read them: keys.py (prefixes, what a state dict is, Ch
 files.py (reading bytes safely), original.py (the original layout, strict loading, minildm's own
 files), diffusers.py (rename maps and configs for diffusers folders).
 """
+
 from .keys import (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX, TEXT_EMA_PREFIX, PREFIXES,
                    FORMAT_VERSION, METADATA_KEY, SCHEDULE_BUFFERS, POSITION_IDS, CheckpointError, add_prefix,
                    strip_prefix, ema_key, identify, KIND_NAMES, describe)  # noqa: F401

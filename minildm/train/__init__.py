@@ -46,6 +46,7 @@ of step s (timesteps, noise, caption dropout, templates, flips) comes from a gen
 (seed, s). A resumed run therefore replays the same batches and noise, and a DDP run splits the very
 same global batch over its processes: the loss is the mean over the global batch either way.
 """
+
 from .cli import FIXED_ON_RESUME, build_parser, check_config, check_flags, config_from_args, finished, main, run
 from .config import PRESETS, TrainConfig, describe_plan, dtype_of, load_dataset, stage_minutes
 from .stage1 import load_vae, measure_scale_factor, reconstruction_grid, train_vae

@@ -1,4 +1,5 @@
 """python -m minildm.train: see cli.py."""
+
 from .cli import main
 
 main()

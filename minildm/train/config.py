@@ -19,7 +19,7 @@ class TrainConfig:
     vae_path: Optional[str] = None          # stage 2: a trained VAE checkpoint (default: the run's own)
     # data
     dataset: str = "shapes"                 # cifar | folder | shapes
-    data_dir: Optional[str] = None          # local copy of the data (see data.py)
+    data_dir: Optional[str] = None          # local copy of the data (see minildm/data/)
     num_images: Optional[int] = None        # use at most this many training images
     holdout_per_class: int = 0              # last N images of each class kept out of training
     resolution: int = 32                    # training images are resolution x resolution

@@ -1,0 +1,5 @@
+"""python -m minildm.data: see sets.py."""
+
+from .sets import main
+
+main()
