@@ -10,7 +10,7 @@ The package follows the data flow of a latent diffusion model, one concept per m
     clip_text.py  the CLIP text transformer that turns tokens into a context
     vae.py        the KL autoencoder between pixels and latents, and its losses
     convert/      the only package that knows checkpoint key names
-    ldm.py        the composed model: text -> context, noise -> latents -> image
+    ldm/          the composed model: text -> context, noise -> latents -> image
     data/         data sets: CIFAR-10, a folder of images, generated shapes
     steps.py      the training step: diffusion loss, caption dropout, EMA
     plumbing.py   a training run's processes, seeds, run folder and budgets

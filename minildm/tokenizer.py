@@ -173,25 +173,34 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str) -> "CLIPTokenizer":
-        """The tokenizer from a Hugging Face style folder (vocab.json + merges.txt).
+        """The tokenizer from a Hugging Face style folder: vocab.json + merges.txt, or only the
+        tokenizer.json that folders saved by transformers 5 contain.
 
         `path` is the tokenizer folder itself or a diffusers pipeline folder with a tokenizer/
-        subfolder. A special_tokens_map.json, when present, names the padding token.
+        subfolder. A special_tokens_map.json (or tokenizer_config.json), when present, names the
+        padding token.
         """
-        if not os.path.exists(os.path.join(path, "vocab.json")):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "tokenizer.json")):
             path = os.path.join(path, "tokenizer")
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-            lines = [line for line in f.read().split("\n") if line.strip()]
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        merges = [tuple(line.split()) for line in lines]
+        if os.path.exists(os.path.join(path, "vocab.json")) or not os.path.exists(os.path.join(path, "tokenizer.json")):
+            with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+                lines = [line for line in f.read().split("\n") if line.strip()]
+            if lines and lines[0].startswith("#version"):
+                lines = lines[1:]
+            merges = [tuple(line.split()) for line in lines]
+            settings = os.path.join(path, "special_tokens_map.json")
+        else:
+            with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+                bpe = json.load(f)["model"]
+            vocab = bpe["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+            settings = os.path.join(path, "tokenizer_config.json")
         pad_text = EOT_TEXT
-        special_path = os.path.join(path, "special_tokens_map.json")
-        if os.path.exists(special_path):
-            with open(special_path, encoding="utf-8") as f:
-                pad = json.load(f).get("pad_token", EOT_TEXT)
+        if os.path.exists(settings):
+            with open(settings, encoding="utf-8") as f:
+                pad = json.load(f).get("pad_token") or EOT_TEXT
             pad_text = pad["content"] if isinstance(pad, dict) else pad
         return cls(merges, vocab, pad_text=pad_text)
 

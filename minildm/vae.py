@@ -26,7 +26,7 @@ Shapes: B batch, C image channels (3), H/W pixels, zc latent channels (4), h = H
     forward(x)                   -> (x_rec, posterior)
 
 The latent scale factor (0.18215 for SD v1, or `estimate_scale_factor` for a VAE trained here) is
-stored in `VAEConfig.scale_factor` but NOT applied in this module: only the composed model (ldm.py)
+stored in `VAEConfig.scale_factor` but NOT applied in this module: only the composed model (minildm/ldm/)
 multiplies latents by it on the way into the diffusion model and divides on the way out.
 
 Training (one step; `loss_fn = VAELoss(...)`, `opt_ae` over `vae.parameters()`, `opt_d` over
@@ -72,7 +72,7 @@ class VAEConfig:
     z_channels: int = 4                          # latent channels ("z_channels" = "embed_dim" in SD)
     norm_groups: int = 32                        # GroupNorm groups (eps 1e-6 as the original)
     dropout: float = 0.0                         # dropout inside ResNet blocks (0 in SD)
-    scale_factor: float = 0.18215                # latent multiplier applied by ldm.py, 1/std of latents
+    scale_factor: float = 0.18215                # latent multiplier applied by minildm/ldm/, 1/std of latents
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)

@@ -214,12 +214,14 @@ def inpainting_file(inpainting_models, tmp_path_factory):
 def load_inpainting(path, monkeypatch):
     """Load as an original file of unknown size is loaded (the presets, here the tiny ones): the UNet's
     input channels come from the file."""
-    import minildm.ldm as ldm_module
+    from minildm.clip_text import CLIPTextConfig
+    from minildm.unet import UNetConfig
+    from minildm.vae import VAEConfig
 
     unet_cfg, vae_cfg, text_cfg = tiny_configs()
-    monkeypatch.setattr(ldm_module.UNetConfig, "sd15", classmethod(lambda cls: unet_cfg))
-    monkeypatch.setattr(ldm_module.VAEConfig, "sd", classmethod(lambda cls: vae_cfg))
-    monkeypatch.setattr(ldm_module.CLIPTextConfig, "vit_l14", classmethod(lambda cls: text_cfg))
+    monkeypatch.setattr(UNetConfig, "sd15", classmethod(lambda cls: unet_cfg))
+    monkeypatch.setattr(VAEConfig, "sd", classmethod(lambda cls: vae_cfg))
+    monkeypatch.setattr(CLIPTextConfig, "vit_l14", classmethod(lambda cls: text_cfg))
     return load_stable_diffusion(path)
 
 

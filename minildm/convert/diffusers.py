@@ -268,6 +268,23 @@ def text_config_to_diffusers(cfg):
                 layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
+def schedule_from_diffusers(d):
+    """The NoiseSchedule a diffusers scheduler_config.json describes (None without a config or for
+    another kind of schedule: the model then samples with SD v1's).
+    "scaled_linear" is linear in sqrt(beta), SD v1's; "linear" is DDPM's."""
+    from ..schedule import NoiseSchedule
+
+    if d is None:
+        return None
+    if d.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        return NoiseSchedule.scaled_linear(d.get("num_train_timesteps", 1000), d.get("beta_start", 0.00085),
+                                           d.get("beta_end", 0.012))
+    if d.get("beta_schedule") == "linear":
+        return NoiseSchedule.linear(d.get("num_train_timesteps", 1000), d.get("beta_start", 0.0001),
+                                    d.get("beta_end", 0.02))
+    return None                                                   # another kind: sample with SD v1's
+
+
 def _folder_weights(folder):
     """The state dict in a diffusers component folder (safetensors preferred, .bin via weights-only)."""
     names = sorted(os.listdir(folder))
@@ -295,8 +312,8 @@ def _read_json(path):
 def read_diffusers_folder(path):
     """(Checkpoint in the original layout, configs) from a diffusers folder.
 
-    configs holds "unet", "vae", "text_encoder" (minildm config objects), "schedule" (a dict of
-    diffusers' scheduler config or None) and "tokenizer" (the tokenizer folder or None).
+    configs holds "unet", "vae", "text_encoder" (minildm config objects), "schedule" (the NoiseSchedule
+    of its scheduler config, or None without one) and "tokenizer" (the tokenizer folder or None).
     """
     path = os.fspath(path)
     for part in ("unet", "vae", "text_encoder"):
@@ -317,7 +334,7 @@ def read_diffusers_folder(path):
         unet=unet_from_diffusers(_folder_weights(os.path.join(path, "unet")), unet_cfg),
         vae=vae_from_diffusers(_folder_weights(os.path.join(path, "vae")), vae_cfg),
         text_encoder=text_from_diffusers(_folder_weights(os.path.join(path, "text_encoder"))))
-    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg, "schedule": sched,
+    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg, "schedule": schedule_from_diffusers(sched),
                "scale_factor": vae_json.get("scaling_factor", 0.18215),
                "tokenizer": tok if os.path.isdir(tok) else None}
     return ckpt, configs

@@ -1,6 +1,6 @@
 """Views that make the invisible visible: what a latent diffusion model does while it generates.
 
-Every view works on any `LatentDiffusion` (ldm.py): a tiny random model in the tests, the model you
+Every view works on any `LatentDiffusion` (minildm/ldm/): a tiny random model in the tests, the model you
 trained on CIFAR-10, or the real Stable Diffusion v1 weights. Each one runs the same data flow as
 `LatentDiffusion.generate`, written out so the view can look inside it:
 
