@@ -16,6 +16,9 @@ The package follows the data flow of a latent diffusion model, one concept per m
     plumbing.py   a training run's processes, seeds, run folder and budgets
     train/        the two training stages and the training command line
     sample.py     the sampling command line
+    judge.py      the judge that scores a trained CIFAR model; evaluate.py runs it
+    views/        views inside the generation: filmstrips, attention maps, interpolations
+    check/        the exercise checker
 
 Names are imported lazily, so `import minildm` stays cheap.
 """

@@ -168,10 +168,18 @@ def _ddim_alphas(schedule, timesteps, device):
     return a, a_prev
 
 
-def _ddim_step(z, eps_pred, a, a_prev, sigma=0.0):
-    """DDIM eq. 12 without its noise term: predict x0, then re-noise it to the next level along eps."""
+def ddim_sigma(a, a_prev, eta):
+    """DDIM eq. 16: the noise scale of a step from abar = a to abar = a_prev; eta = 0 is the ODE, 1 DDPM."""
+    return eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+
+
+def ddim_step(z, eps_pred, a, a_prev, sigma=0.0, noise=None):
+    """One DDIM step (eq. 12): predict x0, re-noise it to abar = a_prev along eps_pred, and add
+    sigma * noise when noise is given. a, a_prev: tensors. Returns (z_prev, x0_pred)."""
     x0_pred = (z - (1 - a).sqrt() * eps_pred) / a.sqrt()
     z_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).sqrt() * eps_pred
+    if noise is not None:
+        z_prev = z_prev + sigma * noise
     return z_prev, x0_pred
 
 
@@ -181,14 +189,13 @@ def sample_ddim(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
     timesteps = ddim_timesteps(schedule, num_steps)
     a_all, a_prev_all = _ddim_alphas(schedule, timesteps, z.device)
     # DDIM eq. 16: the noise scale that interpolates between the ODE (eta=0) and DDPM (eta=1)
-    sigmas = eta * ((1 - a_prev_all) / (1 - a_all) * (1 - a_all / a_prev_all)).sqrt()
+    sigmas = ddim_sigma(a_all, a_prev_all, eta)
     for i in range(first_step, num_steps):
         t = int(timesteps[i])
         eps_pred = _call(eps_fn, z, t)
-        z_prev, x0_pred = _ddim_step(z, eps_pred, a_all[i], a_prev_all[i], sigmas[i])
+        noise = noise_like(z, generator) if eta > 0 else None
+        z_prev, x0_pred = ddim_step(z, eps_pred, a_all[i], a_prev_all[i], sigmas[i], noise)
         _report(callback, i, num_steps, t, z, x0_pred, eps_pred)
-        if eta > 0:
-            z_prev = z_prev + sigmas[i] * noise_like(z, generator)
         z = z_prev
     return z
 
@@ -208,7 +215,7 @@ def sample_plms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
         a, a_prev = a_all[i], a_prev_all[i]
         eps_pred = _call(eps_fn, z, t)
         if not old_eps:
-            z_trial, _ = _ddim_step(z, eps_pred, a, a_prev)
+            z_trial, _ = ddim_step(z, eps_pred, a, a_prev)
             eps_next = _call(eps_fn, z_trial, int(timesteps[min(i + 1, num_steps - 1)]))
             eps_prime = (eps_pred + eps_next) / 2
         elif len(old_eps) == 1:
@@ -217,7 +224,7 @@ def sample_plms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None,
             eps_prime = (23 * eps_pred - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
         else:
             eps_prime = (55 * eps_pred - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
-        z_prev, x0_pred = _ddim_step(z, eps_prime, a, a_prev)
+        z_prev, x0_pred = ddim_step(z, eps_prime, a, a_prev)
         _report(callback, i, num_steps, t, z, x0_pred, eps_prime)
         old_eps = (old_eps + [eps_pred])[-3:]
         z = z_prev
@@ -444,6 +451,11 @@ def cfg_denoiser(model, context: torch.Tensor, uncond_context: torch.Tensor, gui
         uncond = uncond_context.expand(batch, *uncond_context.shape[1:])
         eps_uncond, eps_cond = model(torch.cat([z_t, z_t]), torch.cat([t, t]),
                                      torch.cat([uncond, context])).chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return guidance(eps_uncond, eps_cond, guidance_scale)
 
     return eps_fn
+
+
+def guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The guided prediction: from the unconditional one, guidance_scale times as far as the caption moves it."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

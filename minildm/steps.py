@@ -43,13 +43,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        state = model.state_dict()
-        floats = [(self.shadow[k], v.float()) for k, v in state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([s for s, _ in floats], [v for _, v in floats], 1 - d)  # shadow += (1-d)(v - shadow)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
+        ema_update(self.shadow, model.state_dict(), self.decay, self.num_updates)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
@@ -62,6 +56,20 @@ class EMA:
         model.load_state_dict({k: v.to(p.dtype) for (k, v), p in
                                zip(self.shadow.items(), model.state_dict().values())})
         return model
+
+
+@torch.no_grad()
+def ema_update(shadow: dict, weights: dict, decay: float, num_updates: int) -> dict:
+    """One EMA step, the `num_updates`-th: shadow <- d * shadow + (1 - d) * weights for floating-point
+    tensors, with the warmed-up decay d = min(decay, (1 + n) / (10 + n)); other tensors are copied.
+    Updates `shadow` in place and returns it."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    floats = [(shadow[k], w.float()) for k, w in weights.items() if w.is_floating_point()]
+    torch._foreach_lerp_([s for s, _ in floats], [w for _, w in floats], 1 - d)   # s += (1 - d) (w - s)
+    for k, w in weights.items():
+        if not w.is_floating_point():
+            shadow[k].copy_(w)
+    return shadow
 
 
 class Denoiser(nn.Module):

@@ -101,6 +101,39 @@ def clip_vocab_file() -> str:
     raise FileNotFoundError("bpe_simple_vocab_16e6.txt.gz is missing from the installed `clip` package")
 
 
+def merge_pair(symbols: tuple, pair: tuple) -> tuple:
+    """`symbols` with every occurrence of the adjacent `pair` merged into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == tuple(pair):
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def bpe_steps(symbols: tuple, bpe_ranks: dict) -> list:
+    """Every state of byte-pair encoding from `symbols` (a word's characters, the last one ending in
+    </w>): merge the adjacent pair with the lowest rank, until no adjacent pair has a rank."""
+    symbols = tuple(symbols)
+    steps = [symbols]
+    while len(symbols) > 1:
+        pairs = set(zip(symbols[:-1], symbols[1:]))
+        best = min(pairs, key=lambda pair: bpe_ranks.get(pair, float("inf")))
+        if best not in bpe_ranks:
+            break
+        symbols = merge_pair(symbols, best)
+        steps.append(symbols)
+    return steps
+
+
+def bpe(symbols: tuple, bpe_ranks: dict) -> tuple:
+    """The pieces byte-pair encoding makes of `symbols`: the last of `bpe_steps`."""
+    return bpe_steps(symbols, bpe_ranks)[-1]
+
+
 class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer with SD v1's start/end tokens, truncation and padding."""
 
@@ -207,24 +240,7 @@ class CLIPTokenizer:
     # ------------------------------------------------------------------ BPE
     def bpe_steps(self, word: str) -> list[tuple[str, ...]]:
         """Every state of BPE on one byte-encoded word, from single characters to the final pieces."""
-        symbols = tuple(word[:-1]) + (word[-1] + END_OF_WORD,)
-        steps = [symbols]
-        while len(symbols) > 1:
-            pairs = set(zip(symbols[:-1], symbols[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = tuple(merged)
-            steps.append(symbols)
-        return steps
+        return bpe_steps(tuple(word[:-1]) + (word[-1] + END_OF_WORD,), self.bpe_ranks)
 
     def bpe(self, word: str) -> tuple[str, ...]:
         """The vocabulary pieces of one byte-encoded word (cached)."""

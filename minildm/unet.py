@@ -206,6 +206,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Scaled dot-product attention written out: (softmax(q k^T / sqrt(d)) v, the weights).
+    q (B, nh, N, d), k and v (B, nh, M, d) -> out (B, nh, N, d), weights (B, nh, N, M), each row summing to 1."""
+    weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    return weights @ v, weights
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries from x to keys/values from `context` (or x itself).
 
@@ -233,9 +240,8 @@ class Attention(nn.Module):
         k = self.to_k(context).view(B, M, nh, C // nh).transpose(1, 2)    # (B, nh, M, hd)
         v = self.to_v(context).view(B, M, nh, C // nh).transpose(1, 2)    # (B, nh, M, hd)
         if self.record is not None:
-            weights = torch.softmax(q @ k.transpose(-1, -2) * (C // nh) ** -0.5, dim=-1)   # (B, nh, N, M)
+            out, weights = attention(q, k, v)                              # weights (B, nh, N, M)
             self.record(self.name, weights)
-            out = weights @ v
         elif self.slice_size is None or self.slice_size >= N:
             out = F.scaled_dot_product_attention(q, k, v)
         else:

@@ -307,10 +307,10 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The reparameterisation trick: z = mean + std * eps, eps ~ N(0, I), differentiable in both."""
+        """A latent drawn by the reparameterisation trick (`reparameterize`)."""
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
                           dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return reparameterize(self.mean, self.logvar, eps)
 
     def mode(self) -> torch.Tensor:
         """The most likely latent (the mean); what inference uses for a deterministic encoding."""
@@ -318,7 +318,18 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q(z|x) || N(0, I)) per sample, summed over the latent: (B,)."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        return gaussian_kl(self.mean, self.logvar)
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The reparameterisation trick: z = mean + std * noise with std = exp(logvar / 2), noise ~ N(0, I);
+    differentiable in mean and logvar."""
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over the latent: (B,)."""
+    return 0.5 * (mean.pow(2) + torch.exp(logvar) - 1.0 - logvar).sum(dim=(1, 2, 3))
 
 
 class AutoencoderKL(nn.Module):

@@ -1,7 +1,8 @@
 """Exercises for lesson 02, sampling. Check them with:  python -m minildm.check 02
 
-The reference is `minildm.samplers` (`sample_ddim`, `cfg_denoiser`); the check runs the package's
-DDIM loop and compares every one of its steps with yours.
+The references are `minildm.samplers.ddim_step` (with `ddim_sigma`) and `minildm.samplers.guidance`,
+which `sample_ddim` and `cfg_denoiser` run; the check runs the package's DDIM loop and compares every
+one of its steps with yours.
 """
 import math
 

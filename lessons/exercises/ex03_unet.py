@@ -1,7 +1,7 @@
 """Exercises for lesson 03, attention in the UNet. Check them with:  python -m minildm.check 03
 
-The reference is `minildm.unet.Attention` (its explicit path, used when `record` is set) and
-torch.nn.functional.scaled_dot_product_attention. Shapes: B batch, nh heads, N queries (h*w image
+The references are `minildm.unet.attention` (the explicit path `Attention` takes when `record` is set)
+and `minildm.unet.Attention`. Shapes: B batch, nh heads, N queries (h*w image
 positions), M keys (L = 77 tokens for cross-attention), hd = width per head.
 """
 import math

@@ -1,6 +1,6 @@
 """Exercises for lesson 04, byte-pair encoding. Check them with:  python -m minildm.check 04
 
-The reference is `minildm.tokenizer.CLIPTokenizer.bpe_steps`. A word starts as a tuple of symbols,
+The references are `minildm.tokenizer.merge_pair` and `minildm.tokenizer.bpe`, which `CLIPTokenizer` runs. A word starts as a tuple of symbols,
 one per character, the last one carrying the end-of-word marker "</w>": "low" -> ("l", "o", "w</w>").
 `bpe_ranks` maps a pair of symbols to its rank: the order in which CLIP learnt its merges (0 first).
 """

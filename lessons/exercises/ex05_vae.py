@@ -1,6 +1,7 @@
 """Exercises for lesson 05, the VAE's posterior. Check them with:  python -m minildm.check 05
 
-The reference is `minildm.vae.DiagonalGaussian` (`sample` and `kl`). The encoder outputs, per latent
+The references are `minildm.vae.reparameterize` and `minildm.vae.gaussian_kl`, which
+`DiagonalGaussian.sample` and `.kl` use. The encoder outputs, per latent
 element, a mean and a log-variance: q(z | x) = N(mean, exp(logvar)). Shapes: (B, zc, h, w).
 """
 import torch

@@ -1,6 +1,6 @@
 """Exercises for lesson 06, training. Check them with:  python -m minildm.check 06
 
-The references are `minildm.steps.diffusion_loss` and `minildm.steps.EMA`.
+The references are `minildm.steps.diffusion_loss` and `minildm.steps.ema_update` (which `EMA` runs).
 """
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """Exercise for lesson 08, the views. Check it with:  python -m minildm.check 08
 
-The reference is `minildm.views.slerp`.
+The reference is `minildm.views.slerp` (in minildm/views/core.py).
 """
 import torch
 

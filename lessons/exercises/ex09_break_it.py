@@ -3,8 +3,8 @@
 Lesson 09 (lessons/09_break_it.md) and its notebook break a working diffusion model five ways.
 Before you run each section of the notebook, make a prediction below: a number you can work out on
 paper or with minildm (e.g. `NoiseSchedule.sd().alphas_cumprod[500]`), or a letter. The checker
-says right or wrong and does not print the answers, but it is plain code: its source (minildm/check.py)
-computes every answer, so open it only after you have predicted. Leave a value as None until you
+says right or wrong and does not print the answers, but it is plain code: its source
+(minildm/check/chapters_06_09.py) computes every answer, so open it only after you have predicted. Leave a value as None until you
 have answered.
 """
 
