@@ -418,3 +418,21 @@ def test_lesson_06_quotes_the_step_the_loop_runs():
         for line in block.strip().splitlines():
             assert line.strip() in code[position:], f"lesson 06 quotes {line.strip()!r}, not in {source.name} (in order)"
             position = code.index(line.strip(), position) + 1
+
+
+def test_the_unet_denoises_as_many_latent_channels_as_the_vae_has(tmp_path):
+    """The CIFAR presets give the UNet the VAE's 8 latent channels; a VAE with other channels (--vae from
+    another run) sets them in stage 2, and the checkpoint loads and samples."""
+    from minildm.ldm import load_stable_diffusion
+    from minildm.vae import VAEConfig
+
+    for cfg in (train.TrainConfig.cifar(), train.TrainConfig.cifar_cpu()):
+        assert cfg.unet["in_channels"] == cfg.unet["out_channels"] == VAEConfig.cifar().z_channels == 8
+    vae = dict(VAEConfig.tiny().to_dict(), z_channels=8)
+    cfg = tiny_config(tmp_path / "z8", vae=vae, ldm_steps=1)
+    assert cfg.unet["in_channels"] == 4
+    vae_model, scale = train.train_vae(cfg)
+    pipeline = train.train_ldm(cfg, vae=vae_model, scale_factor=scale)
+    assert pipeline.unet.cfg.in_channels == pipeline.unet.cfg.out_channels == 8
+    model = load_stable_diffusion(tmp_path / "z8" / "model.safetensors")
+    assert model.generate("a red circle", num_steps=2, height=16, width=16).shape == (1, 3, 16, 16)
