@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minildm.data import load_cifar10, make_shapes, to_float, to_uint8  # noqa: E402
+from minildm.steps import image_psnr  # noqa: E402
 from minildm.vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss  # noqa: E402
 
 
@@ -70,8 +71,7 @@ def reconstruct(vae, x):
 
 
 def psnr(x_rec, x):
-    mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)
-    return (-10 * torch.log10(mse)).mean().item()
+    return image_psnr(x_rec, x).mean().item()
 
 
 def main():

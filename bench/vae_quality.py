@@ -8,7 +8,7 @@ minildm/convert/), an original-layout file with first_stage_model.* keys, or a b
 (keys encoder.*, decoder.*, ...) together with --preset. It prints
 
     PSNR          mean over held-out images of 10 log10(1 / MSE), pixels in [0, 1], reconstruction
-                  = decode(posterior mode), clamped (the same definition as minildm.steps.psnr);
+                  = decode(posterior mode), clamped (minildm.steps.image_psnr, the definition minildm.steps.psnr uses);
                   also the PSNR of the pooled MSE, which is lower (Jensen's inequality)
     compression   numbers per image / numbers per latent, e.g. 32*32*3 / (8*8*4) = 12
     ms/image      encode + decode time per image at the given batch size
@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minildm.convert import read_checkpoint, read_state_dict  # noqa: E402
+from minildm.steps import image_psnr  # noqa: E402
 from minildm.vae import AutoencoderKL, VAEConfig, VAELoss  # noqa: E402
 
 PRESETS = {"sd": VAEConfig.sd, "cifar": VAEConfig.cifar, "tiny": VAEConfig.tiny}
@@ -81,9 +82,8 @@ def evaluate(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> dict:
         t0 = time.perf_counter()
         x_rec = vae.decode(vae.encode(x).mode())
         seconds += time.perf_counter() - t0
-        mse = ((x_rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
-        mses.append(mse)
-        psnrs.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+        mses.append(((x_rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1))
+        psnrs.append(image_psnr(x_rec.clamp(-1, 1), x))
     mse = torch.cat(mses)
     return {"psnr": torch.cat(psnrs).mean().item(), "psnr_pooled": -10 * math.log10(mse.mean().item()),
             "ms_per_image": 1000 * seconds / len(images), "n": len(images)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 
@@ -168,6 +169,12 @@ def resolve_device(name: str, dtype_name: str = "auto"):
         dtype_name = "float16" if device.type == "cuda" else "float32"
     check_choice("--dtype", dtype_name, ("auto", "float32", "float16", "bfloat16"))
     return device, getattr(torch, dtype_name)
+
+
+def slug(prompt: str, limit: int = 60) -> str:
+    """A file-name-safe stem from a prompt: 'A cat, in a hat!' -> 'a-cat-in-a-hat'."""
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+    return s or "unconditional"
 
 
 def named_path(name: str, runs_dir: str) -> str:

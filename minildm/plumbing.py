@@ -138,7 +138,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Run folder: config, metrics, plots, checkpoints
 

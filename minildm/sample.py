@@ -19,14 +19,13 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 
 import torch
 
 from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
-                  free_path, load_model, usage)
+                  free_path, load_model, slug, usage)
 from .samplers import SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
@@ -83,12 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-intermediates", action="store_true",
                    help="also save the predicted clean image after every step")
     return p
-
-
-def slug(prompt: str, limit: int = 60) -> str:
-    """A file-name-safe stem from a prompt: 'A cat, in a hat!' -> 'a-cat-in-a-hat'."""
-    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
-    return s or "unconditional"
 
 
 def read_image(path: str, mode: str):

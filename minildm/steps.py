@@ -121,6 +121,12 @@ def drop_captions(captions: list, p: float, generator: torch.Generator) -> list:
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
+def image_psnr(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image x_rec against x (B,): 10 log10(1 / MSE) with pixels in [0, 1]; both in [-1, 1]."""
+    mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
 @torch.no_grad()
 def psnr(vae: AutoencoderKL, data, batch_size: int = 128, device="cpu") -> float:
     """Mean PSNR (dB, pixels in [0, 1]) of the VAE's reconstructions (posterior mode) of `data`."""
@@ -129,7 +135,6 @@ def psnr(vae: AutoencoderKL, data, batch_size: int = 128, device="cpu") -> float
     for i in range(0, len(data), batch_size):
         x = data_module.to_float(data.images[i:i + batch_size]).to(device)
         x_rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
-        mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        total += (-10 * torch.log10(mse)).sum().item()
+        total += image_psnr(x_rec, x).sum().item()
         n += len(x)
     return total / max(1, n)

@@ -113,7 +113,7 @@ class ToyDenoiser(nn.Module):
 # ---------------------------------------------------------------------------- training
 
 
-def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator=None) -> torch.Tensor:
+def simple_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator=None) -> torch.Tensor:
     """DDPM's simple loss: noise x0 at a random timestep and regress the noise (DDPM eq. 14)."""
     t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
@@ -143,7 +143,7 @@ def train_toy(data: str = "moons", num_steps: int = 1500, batch_size: int = 512,
     model.train()
     for step in range(num_steps):
         idx = torch.randint(0, num_points, (batch_size,), generator=generator)
-        loss = diffusion_loss(model, points[idx], schedule, generator)
+        loss = simple_loss(model, points[idx], schedule, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -88,7 +88,7 @@ def test_layer_resolution_and_aggregation():
 def test_strip_grid_and_uint8():
     """Images go to uint8 in [0, 255] and line up in strips and grids with white gaps."""
     x = torch.linspace(-1, 1, 3 * 4 * 5).view(1, 3, 4, 5)
-    im = views.to_uint8(x)
+    im = views.to_hwc_uint8(x)
     assert im.shape == (1, 4, 5, 3) and im.dtype == np.uint8
     assert im.min() == 0 and im.max() == 255
     strip = views.image_strip([im[0]] * 3, gap=2)
@@ -166,7 +166,7 @@ def test_recorder_keeps_the_conditional_half():
 def test_conditioning_arithmetic(ldm):
     """Interpolation strips start at their first input; blends and arithmetic give one image each."""
     kw = dict(num_steps=2, guidance_scale=3.0)
-    first = views.to_uint8(views.generate_from(ldm, views.encode(ldm, ["a red circle"]),
+    first = views.to_hwc_uint8(views.generate_from(ldm, views.encode(ldm, ["a red circle"]),
                                                views.make_noise(ldm, [0]), seed=0, **kw))[0]
     strip = views.prompt_interpolation(ldm, "a red circle", "a blue square", num=3, seed=0, **kw)
     assert strip.images.shape == (3, 32, 32, 3) and len(strip.figure.axes) == 3

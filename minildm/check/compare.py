@@ -9,8 +9,6 @@ from pathlib import Path
 import torch
 
 
-
-
 ROOT = Path(__file__).resolve().parents[2]
 # The exercise files live in the repository (lessons/exercises/), which `pip install` does not copy:
 # from an installed package, point MINILDM_EXERCISES at a clone's lessons/exercises, or use --impl FILE.

@@ -3,10 +3,6 @@ state dict holds, and the one error of the package."""
 from __future__ import annotations
 
 
-
-
-
-
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."

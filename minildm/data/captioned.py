@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 
-
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 CIFAR_RESOLUTION = 32

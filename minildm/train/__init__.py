@@ -48,11 +48,11 @@ same global batch over its processes: the loss is the mean over the global batch
 """
 
 from .cli import FIXED_ON_RESUME, build_parser, check_config, check_flags, config_from_args, finished, main, run
-from .config import PRESETS, TrainConfig, describe_plan, dtype_of, load_dataset, stage_minutes
+from .config import PRESETS, TrainConfig, describe_plan, dtype_of, training_data, stage_minutes
 from .stage1 import load_vae, measure_scale_factor, reconstruction_grid, train_vae
 from .stage2 import build_pipeline, cache_latents, fit_class_probe, probe_samples, sample_grid, train_ldm
 
 __all__ = ["FIXED_ON_RESUME", "PRESETS", "TrainConfig", "build_parser", "build_pipeline", "cache_latents", "check_config",
-           "check_flags", "config_from_args", "describe_plan", "dtype_of", "finished", "fit_class_probe", "load_dataset",
+           "check_flags", "config_from_args", "describe_plan", "dtype_of", "finished", "fit_class_probe", "training_data",
            "load_vae", "main", "measure_scale_factor", "probe_samples", "reconstruction_grid", "run", "sample_grid",
            "stage_minutes", "train_ldm", "train_vae"]

@@ -19,7 +19,7 @@ from ..ldm import LatentDiffusion
 from ..plumbing import STOP, Budget, Run, TrainingDiverged
 from ..unet import UNetConfig
 from ..vae import VAEConfig
-from .config import PRESETS, TrainConfig, describe_plan, load_dataset, stage_minutes
+from .config import PRESETS, TrainConfig, describe_plan, training_data, stage_minutes
 from .stage1 import train_vae
 from .stage2 import train_ldm
 
@@ -254,7 +254,7 @@ def run(cfg: TrainConfig, stage: str = "all", resume: bool = False, vae_path: Op
     or None when `callback` stopped the run early."""
     started = time.perf_counter()  # loading the data is part of the budget
     cfg = replace(cfg, stage=stage)
-    data = load_dataset(cfg)
+    data = training_data(cfg)
     if stage == "vae":
         return train_vae(cfg, resume=resume, data=data, callback=callback, started=started)
     if stage == "ldm":

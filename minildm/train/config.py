@@ -133,7 +133,7 @@ def dtype_of(name: str) -> torch.dtype:
         raise SystemExit(f"error: --dtype must be float32, bfloat16 or float16, not {name!r}") from None
 
 
-def load_dataset(cfg: TrainConfig) -> tuple:
+def training_data(cfg: TrainConfig) -> tuple:
     """(train, held_out) as configured; held_out may be empty."""
     data = data_module.load_dataset(cfg.dataset, cfg.data_dir, cfg.resolution, None if
                                     cfg.dataset != "shapes" else cfg.num_images, cfg.seed)

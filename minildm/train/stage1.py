@@ -15,7 +15,7 @@ from ..plumbing import (STOP, Budget, Run, all_reduce_grads, autocast, check_fin
                         step_generator)
 from ..steps import psnr
 from ..vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss, estimate_scale_factor
-from .config import TrainConfig, load_dataset, stage_minutes
+from .config import TrainConfig, training_data, stage_minutes
 
 
 def load_vae(path, device="cpu") -> tuple:
@@ -41,7 +41,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
     device = process_device(cfg.device, dist)
     run = Run(cfg.run_dir, dist.main)
     run.write_config(cfg.to_dict())
-    train, held = data if data is not None else load_dataset(cfg)
+    train, held = data if data is not None else training_data(cfg)
     vae_cfg = VAEConfig.from_dict(cfg.vae)
     if train.resolution % vae_cfg.downsample_factor:
         raise SystemExit(f"error: resolution {train.resolution} does not divide by the VAE's factor "

@@ -21,7 +21,7 @@ from ..steps import EMA, Denoiser, diffusion_loss, training_inputs
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL
-from .config import TrainConfig, dtype_of, load_dataset, stage_minutes
+from .config import TrainConfig, dtype_of, training_data, stage_minutes
 from .stage1 import load_vae, measure_scale_factor
 
 
@@ -90,7 +90,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     device = process_device(cfg.device, dist)
     run = Run(cfg.run_dir, dist.main)
     run.write_config(cfg.to_dict())
-    train, held = data if data is not None else load_dataset(cfg)
+    train, held = data if data is not None else training_data(cfg)
     if vae is None:
         path = vae_path or run.vae_path
         if not Path(path).exists():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 from .. import samplers
 from .inside import denoising_filmstrip, attention_maps_view
 from .compare import prompt_interpolation, seed_interpolation, context_arithmetic, sampler_gallery
@@ -51,9 +50,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     import os
-    import re
 
-    from ..cli import USAGE, check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model, usage
+    from ..cli import (USAGE, check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model, slug,
+                       usage)
 
     args = build_parser().parse_args(argv)
     wanted = {"interpolate": 2, "arithmetic": 3}.get(args.view, 1)
@@ -76,8 +75,7 @@ def main(argv=None) -> int:
             ldm.check_size(args.size, args.size)
         except ValueError as e:
             fail(str(e), USAGE)
-    stem = os.path.join(args.out, args.view + "-" + re.sub(r"[^a-z0-9]+", "_", args.prompts[0].lower()).strip("_")[:40]
-                        + f"-s{args.seed}")
+    stem = os.path.join(args.out, f"{args.view}-{slug(args.prompts[0], 40)}-s{args.seed}")
     os.makedirs(args.out, exist_ok=True)
     stem = free_path(stem + ".png", args.overwrite)[:-4]          # never over an earlier view
     common = dict(seed=args.seed, height=args.size, width=args.size)

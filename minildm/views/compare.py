@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import slerp, lerp, blend, to_uint8, make_noise, encode, generate_from
+from .core import slerp, lerp, blend, to_hwc_uint8, make_noise, encode, generate_from
 
 
 @dataclass
@@ -37,7 +37,7 @@ def plot_strip(images, labels, title: str = ""):
 
 def _strip(ldm, contexts, noises, labels, title, **kwargs) -> Strip:
     x = generate_from(ldm, contexts, noises, **kwargs)
-    images = to_uint8(x)
+    images = to_hwc_uint8(x)
     return Strip(images=images, labels=labels, figure=plot_strip(images, labels, title))
 
 
@@ -132,7 +132,7 @@ def sampler_gallery(ldm, prompt: str, *, samplers=DEFAULT_SAMPLERS, steps=(5, 10
             x = generate_from(ldm, context, noise, uncond_context=uncond,
                               guidance_scale=guidance_scale, sampler=name, num_steps=n, seed=seed)
             seconds[(name, n)] = time.perf_counter() - start
-            images[(name, n)] = to_uint8(x)[0]
+            images[(name, n)] = to_hwc_uint8(x)[0]
     gallery = Gallery(samplers=list(samplers), steps=list(steps), images=images, seconds=seconds)
     gallery.figure = plot_gallery(gallery, title=f'"{prompt}", seed {seed}, guidance {guidance_scale}')
     return gallery

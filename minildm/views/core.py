@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
+from .. import samplers
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dim=None, eps: float = 1e-7) -> torch.Tensor:
@@ -48,7 +48,7 @@ def blend(tensors, weights) -> torch.Tensor:
     return sum(float(w) * x for w, x in zip(weights, tensors))
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
+def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (B, 3, H, W) or (3, H, W), as uint8 arrays (B, H, W, 3) or (H, W, 3)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     x = x.movedim(-3, -1)
@@ -207,9 +207,9 @@ def latent_shape(ldm, height=None, width=None) -> tuple:
 
 def make_noise(ldm, seeds, height=None, width=None) -> torch.Tensor:
     """One N(0, I) latent per seed, (len(seeds), C, h, w), drawn on the CPU as generate() does."""
-    shape = latent_shape(ldm, height, width)
-    out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(out).to(ldm.device, torch.float32)
+    shape = (len(seeds), *latent_shape(ldm, height, width))
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return samplers.noise_like(torch.empty(shape), generators).to(ldm.device, torch.float32)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .core import (to_uint8, latent_to_image, image_strip, save_gif, aggregate_attention,
+from .core import (to_hwc_uint8, latent_to_image, image_strip, save_gif, aggregate_attention,
                    CrossAttentionRecorder, make_noise, encode, generate_from)
 
 
@@ -52,13 +52,13 @@ def denoising_filmstrip(ldm, prompt: str, *, num_steps: int = 20, sampler: str =
     size = x.shape[-2:]
     noisy, x0s, epss, ts = [], [], [], []
     for c in caught:
-        noisy.append(to_uint8(ldm.decode_latents(c["z_t"].float()[:1]))[0])
-        x0s.append(to_uint8(ldm.decode_latents(c["x0_pred"].float()[:1]))[0])
-        epss.append(to_uint8(latent_to_image(c["eps_pred"][:1], size))[0])
+        noisy.append(to_hwc_uint8(ldm.decode_latents(c["z_t"].float()[:1]))[0])
+        x0s.append(to_hwc_uint8(ldm.decode_latents(c["x0_pred"].float()[:1]))[0])
+        epss.append(to_hwc_uint8(latent_to_image(c["eps_pred"][:1], size))[0])
         t = c["t"]
         ts.append(float(t.flatten()[0]) if torch.is_tensor(t) else float(t))
     strip = Filmstrip(steps=[c["step"] for c in caught], timesteps=ts, noisy=noisy, x0_pred=x0s,
-                      eps_pred=epss, image=to_uint8(x)[0])
+                      eps_pred=epss, image=to_hwc_uint8(x)[0])
     strip.frames = [image_strip([a, b, c]) for a, b, c in zip(noisy, x0s, epss)] + \
                    [image_strip([strip.image, strip.image, np.full_like(strip.image, 255)])]
     if gif_path is not None:
@@ -141,7 +141,7 @@ def attention_maps_view(ldm, prompt: str, *, num_steps: int = 20, sampler: str =
     tokens = prompt_tokens(ldm.tokenizer, prompt)
     if include_special or not tokens:
         tokens = [(0, "<start>")] + tokens + [(len(tokens) + 1, "<end>")]
-    maps = AttentionMaps(image=to_uint8(x)[0], tokens=tokens, per_layer=per_layer, average=average)
+    maps = AttentionMaps(image=to_hwc_uint8(x)[0], tokens=tokens, per_layer=per_layer, average=average)
     maps.figure = plot_token_maps(maps.image, average, tokens, title=f'"{prompt}"')
     maps.layer_figure = plot_layer_maps(per_layer, tokens)
     return maps
