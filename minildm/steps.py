@@ -1,17 +1,18 @@
-"""The training step, as a chapter: what one optimizer step of each stage computes.
+"""The training step, as a chapter: what one optimizer step of stage 2 computes, and the EMA of its weights.
 
-Stage 2 (lesson 06) in seven lines, each a function here or in schedule.py:
+Stage 2 (lesson 06), as `train_ldm` runs it (train/stage2.py), in the order of its random draws:
 
-    z       = to_diffusion_latents(vae.encode(x).sample(), scale_factor)   unit-variance latents
-    tokens  = tokenizer(drop_captions(captions, 0.1))                     "" teaches guidance's baseline
-    t, eps  = uniform timesteps, standard normal noise
-    z_t     = schedule.q_sample(z, t, eps)                                 the forward process
-    loss    = diffusion_loss(denoiser, schedule, z, tokens, t, eps)        || eps - eps_theta(z_t, t, c) ||^2
+    z                  = to_diffusion_latents(mean + std * randn, scale_factor)   a posterior sample,
+                                                                                  unit variance (ldm/)
+    captions, t, noise = training_inputs(z, captions, schedule, 0.1, g)           10% "" for guidance
+    loss               = diffusion_loss(denoiser, schedule, z, tokenizer(captions), t, noise)
+                                                         || noise - eps_theta(q_sample(z, t, noise), t, c) ||^2
     loss.backward(); optimizer.step()
-    ema.update(denoiser)                                                   the weights that sample
+    ema.update(denoiser)                                                          the weights that sample
 
-Stage 1 is `vae_step`: reconstruction + KL (and a discriminator's verdict, when there is one), one
-optimizer step. `train/stage1.py` and `train/stage2.py` run these in their loops; `plumbing.py` does the rest of a run's work.
+`Denoiser` is the trained pair (text encoder, then UNet) as one module. Stage 1's step is short enough
+to read where it runs (`train_vae`): reconstruct through a posterior sample, `vae.VAELoss`, one optimizer
+step; `psnr` scores it. `plumbing.py` does the rest of a run's work.
 """
 from __future__ import annotations
 
