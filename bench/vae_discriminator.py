@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minildm.data import load_cifar10, make_shapes, to_float, to_uint8  # noqa: E402
 from minildm.steps import image_psnr  # noqa: E402
-from minildm.vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss  # noqa: E402
+from minildm.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from minildm.vae_loss import PatchDiscriminator, VAELoss  # noqa: E402
 
 
 def load(args):

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minildm.convert import read_checkpoint, read_state_dict  # noqa: E402
 from minildm.steps import image_psnr  # noqa: E402
-from minildm.vae import AutoencoderKL, VAEConfig, VAELoss  # noqa: E402
+from minildm.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from minildm.vae_loss import VAELoss  # noqa: E402
 
 PRESETS = {"sd": VAEConfig.sd, "cifar": VAEConfig.cifar, "tiny": VAEConfig.tiny}
 

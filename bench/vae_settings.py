@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minildm import data as data_module
 from minildm.steps import psnr
-from minildm.vae import AutoencoderKL, VAEConfig, VAELoss
+from minildm.vae import AutoencoderKL, VAEConfig
+from minildm.vae_loss import VAELoss
 
 
 def parse_run(name: str) -> dict:

@@ -8,7 +8,8 @@ The package follows the data flow of a latent diffusion model, one concept per m
     unet.py       the conditional UNet that predicts noise
     tokenizer.py  the CLIP byte-pair-encoding tokenizer
     clip_text.py  the CLIP text transformer that turns tokens into a context
-    vae.py        the KL autoencoder between pixels and latents, and its losses
+    vae.py        the KL autoencoder between pixels and latents
+    vae_loss.py   the losses that train it
     convert/      the only package that knows checkpoint key names
     ldm/          the composed model: text -> context, noise -> latents -> image
     data/         data sets: CIFAR-10, a folder of images, generated shapes

@@ -11,7 +11,7 @@ Stage 2 (lesson 06), as `train_ldm` runs it (train/stage2.py), in the order of i
     ema.update(denoiser)                                                          the weights that sample
 
 `Denoiser` is the trained pair (text encoder, then UNet) as one module. Stage 1's step is short enough
-to read where it runs (`train_vae`): reconstruct through a posterior sample, `vae.VAELoss`, one optimizer
+to read where it runs (`train_vae`): reconstruct through a posterior sample, `vae_loss.VAELoss`, one optimizer
 step; `psnr` scores it. `plumbing.py` does the rest of a run's work.
 """
 from __future__ import annotations

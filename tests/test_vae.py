@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from minildm.convert import VAE_PREFIX, add_prefix
-from minildm.vae import (
-    AutoencoderKL,
-    DiagonalGaussian,
-    PatchDiscriminator,
-    VAEConfig,
-    VAELoss,
-    adaptive_weight,
-    estimate_scale_factor,
-    hinge_d_loss,
-)
+from minildm.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, estimate_scale_factor
+from minildm.vae_loss import PatchDiscriminator, VAELoss, adaptive_weight, hinge_d_loss
 
 
 def _diffusers_config(cfg: VAEConfig) -> dict:

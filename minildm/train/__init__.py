@@ -6,7 +6,7 @@
     python -m minildm.train --resume runs/x                  # continue exactly where it stopped
     torchrun --nproc_per_node 2 -m minildm.train ...         # data parallel (gloo on CPU, nccl on GPU)
 
-Stage 1 (`train_vae`) fits the autoencoder to images with `vae.VAELoss` (reconstruction + KL, and
+Stage 1 (`train_vae`) fits the autoencoder to images with `vae_loss.VAELoss` (reconstruction + KL, and
 optionally a patch discriminator), then measures the latent scale factor on the data (1 / std of the
 latents, so the diffusion model sees unit-variance latents). Stage 2 (`train_ldm`) freezes the VAE and
 trains the UNet and a small CLIP-architecture text encoder, from scratch, to predict the noise:

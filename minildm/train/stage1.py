@@ -14,7 +14,8 @@ from ..plumbing import (STOP, Budget, Run, all_reduce_grads, autocast, check_fin
                         lr_factor, mean_over_processes, process_device, progress_bar, rng_state, set_rng_state,
                         step_generator)
 from ..steps import psnr
-from ..vae import AutoencoderKL, PatchDiscriminator, VAEConfig, VAELoss, estimate_scale_factor
+from ..vae import AutoencoderKL, VAEConfig, estimate_scale_factor
+from ..vae_loss import PatchDiscriminator, VAELoss
 from .config import TrainConfig, training_data, stage_minutes
 
 
