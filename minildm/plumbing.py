@@ -307,6 +307,16 @@ class Budget:
                 (self.max_minutes is not None and self.elapsed + reserve >= 60 * self.max_minutes))
 
 
+def training_steps(budget: Budget, dist: Dist, step: int, *, seed: int, stage: str, n: int, batch_size: int):
+    """The steps of a training loop from `step` on, until the budget is used up or a stop was asked for:
+    (step, the generator of all its randomness, its data indices). Ctrl-C and SIGTERM wait meanwhile
+    for the step to finish (STOP is armed)."""
+    STOP.armed = True
+    while not budget.done(step, dist):
+        yield step, step_generator(seed, step, stage), global_batch_indices(n, batch_size, seed, step)
+        step += 1
+
+
 def progress_bar(total: Optional[int], desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,

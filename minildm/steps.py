@@ -10,9 +10,9 @@ Stage 2 (lesson 06), as `train_ldm` runs it (train/stage2.py), in the order of i
     loss.backward(); optimizer.step()
     ema.update(denoiser)                                                          the weights that sample
 
-`Denoiser` is the trained pair (text encoder, then UNet) as one module. Stage 1's step is short enough
-to read where it runs (`train_vae`): reconstruct through a posterior sample, `vae_loss.VAELoss`, one optimizer
-step; `psnr` scores it. `plumbing.py` does the rest of a run's work.
+`Denoiser` is the trained pair (text encoder, then UNet) as one module. Stage 1 (`train_vae`) runs
+`vae_loss` (reconstruct through a posterior sample, `vae_loss.VAELoss`) and one optimizer step; `psnr`
+scores it. `plumbing.py` does the rest of a run's work.
 """
 from __future__ import annotations
 
@@ -120,6 +120,16 @@ def drop_captions(captions: list, p: float, generator: torch.Generator) -> list:
     """Replace a fraction p of captions by the empty prompt, which guidance uses as 'unconditional'."""
     keep = torch.rand(len(captions), generator=generator) >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def vae_loss(autoencoder, loss_fn, x: torch.Tensor, step: int, generator: torch.Generator,
+             last_layer: torch.Tensor) -> tuple:
+    """Stage 1's objective on a batch: reconstruct x through a posterior sample (the reparameterisation
+    trick, noise from `generator`), then `vae_loss.VAELoss` (reconstruction + KL, and the discriminator's
+    verdict once it is on). Returns (loss, logs, x_rec)."""
+    x_rec, posterior = autoencoder(x, generator=generator)
+    loss, logs = loss_fn(x, x_rec.float(), posterior, step, last_layer=last_layer)
+    return loss, logs, x_rec
 
 
 def image_psnr(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What a training run is made of: its config, the presets, and what follows from them."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -8,6 +9,7 @@ import torch
 
 from .. import data as data_module
 from ..clip_text import CLIPTextConfig
+from ..plumbing import Run, init_distributed, process_device
 from ..schedule import NoiseSchedule
 from ..unet import UNet, UNetConfig
 from ..vae import VAEConfig
@@ -151,3 +153,16 @@ def stage_minutes(cfg: TrainConfig, stage: str, vae_seconds: float = 0.0) -> Opt
     if stage == "vae":
         return cfg.max_minutes * cfg.vae_share
     return max(cfg.max_minutes - vae_seconds / 60, 0.5)
+
+
+def begin_stage(cfg: TrainConfig, data=None, started: Optional[float] = None) -> tuple:
+    """What every stage starts with: (started, dist, device, run, train, held) = the clock (the run's
+    start when given, so loading the data counts against the budget), this process's place among the
+    processes, its device, the run folder (config.json written), and the data split."""
+    started = time.perf_counter() if started is None else started
+    dist = init_distributed(cfg.device)
+    device = process_device(cfg.device, dist)
+    run = Run(cfg.run_dir, dist.main)
+    run.write_config(cfg.to_dict())
+    train, held = data if data is not None else training_data(cfg)
+    return started, dist, device, run, train, held

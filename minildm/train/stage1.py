@@ -10,13 +10,12 @@ from torch import nn
 
 from .. import data as data_module
 from ..convert import load_checkpoint, load_module, save_checkpoint
-from ..plumbing import (STOP, Budget, Run, all_reduce_grads, autocast, check_finite, global_batch_indices, init_distributed,
-                        lr_factor, mean_over_processes, process_device, progress_bar, rng_state, set_rng_state,
-                        step_generator)
-from ..steps import psnr
+from ..plumbing import (STOP, Budget, all_reduce_grads, autocast, check_finite, lr_factor, mean_over_processes,
+                        progress_bar, rng_state, set_rng_state, step_generator, training_steps)
+from ..steps import psnr, vae_loss
 from ..vae import AutoencoderKL, VAEConfig, estimate_scale_factor
 from ..vae_loss import PatchDiscriminator, VAELoss
-from .config import TrainConfig, training_data, stage_minutes
+from .config import TrainConfig, begin_stage, stage_minutes
 
 
 def load_vae(path, device="cpu") -> tuple:
@@ -37,12 +36,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
     (its state is saved, so `resume=True` continues it), and (vae, None) is returned. `started`: the
     perf_counter() time the run began, so that loading the data counts against the budget.
     """
-    started = time.perf_counter() if started is None else started
-    dist = init_distributed(cfg.device)
-    device = process_device(cfg.device, dist)
-    run = Run(cfg.run_dir, dist.main)
-    run.write_config(cfg.to_dict())
-    train, held = data if data is not None else training_data(cfg)
+    started, dist, device, run, train, held = begin_stage(cfg, data, started)
     vae_cfg = VAEConfig.from_dict(cfg.vae)
     if train.resolution % vae_cfg.downsample_factor:
         raise SystemExit(f"error: resolution {train.resolution} does not divide by the VAE's factor "
@@ -99,10 +93,8 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
     bar = progress_bar(cfg.vae_steps, "stage 1 (VAE)", dist.main, initial=step)
     vae.train()
     t_log, n_images = time.perf_counter(), 0
-    STOP.armed = True
-    while not budget.done(step, dist):
-        g = step_generator(cfg.seed, step, "vae")
-        idx = global_batch_indices(len(train), cfg.vae_batch_size, cfg.seed, step)
+    for step, g, idx in training_steps(budget, dist, step, seed=cfg.seed, stage="vae", n=len(train),
+                                       batch_size=cfg.vae_batch_size):
         x, _ = train.batch(idx, g)
         x = x[dist.rank * local:(dist.rank + 1) * local].to(device, memory_format=torch.channels_last)
         g_rank = step_generator(cfg.seed, step, "vae", rank=1 + dist.rank)
@@ -110,8 +102,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
             group["lr"] = cfg.vae_lr * lr_factor(step, 0, budget.progress(step), cfg.min_lr_ratio)
 
         with autocast(cfg.amp, device):
-            x_rec, posterior = model(x, generator=g_rank)
-            loss, logs = loss_fn(x, x_rec.float(), posterior, step, last_layer=vae.decoder.conv_out.weight)
+            loss, logs, x_rec = vae_loss(model, loss_fn, x, step, g_rank, last_layer=vae.decoder.conv_out.weight)
         check_finite(mean_over_processes(loss.detach(), dist), "VAE", step, run, last_saved)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +114,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
             all_reduce_grads(disc, dist)
             opt_d.step()
             logs.update(logs_d)
-        step += 1
+        step += 1                  # steps done; training_steps yields the next one
         n_images += cfg.vae_batch_size
         bar.update(1)
 

@@ -14,14 +14,14 @@ from .. import data as data_module
 from ..clip_text import CLIPTextConfig, CLIPTextModel
 from ..convert import save_checkpoint, strip_prefix
 from ..ldm import LatentDiffusion, to_diffusion_latents
-from ..plumbing import (STOP, Budget, Run, autocast, check_finite, global_batch_indices, init_distributed, lr_factor,
-                        mean_over_processes, process_device, progress_bar, rng_state, set_rng_state, step_generator)
+from ..plumbing import (STOP, Budget, autocast, check_finite, lr_factor, mean_over_processes, progress_bar, rng_state,
+                        set_rng_state, training_steps)
 from ..schedule import NoiseSchedule
 from ..steps import EMA, Denoiser, diffusion_loss, training_inputs
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL
-from .config import TrainConfig, dtype_of, training_data, stage_minutes
+from .config import TrainConfig, begin_stage, dtype_of, stage_minutes
 from .stage1 import load_vae, measure_scale_factor
 
 
@@ -85,12 +85,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     model.safetensors. `callback(stage, step, logs)` runs after every step and stops the stage
     (saving its state) by returning True; then None is returned. `started`: as for `train_vae`.
     """
-    started = time.perf_counter() if started is None else started
-    dist = init_distributed(cfg.device)
-    device = process_device(cfg.device, dist)
-    run = Run(cfg.run_dir, dist.main)
-    run.write_config(cfg.to_dict())
-    train, held = data if data is not None else training_data(cfg)
+    started, dist, device, run, train, held = begin_stage(cfg, data, started)
     if vae is None:
         path = vae_path or run.vae_path
         if not Path(path).exists():
@@ -199,10 +194,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     bar = progress_bar(cfg.ldm_steps, "stage 2 (UNet + text)", dist.main, initial=step)
     denoiser.train()
     t_log, n_images = time.perf_counter(), 0
-    STOP.armed = True
-    while not budget.done(step, dist):
-        g = step_generator(cfg.seed, step, "ldm")
-        idx = global_batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+    for step, g, idx in training_steps(budget, dist, step, seed=cfg.seed, stage="ldm", n=len(train),
+                                       batch_size=cfg.batch_size):
         # Draw everything for the whole global batch, then take this process's rows: the result
         # does not depend on how the batch is split over processes and accumulation steps.
         if latents is not None:
@@ -238,7 +231,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         scaler.update()
         opt.zero_grad(set_to_none=True)
         ema.update(denoiser)
-        step += 1
+        step += 1                  # steps done; training_steps yields the next one
         n_images += cfg.batch_size
         bar.update(1)
 
