@@ -197,18 +197,15 @@ def main(argv=None) -> int:
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
                              config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
-    for path, scale in args.lora:
+    add_ons = ([("--lora", path, scale, model.load_lora) for path, scale in args.lora] +
+               [("--embedding", path, token, model.load_textual_inversion) for path, token in args.embedding])
+    for flag, path, value, load in add_ons:   # LoRA weights first, then textual-inversion embeddings
         try:
-            layers = model.load_lora(path, scale)
+            result = load(path, value)
         except ValueError as e:  # CheckpointError included
-            fail(f"--lora {path}: {e}")
-        notes.append(f"LoRA {path}: {layers} layers merged at scale {scale:g}")
-    for path, token in args.embedding:
-        try:
-            token = model.load_textual_inversion(path, token)
-        except ValueError as e:  # CheckpointError included
-            fail(f"--embedding {path}: {e}")
-        notes.append(f"embedding {path}: write {token} in the prompt")
+            fail(f"{flag} {path}: {e}")
+        notes.append(f"LoRA {path}: {result} layers merged at scale {value:g}" if flag == "--lora" else
+                     f"embedding {path}: write {result} in the prompt")
     if model.is_inpainting_model:
         if not (args.init_image and args.mask):
             fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",

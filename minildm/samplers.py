@@ -241,27 +241,33 @@ def _denoise(eps_fn, x, sigma, t):
     return eps_pred, x - sigma * eps_pred
 
 
-def _k_start(z, sigmas, first_step):
-    return z * (sigmas[first_step] ** 2 + 1).sqrt()
+def _k_start(z, grid, first_step):
+    """The grid's sigmas on z's device, its model timesteps, and z in the sigma scale at `first_step`."""
+    sigmas, timesteps = grid
+    sigmas = sigmas.to(z.device)
+    return sigmas, timesteps, z * (sigmas[first_step] ** 2 + 1).sqrt()
 
 
-def _k_report(callback, i, num_steps, t, x, sigma, x0_pred, eps_pred):
+def _k_denoise(eps_fn, x, sigmas, timesteps, i, num_steps, callback):
+    """x0_pred at step i (noise level sigmas[i], model timestep timesteps[i]), shown to the callback."""
+    eps_pred, x0_pred = _denoise(eps_fn, x, sigmas[i], timesteps[i])
     if callback is not None:
-        _report(callback, i, num_steps, t, x / (sigma**2 + 1).sqrt(), x0_pred, eps_pred)
+        _report(callback, i, num_steps, timesteps[i], x / (sigmas[i]**2 + 1).sqrt(), x0_pred, eps_pred)
+    return x0_pred
+
+
+def _slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback):
+    """The probability-flow ODE's direction at step i: dx/dsigma = (x - x0_pred) / sigma."""
+    return (x - _k_denoise(eps_fn, x, sigmas, timesteps, i, num_steps, callback)) / sigmas[i]
 
 
 @torch.no_grad()
 def sample_euler(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma (Karras et al. alg. 1)."""
-    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
-    sigmas = sigmas.to(z.device)
-    x = _k_start(z, sigmas, first_step)
+    sigmas, timesteps, x = _k_start(z, sigma_grid(schedule, num_steps, karras), first_step)
     for i in range(first_step, num_steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
-        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
-        d = (x - x0_pred) / sigma
-        x = x + d * (sigma_next - sigma)
+        d = _slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback)
+        x = x + d * (sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -271,16 +277,12 @@ def sample_euler_a(eps_fn, z, schedule, num_steps, *, first_step=0, generator=No
 
     sigma_down^2 + sigma_up^2 = sigma_next^2, with sigma_up chosen as in DDPM's ancestral step.
     """
-    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
-    sigmas = sigmas.to(z.device)
-    x = _k_start(z, sigmas, first_step)
+    sigmas, timesteps, x = _k_start(z, sigma_grid(schedule, num_steps, karras), first_step)
     for i in range(first_step, num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
-        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        d = _slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
-        d = (x - x0_pred) / sigma
         x = x + d * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + sigma_up * noise_like(x, generator)
@@ -290,14 +292,10 @@ def sample_euler_a(eps_fn, z, schedule, num_steps, *, first_step=0, generator=No
 @torch.no_grad()
 def sample_heun(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, callback=None, karras=False):
     """Heun's second-order method on the ODE (Karras et al. alg. 1); the last step, to sigma=0, is Euler."""
-    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
-    sigmas = sigmas.to(z.device)
-    x = _k_start(z, sigmas, first_step)
+    sigmas, timesteps, x = _k_start(z, sigma_grid(schedule, num_steps, karras), first_step)
     for i in range(first_step, num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
-        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
-        d = (x - x0_pred) / sigma
+        d = _slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:
             x = x_euler
@@ -340,16 +338,12 @@ def sample_lms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, 
     Each step integrates the polynomial through the last `order` derivatives dx/dsigma (fewer at the
     start, while there is less history): lms_coefficients. Steps are placed by sigma_grid, like Euler.
     """
-    sigmas, timesteps = sigma_grid(schedule, num_steps, karras)
-    sigma_list = sigmas.tolist()
-    sigmas = sigmas.to(z.device)
-    x = _k_start(z, sigmas, first_step)
+    grid = sigma_grid(schedule, num_steps, karras)
+    sigma_list = grid[0].tolist()
+    sigmas, timesteps, x = _k_start(z, grid, first_step)
     derivatives = []  # most recent last
     for i in range(first_step, num_steps):
-        sigma = sigmas[i]
-        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
-        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
-        derivatives = (derivatives + [(x - x0_pred) / sigma])[-order:]
+        derivatives = (derivatives + [_slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback)])[-order:]
         weights = lms_coefficients(sigma_list, i, len(derivatives))
         x = x + sum(w * d for w, d in zip(weights, reversed(derivatives)))
     return x
@@ -360,14 +354,11 @@ def sample_dpmpp_2m(eps_fn, z, schedule, num_steps, *, first_step=0, generator=N
     """DPM-Solver++(2M) (Lu et al. 2022): exact integration of the linear part in lambda = -log sigma,
     with x0_pred extrapolated linearly from the last two steps. First and last steps are first order.
     Steps are placed by dpm_solver_grid."""
-    sigmas, timesteps = dpm_solver_grid(schedule, num_steps, karras)
-    sigmas = sigmas.to(z.device)
-    x = _k_start(z, sigmas, first_step)
+    sigmas, timesteps, x = _k_start(z, dpm_solver_grid(schedule, num_steps, karras), first_step)
     x0_old, h_old = None, None
     for i in range(first_step, num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps_pred, x0_pred = _denoise(eps_fn, x, sigma, timesteps[i])
-        _k_report(callback, i, num_steps, timesteps[i], x, sigma, x0_pred, eps_pred)
+        x0_pred = _k_denoise(eps_fn, x, sigmas, timesteps, i, num_steps, callback)
         if sigma_next == 0:
             x = x0_pred  # the exact solution once the noise level reaches 0
             continue

@@ -11,7 +11,7 @@ Stage 2 (lesson 06), as `train_ldm` runs it (train/stage2.py), in the order of i
     ema.update(denoiser)                                                          the weights that sample
 
 `Denoiser` is the trained pair (text encoder, then UNet) as one module. Stage 1 (`train_vae`) runs
-`vae_loss` (reconstruct through a posterior sample, `vae_loss.VAELoss`) and one optimizer step; `psnr`
+`vae_objective` (reconstruct through a posterior sample, `vae_loss.VAELoss`) and one optimizer step; `psnr`
 scores it. `plumbing.py` does the rest of a run's work.
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ def drop_captions(captions: list, p: float, generator: torch.Generator) -> list:
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def vae_loss(autoencoder, loss_fn, x: torch.Tensor, step: int, generator: torch.Generator,
+def vae_objective(autoencoder, loss_fn, x: torch.Tensor, step: int, generator: torch.Generator,
              last_layer: torch.Tensor) -> tuple:
     """Stage 1's objective on a batch: reconstruct x through a posterior sample (the reparameterisation
     trick, noise from `generator`), then `vae_loss.VAELoss` (reconstruction + KL, and the discriminator's

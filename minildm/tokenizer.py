@@ -226,9 +226,9 @@ class CLIPTokenizer:
             settings = os.path.join(path, "special_tokens_map.json")
         else:
             with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-                bpe = json.load(f)["model"]
-            vocab = bpe["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+                model = json.load(f)["model"]
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             settings = os.path.join(path, "tokenizer_config.json")
         pad_text = EOT_TEXT
         if os.path.exists(settings):

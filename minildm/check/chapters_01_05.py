@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .compare import CheckFailed, inputs, compare, unchanged, _gen, _randn
+from .compare import Chapter, CheckFailed, inputs, compare, unchanged, _gen, _randn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,6 +55,10 @@ def reference_01():
         q_sample=lambda schedule, x0, t, noise: schedule.q_sample(x0, t, noise),
         x0_from_eps=lambda schedule, z_t, t, eps: schedule.x0_from_eps(z_t, t, eps),
     )
+
+
+CHAPTER_01 = Chapter("01", "01_forward_diffusion", "the forward process",
+                     {"q_sample": check_q_sample, "x0_from_eps": check_x0_from_eps}, reference_01)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +147,10 @@ def reference_02():
     return SimpleNamespace(ddim_step=ddim_step_with_eta, guidance=guidance)
 
 
+CHAPTER_02 = Chapter("02", "02_sampling", "sampling",
+                     {"ddim_step": check_ddim_step, "guidance": check_guidance}, reference_02)
+
+
 # ----------------------------------------------------------------------------------------------
 # 03 the UNet: scaled dot-product attention and multi-head cross-attention
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +194,10 @@ def reference_03():
     from ..unet import attention
 
     return SimpleNamespace(attention=attention, cross_attention=lambda module, x, context: module(x, context))
+
+
+CHAPTER_03 = Chapter("03", "03_unet", "attention in the UNet",
+                     {"attention": check_attention, "cross_attention": check_cross_attention}, reference_03)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +256,10 @@ def reference_04():
     return SimpleNamespace(bpe=bpe, merge_pair=merge_pair)
 
 
+CHAPTER_04 = Chapter("04", "04_text_encoder", "byte-pair encoding",
+                     {"merge_pair": check_merge_pair, "bpe": check_bpe}, reference_04)
+
+
 # ----------------------------------------------------------------------------------------------
 # 05 the VAE: the reparameterisation trick and the Gaussian KL
 # ----------------------------------------------------------------------------------------------
@@ -292,3 +308,7 @@ def reference_05():
     from ..vae import gaussian_kl, reparameterize
 
     return SimpleNamespace(reparameterize=reparameterize, gaussian_kl=gaussian_kl)
+
+
+CHAPTER_05 = Chapter("05", "05_vae", "the VAE's posterior",
+                     {"reparameterize": check_reparameterize, "gaussian_kl": check_gaussian_kl}, reference_05)

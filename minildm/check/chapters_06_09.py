@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .compare import CheckFailed, inputs, compare, compare_number, _gen, _randn
+from .compare import Chapter, CheckFailed, inputs, compare, compare_number, _gen, _randn
 from .chapters_01_05 import _FakeConditionalModel
 
 
@@ -57,6 +57,10 @@ def reference_06():
     from ..steps import diffusion_loss, ema_update
 
     return SimpleNamespace(training_loss=diffusion_loss, ema_update=ema_update)
+
+
+CHAPTER_06 = Chapter("06", "06_training", "the training step",
+                     {"training_loss": check_training_loss, "ema_update": check_ema_update}, reference_06)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +126,10 @@ def reference_07():
     return SimpleNamespace(ema_key=convert.ema_key, unet_weights=unet_weights)
 
 
+CHAPTER_07 = Chapter("07", "07_stable_diffusion", "checkpoint keys",
+                     {"ema_key": check_ema_key, "unet_weights": check_unet_weights}, reference_07)
+
+
 # ----------------------------------------------------------------------------------------------
 # 08 views: spherical interpolation
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +156,10 @@ def reference_08():
     from ..views.core import slerp
 
     return SimpleNamespace(slerp=lambda a, b, t: slerp(a, b, t))
+
+
+CHAPTER_08 = Chapter("08", "08_views", "interpolating noise",
+                     {"slerp": check_slerp}, reference_08)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,3 +220,9 @@ def reference_09():
                            SNR_RATIO_UNSCALED=(1 / 0.18215) ** 2,
                            ABAR_500_LINEAR=0.0778, ABAR_500_SCALED=0.2763,
                            X0_GAIN_V_AS_EPS=1 + math.sqrt(0.5), EMA_INIT_SHARE=0.999**100)
+
+
+CHAPTER_09 = Chapter("09", "09_break_it", "break it: predictions",
+                     {"no guidance": check_no_guidance, "wrong latent scale": check_latent_scale,
+                      "wrong beta schedule": check_beta_schedule, "eps vs v": check_eps_v,
+                      "no EMA": check_no_ema}, reference_09)

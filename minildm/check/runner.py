@@ -6,43 +6,19 @@ import traceback
 from pathlib import Path
 
 
-from .compare import EXERCISE_DIR, CheckFailed, Result, Chapter
-from .chapters_01_05 import (check_q_sample, check_x0_from_eps, reference_01, check_ddim_step,
-                             check_guidance, reference_02, check_attention, check_cross_attention,
-                             reference_03, check_merge_pair, check_bpe, reference_04, check_reparameterize,
-                             check_gaussian_kl, reference_05)
-from .chapters_06_09 import (check_training_loss, check_ema_update, reference_06, check_ema_key,
-                             check_unet_weights, reference_07, check_slerp, reference_08, check_no_guidance,
-                             check_latent_scale, check_beta_schedule, check_eps_v, check_no_ema,
-                             reference_09)
+from .compare import EXERCISE_DIR, CheckFailed, Result
+from .chapters_01_05 import CHAPTER_01, CHAPTER_02, CHAPTER_03, CHAPTER_04, CHAPTER_05
+from .chapters_06_09 import CHAPTER_06, CHAPTER_07, CHAPTER_08, CHAPTER_09
 
 
 # ----------------------------------------------------------------------------------------------
 # The chapters, running them, and the command line
 # ----------------------------------------------------------------------------------------------
 
-CHAPTERS = {c.number: c for c in [
-    Chapter("01", "01_forward_diffusion", "the forward process",
-            {"q_sample": check_q_sample, "x0_from_eps": check_x0_from_eps}, reference_01),
-    Chapter("02", "02_sampling", "sampling",
-            {"ddim_step": check_ddim_step, "guidance": check_guidance}, reference_02),
-    Chapter("03", "03_unet", "attention in the UNet",
-            {"attention": check_attention, "cross_attention": check_cross_attention}, reference_03),
-    Chapter("04", "04_text_encoder", "byte-pair encoding",
-            {"merge_pair": check_merge_pair, "bpe": check_bpe}, reference_04),
-    Chapter("05", "05_vae", "the VAE's posterior",
-            {"reparameterize": check_reparameterize, "gaussian_kl": check_gaussian_kl}, reference_05),
-    Chapter("06", "06_training", "the training step",
-            {"training_loss": check_training_loss, "ema_update": check_ema_update}, reference_06),
-    Chapter("07", "07_stable_diffusion", "checkpoint keys",
-            {"ema_key": check_ema_key, "unet_weights": check_unet_weights}, reference_07),
-    Chapter("08", "08_views", "interpolating noise",
-            {"slerp": check_slerp}, reference_08),
-    Chapter("09", "09_break_it", "break it: predictions",
-            {"no guidance": check_no_guidance, "wrong latent scale": check_latent_scale,
-             "wrong beta schedule": check_beta_schedule, "eps vs v": check_eps_v,
-             "no EMA": check_no_ema}, reference_09),
-]}
+# Each chapter is declared (number, exercise file, title, checks, reference) next to its checks,
+# in chapters_01_05.py and chapters_06_09.py.
+CHAPTERS = {c.number: c for c in (CHAPTER_01, CHAPTER_02, CHAPTER_03, CHAPTER_04, CHAPTER_05,
+                                  CHAPTER_06, CHAPTER_07, CHAPTER_08, CHAPTER_09)}
 
 
 def load_impl(path) -> object:

@@ -12,7 +12,7 @@ from .. import data as data_module
 from ..convert import load_checkpoint, load_module, save_checkpoint
 from ..plumbing import (STOP, Budget, all_reduce_grads, autocast, check_finite, lr_factor, mean_over_processes,
                         progress_bar, rng_state, set_rng_state, step_generator, training_steps)
-from ..steps import psnr, vae_loss
+from ..steps import psnr, vae_objective
 from ..vae import AutoencoderKL, VAEConfig, estimate_scale_factor
 from ..vae_loss import PatchDiscriminator, VAELoss
 from .config import TrainConfig, begin_stage, stage_minutes
@@ -102,7 +102,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, data=None, callback=None,
             group["lr"] = cfg.vae_lr * lr_factor(step, 0, budget.progress(step), cfg.min_lr_ratio)
 
         with autocast(cfg.amp, device):
-            loss, logs, x_rec = vae_loss(model, loss_fn, x, step, g_rank, last_layer=vae.decoder.conv_out.weight)
+            loss, logs, x_rec = vae_objective(model, loss_fn, x, step, g_rank, last_layer=vae.decoder.conv_out.weight)
         check_finite(mean_over_processes(loss.detach(), dist), "VAE", step, run, last_saved)
         opt.zero_grad(set_to_none=True)
         loss.backward()

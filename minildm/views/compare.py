@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import slerp, lerp, blend, to_hwc_uint8, make_noise, encode, generate_from
+from .core import slerp, lerp, blend, to_hwc_uint8, make_noise, encode, generate_from, show_image
 
 
 @dataclass
@@ -26,10 +26,7 @@ def plot_strip(images, labels, title: str = ""):
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(1.7 * n, 2.1), squeeze=False)
     for ax, im, label in zip(axes[0], images, labels):
-        ax.imshow(im)
-        ax.set_title(label, fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        show_image(ax, im, label, title_size=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -146,13 +143,8 @@ def plot_gallery(gallery: Gallery, title: str = ""):
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols + 0.8, 1.8 * rows), squeeze=False)
     for r, name in enumerate(gallery.samplers):
         for c, n in enumerate(gallery.steps):
-            ax = axes[r][c]
-            ax.imshow(gallery.images[(name, n)])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{n} steps, {gallery.seconds[(name, n)]:.2f}s", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
+            show_image(axes[r][c], gallery.images[(name, n)], f"{n} steps, {gallery.seconds[(name, n)]:.2f}s",
+                       name if c == 0 else "", title_size=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -103,6 +103,17 @@ def image_grid(rows, gap: int = 2) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
+def show_image(ax, image, title: str = "", label: str = "", title_size: int = 8) -> None:
+    """One panel of a figure: `image` (H, W, 3) without ticks, a title above and a label on the left."""
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=title_size)
+    if label:
+        ax.set_ylabel(label, fontsize=8)
+
+
 def save_gif(frames, path, duration_ms: int = 300, scale: int = 1) -> None:
     """uint8 frames (H, W, 3) as an animated GIF that loops forever (PIL)."""
     from PIL import Image

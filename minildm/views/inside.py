@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .core import (to_hwc_uint8, latent_to_image, image_strip, save_gif, aggregate_attention,
-                   CrossAttentionRecorder, make_noise, encode, generate_from)
+                   CrossAttentionRecorder, make_noise, encode, generate_from, show_image)
 
 
 @dataclass
@@ -86,14 +86,8 @@ def plot_filmstrip(strip: Filmstrip, title: str = "", max_columns: int = 8):
             ("eps_pred", strip.eps_pred)]
     for r, (label, images) in enumerate(rows):
         for c, i in enumerate(cols):
-            ax = axes[r][c]
-            ax.imshow(images[i])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"step {strip.steps[i]}\nt={strip.timesteps[i]:.0f}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
+            show_image(axes[r][c], images[i], f"step {strip.steps[i]}\nt={strip.timesteps[i]:.0f}" if r == 0 else "",
+                       label if c == 0 else "")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
