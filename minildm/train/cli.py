@@ -13,7 +13,7 @@ import torch
 
 from .. import data as data_module
 from ..cli import (USAGE, Parser, check_choice, check_device, check_float, check_int, check_readable_file, check_seed,
-                   check_writable_dir, fail, usage)
+                   check_writable_dir, fail, named_path, usage)
 from ..convert import CheckpointError
 from ..ldm import LatentDiffusion
 from ..plumbing import STOP, Budget, Run, TrainingDiverged
@@ -108,9 +108,7 @@ def config_from_args(args) -> tuple:
     """(TrainConfig, plan): the saved config when resuming, else the preset that suits the machine
     with the flags applied; plan says in words what was chosen and why."""
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.json").exists():
-            run_dir = Path(args.runs_dir) / args.resume
+        run_dir = Path(named_path(args.resume, args.runs_dir))                # a path or a run's name
         if not (run_dir / "config.json").exists():
             usage("--resume", args.resume, f"is not a run (no config.json there or in {args.runs_dir}/)")
         try:
