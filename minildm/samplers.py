@@ -338,9 +338,8 @@ def sample_lms(eps_fn, z, schedule, num_steps, *, first_step=0, generator=None, 
     Each step integrates the polynomial through the last `order` derivatives dx/dsigma (fewer at the
     start, while there is less history): lms_coefficients. Steps are placed by sigma_grid, like Euler.
     """
-    grid = sigma_grid(schedule, num_steps, karras)
-    sigma_list = grid[0].tolist()
-    sigmas, timesteps, x = _k_start(z, grid, first_step)
+    sigmas, timesteps, x = _k_start(z, sigma_grid(schedule, num_steps, karras), first_step)
+    sigma_list = sigmas.tolist()
     derivatives = []  # most recent last
     for i in range(first_step, num_steps):
         derivatives = (derivatives + [_slope(eps_fn, x, sigmas, timesteps, i, num_steps, callback)])[-order:]

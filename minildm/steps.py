@@ -123,7 +123,7 @@ def drop_captions(captions: list, p: float, generator: torch.Generator) -> list:
 
 
 def vae_objective(autoencoder, loss_fn, x: torch.Tensor, step: int, generator: torch.Generator,
-             last_layer: torch.Tensor) -> tuple:
+                  last_layer: torch.Tensor) -> tuple:
     """Stage 1's objective on a batch: reconstruct x through a posterior sample (the reparameterisation
     trick, noise from `generator`), then `vae_loss.VAELoss` (reconstruction + KL, and the discriminator's
     verdict once it is on). Returns (loss, logs, x_rec)."""
