@@ -197,15 +197,17 @@ def main(argv=None) -> int:
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
                              config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
-    add_ons = ([("--lora", path, scale, model.load_lora) for path, scale in args.lora] +
-               [("--embedding", path, token, model.load_textual_inversion) for path, token in args.embedding])
-    for flag, path, value, load in add_ons:   # LoRA weights first, then textual-inversion embeddings
+    # LoRA weights first, then textual-inversion embeddings: (flag, file, its value, loader, what to say)
+    add_ons = ([("--lora", path, scale, model.load_lora, "LoRA {path}: {result} layers merged at scale {value:g}")
+                for path, scale in args.lora] +
+               [("--embedding", path, token, model.load_textual_inversion,
+                 "embedding {path}: write {result} in the prompt") for path, token in args.embedding])
+    for flag, path, value, load, note in add_ons:
         try:
             result = load(path, value)
         except ValueError as e:  # CheckpointError included
             fail(f"{flag} {path}: {e}")
-        notes.append(f"LoRA {path}: {result} layers merged at scale {value:g}" if flag == "--lora" else
-                     f"embedding {path}: write {result} in the prompt")
+        notes.append(note.format(path=path, value=value, result=result))
     if model.is_inpainting_model:
         if not (args.init_image and args.mask):
             fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",

@@ -16,9 +16,9 @@ runs the same checks on the package's own implementations, which must pass, and 
 answers, which must fail.
 
 In files: compare.py (records and comparisons), chapters_01_05.py and chapters_06_09.py (each chapter's
-checks; the reference answers are the package's own functions), runner.py (the table of
-the chapters those two declare, the command line). The exercise files are in the repository's lessons/exercises/ (MINILDM_EXERCISES points
-elsewhere; `pip install` does not copy them).
+checks; the reference answers are the package's own functions), runner.py (the table of the
+chapters those two declare, the command line). The exercise files are in the repository's
+lessons/exercises/ (MINILDM_EXERCISES points elsewhere; `pip install` does not copy them).
 """
 from .compare import (ROOT, EXERCISE_DIR, CheckFailed, Result, Chapter, describe, inputs, compare,
                       compare_number, unchanged, _gen, _randn)  # noqa: F401
