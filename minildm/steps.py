@@ -73,6 +73,17 @@ def ema_update(shadow: dict, weights: dict, decay: float, num_updates: int) -> d
     return shadow
 
 
+def adamw(param_groups, **options) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where this PyTorch has one for the device (CPU from 2.4 on, CUDA):
+    the same update in one pass over each tensor instead of a dozen. Stage 2's optimizer step on the CPU
+    drops from about a fifth of the step to a few percent (bench/optimizer_speed.py)."""
+    param_groups = list(param_groups)
+    try:
+        return torch.optim.AdamW(param_groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):   # an older PyTorch, or a device without the kernel
+        return torch.optim.AdamW(param_groups, **options)
+
+
 class Denoiser(nn.Module):
     """The trained pair as one module (one DDP wrapper): tokens -> context, then the UNet's eps."""
 

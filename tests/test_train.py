@@ -260,6 +260,38 @@ def test_distinct_captions_are_encoded_once_with_the_same_loss_and_gradients():
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_shared, g_every))
 
 
+def test_adamw_takes_the_fused_kernel_where_there_is_one_and_makes_the_plain_update():
+    """steps.adamw: fused where this PyTorch has the kernel for the CPU, and the same weights as plain
+    AdamW after several steps with weight decay on one group and not the other."""
+    from minildm.clip_text import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig.tiny())
+    twin = CLIPTextModel(CLIPTextConfig.tiny())
+    twin.load_state_dict(model.state_dict())
+
+    def groups(m):
+        named = list(m.named_parameters())
+        return [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": 0.01},
+                {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+    fast = steps.adamw(groups(model), lr=1e-3, betas=(0.9, 0.999))
+    plain = torch.optim.AdamW(groups(twin), lr=1e-3, betas=(0.9, 0.999))
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        has_cpu_kernel = True
+    except (RuntimeError, TypeError, ValueError):
+        has_cpu_kernel = False
+    assert bool(fast.defaults.get("fused")) == has_cpu_kernel
+    tokens = torch.randint(0, 1000, (4, 77))
+    for _ in range(5):
+        for m, opt in ((model, fast), (twin, plain)):
+            m(tokens).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    moved = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert moved < 1e-5
+
+
 def test_the_ema_covers_the_text_encoder_and_sampling_uses_the_averaged_pair(tmp_path):
     """model.safetensors holds the EMA of the UNet and of the text encoder; loading with EMA gives both
     averaged weights, --no-ema both raw ones (never an averaged UNet reading a raw encoder's context)."""
