@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from minildm.clip_text import CLIPTextConfig, CLIPTextModel
 from minildm.data import CIFAR10_CLASSES, TEMPLATES, fill_template
 from minildm.schedule import NoiseSchedule
-from minildm.steps import EMA, Denoiser, diffusion_loss
+from minildm.steps import EMA, Denoiser, decay_groups, diffusion_loss
 from minildm.tokenizer import CLIPTokenizer
 from minildm.train.config import TrainConfig
 from minildm.unet import UNet, UNetConfig
@@ -39,20 +39,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = TrainConfig.cifar_cpu()
+    unet_cfg, text_cfg = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
     torch.manual_seed(0)
-    base = Denoiser(UNet(UNetConfig.from_dict(cfg.unet)), CLIPTextModel(CLIPTextConfig.from_dict(cfg.text_encoder)))
-    text_cfg = CLIPTextConfig.from_dict(cfg.text_encoder)
+    base = Denoiser(UNet(unet_cfg), CLIPTextModel(text_cfg))
     tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
     schedule = NoiseSchedule.from_dict(cfg.schedule)
-    z_channels = UNetConfig.from_dict(cfg.unet).in_channels
+    z_channels = unet_cfg.in_channels
 
     runs = {}
     for name, fused in (("plain", False), ("fused", True)):
         model = copy.deepcopy(base)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused)
+        opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused)
         runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), step=[], update=[], loss=[])
 
     g = torch.Generator().manual_seed(0)

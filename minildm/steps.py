@@ -73,6 +73,14 @@ def ema_update(shadow: dict, weights: dict, decay: float, num_updates: int) -> d
     return shadow
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list:
+    """AdamW's usual parameter groups: weight decay on the matrices, none on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def adamw(param_groups, **options) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel where this PyTorch has one for the device (CPU from 2.4 on, CUDA):
     the same update in one pass over each tensor instead of a dozen. Stage 2's optimizer step on the CPU

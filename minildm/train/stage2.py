@@ -17,7 +17,7 @@ from ..ldm import LatentDiffusion, to_diffusion_latents
 from ..plumbing import (STOP, Budget, autocast, check_finite, lr_factor, mean_over_processes, progress_bar, rng_state,
                         set_rng_state, training_steps)
 from ..schedule import NoiseSchedule
-from ..steps import EMA, Denoiser, adamw, diffusion_loss, training_inputs
+from ..steps import EMA, Denoiser, adamw, decay_groups, diffusion_loss, training_inputs
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL
@@ -110,12 +110,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
     schedule = NoiseSchedule.from_dict(cfg.schedule)
     denoiser = Denoiser(unet, text_encoder)
-    # No weight decay on biases, norms and embeddings (the usual AdamW split).
-    decay, no_decay = [], []
-    for name, p in denoiser.named_parameters():
-        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-    opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    opt = adamw(decay_groups(denoiser, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     # One average of the pair: the EMA UNet learned to read the context of the EMA text encoder.
     ema = EMA(denoiser, cfg.ema_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and
