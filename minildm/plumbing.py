@@ -239,11 +239,22 @@ def plot_losses(records: list, path) -> None:
 
 
 def autocast(amp: bool, device: torch.device):
-    """Mixed precision on CUDA when asked for (bfloat16 where the GPU has it, else float16); else nothing."""
+    """Mixed precision when asked for: on CUDA in bfloat16 where the GPU has it, else float16; on a CPU in
+    bfloat16. The weights, the optimizer and the loss stay float32; only the matrix products and
+    convolutions run in the smaller type."""
     if amp and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if amp and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX or AVX512-BF16). Only then is CPU
+    autocast a gain: elsewhere PyTorch emulates bfloat16 and the same step takes longer."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def check_finite(loss: torch.Tensor, stage: str, step: int, run: Run, last_saved: Optional[int]):

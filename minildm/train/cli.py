@@ -16,7 +16,7 @@ from ..cli import (USAGE, Parser, check_choice, check_device, check_float, check
                    check_writable_dir, fail, named_path, usage)
 from ..convert import CheckpointError
 from ..ldm import LatentDiffusion
-from ..plumbing import STOP, Budget, Run, TrainingDiverged
+from ..plumbing import STOP, Budget, Run, TrainingDiverged, cpu_has_bfloat16
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 from .config import PRESETS, TrainConfig, describe_plan, training_data, stage_minutes
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode images every step (with flips) instead of caching latents once")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16")
-    p.add_argument("--amp", action="store_true", help="CUDA mixed precision (autocast)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bfloat16 autocast (float16 on GPUs without bfloat16); default: on for "
+                        "cifar-cpu on a CPU with bfloat16 in hardware (AMX, AVX512-BF16), else off")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet + text encoder")
     p.add_argument("--seed", type=int, default=None, help="seed of weights, data order and noise")
     p.add_argument("--log-every", type=int, default=None, help="log metrics every N steps")
@@ -134,6 +136,10 @@ def config_from_args(args) -> tuple:
                                   "or choose another --name")
         if cfg.device == "cpu" and args.device is None and torch.cuda.is_available():
             cfg.device = "cuda"
+        if preset == "cifar-cpu" and not gpu and cpu_has_bfloat16():
+            # bfloat16 in hardware: the VAE's steps take half the time, so the diffusion model gets more
+            # of the hour (bench/precision_speed.py, bench/RESULTS.md)
+            cfg.amp, cfg.vae_share = True, 0.2
     for flag, fieldname in _OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
@@ -152,8 +158,8 @@ def config_from_args(args) -> tuple:
         cfg.unet = dict(cfg.unet, model_channels=args.unet_channels)
     if args.no_cache_latents:
         cfg.cache_latents = False
-    if args.amp:
-        cfg.amp = True
+    if args.amp is not None:
+        cfg.amp = args.amp
     if args.compile:
         cfg.compile = True
     if cfg.min_snr_gamma == 0:
