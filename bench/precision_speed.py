@@ -48,9 +48,9 @@ def vae_steps(cfg: TrainConfig, steps: int) -> dict:
     torch.manual_seed(0)
     base = AutoencoderKL(VAEConfig.from_dict(cfg.vae))
     loss_fn = VAELoss(kl_weight=cfg.kl_weight, rec_loss=cfg.rec_loss)
+    sides = [(name, amp, memory_format(replace(cfg, amp=amp), CPU)) for name, amp in SIDES]
     runs = {}
-    for name, amp in SIDES + (("bfloat16, channels-last", True),):
-        layout = memory_format(replace(cfg, amp=amp), CPU) if "," not in name else torch.channels_last
+    for name, amp, layout in sides + [("bfloat16, channels-last", True, torch.channels_last)]:
         vae = copy.deepcopy(base).to(memory_format=layout)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9), weight_decay=0.0)
         runs[name] = dict(vae=vae, opt=opt, amp=amp, layout=layout, time=[], loss=[])
@@ -113,7 +113,6 @@ def report(stage: str, runs: dict, batch: int) -> None:
     med = {name: statistics.median(r["time"]) for name, r in runs.items()}
     for name, m in med.items():
         print(f"{stage}: {name:8s} median {m:.3f} s/step ({batch / m:.0f} images/s)")
-    med.pop("bfloat16, channels-last", None)
     print(f"{stage}: float32 / bfloat16: {med['float32'] / med['bfloat16']:.2f}x (images per second under autocast)")
 
 

@@ -136,10 +136,10 @@ def config_from_args(args) -> tuple:
                                   "or choose another --name")
         if cfg.device == "cpu" and args.device is None and torch.cuda.is_available():
             cfg.device = "cuda"
-        if preset == "cifar-cpu" and not gpu and cpu_has_bfloat16():
-            # bfloat16 in hardware: the VAE's steps take half the time, so the diffusion model gets more
-            # of the hour (bench/precision_speed.py, bench/RESULTS.md)
-            cfg.amp, cfg.vae_share = True, 0.2
+        # Only where the CPU multiplies bfloat16 in hardware is autocast faster than float32 there.
+        fast_bfloat16 = preset == "cifar-cpu" and not gpu and cpu_has_bfloat16()
+        if preset == "cifar-cpu" and not gpu:
+            cfg.amp = fast_bfloat16
     for flag, fieldname in _OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
@@ -160,6 +160,10 @@ def config_from_args(args) -> tuple:
         cfg.cache_latents = False
     if args.amp is not None:
         cfg.amp = args.amp
+    if not args.resume and fast_bfloat16 and cfg.amp and args.vae_share is None:
+        # the VAE's steps take about half the time under autocast, so the diffusion model gets more of
+        # the hour (bench/precision_speed.py, bench/RESULTS.md)
+        cfg.vae_share = 0.2
     if args.compile:
         cfg.compile = True
     if cfg.min_snr_gamma == 0:

@@ -105,8 +105,9 @@ class TrainConfig:
         """CIFAR-10 in one hour on a CPU: the `cifar` VAE and text encoder, UNetConfig.cifar_cpu
         (8,521,352 parameters with 8 latent channels), batch 64, min-SNR-5 loss weights; 60 minutes in all,
         30% of them for the VAE. On a CPU that multiplies bfloat16 in hardware the command line turns on
-        autocast and gives the VAE 20%: its steps take less than half the time there. Stage 2 gets only about 4,000 steps, so its learning rate is 1e-3: at
-        4,000 steps that draws the prompted class far more often than 5e-4 (bench/RESULTS.md)."""
+        autocast and gives the VAE 20%: its steps take about half the time there. Stage 2 gets only
+        4,000-6,500 steps, so its learning rate is 1e-3: at 4,000 steps that draws the prompted class far
+        more often than 5e-4 (bench/RESULTS.md)."""
         base = dict(unet=UNetConfig.cifar_cpu().to_dict(), vae_steps=None, ldm_steps=None, batch_size=64,
                     lr=1e-3, warmup_steps=100, ema_decay=0.999, min_snr_gamma=5.0, max_minutes=60.0,
                     vae_share=0.3, save_every=500, sample_every=1000)
