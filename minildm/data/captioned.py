@@ -61,10 +61,12 @@ class CaptionedImages:
     `class_names` ignored) or, when `templated` is True, a class name `captions[i]` that is put into
     a template chosen at random each time the image is drawn. `labels` (N,) long, -1 for none.
     `flip` allows horizontal flips as augmentation (not for captions that name left and right).
+    `wording` (a data.wording.Wording, or None) rewords a share of the templated captions drawn with a
+    generator, so that a text encoder learns which word carries the class.
     """
 
     def __init__(self, images, captions, labels=None, templated=False, flip=False,
-                 class_names=None, skipped=0, source=""):
+                 class_names=None, skipped=0, source="", wording=None):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(captions) != len(images):
@@ -78,6 +80,7 @@ class CaptionedImages:
         self.class_names = list(class_names) if class_names is not None else []
         self.skipped = skipped  # unreadable files left out while loading
         self.source = source
+        self.wording = wording
 
     def __len__(self) -> int:
         return len(self.images)
@@ -95,7 +98,8 @@ class CaptionedImages:
         if generator is None:
             return fill_template(TEMPLATES[i % len(TEMPLATES)], text)
         k = int(torch.randint(2 * len(TEMPLATES), (1,), generator=generator))
-        return fill_template(TEMPLATES[k // 2], text, fix_article=bool(k % 2))
+        caption = fill_template(TEMPLATES[k // 2], text, fix_article=bool(k % 2))
+        return caption if self.wording is None else self.wording(caption, text, generator)
 
     def __getitem__(self, i: int):
         """(x (3, H, W) float in [-1, 1], caption)."""
@@ -116,7 +120,7 @@ class CaptionedImages:
         indices = torch.as_tensor(indices, dtype=torch.long)
         return CaptionedImages(self.images[indices], [self.captions[int(i)] for i in indices],
                                self.labels[indices], self.templated, self.flip, self.class_names,
-                               source=self.source)
+                               source=self.source, wording=self.wording)
 
     def split(self, holdout_per_class: int):
         """(train, held_out): the last `holdout_per_class` images of every class are held out

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the UNet's EMA weights")
     p.add_argument("--caption-dropout", type=float, default=None,
                    help="fraction of empty captions, for classifier-free guidance")
+    p.add_argument("--reword", type=float, default=None,
+                   help="fraction of class captions reworded: template words dropped, noise words from the whole "
+                        "vocabulary put in, synonyms (data/wording.py; cifar presets: 0.5, 0 turns it off)")
     p.add_argument("--min-snr-gamma", type=float, default=None,
                    help="weight the diffusion loss by min(SNR, gamma) / SNR (cifar-cpu: 5; 0 turns it off: plain MSE)")
     p.add_argument("--disc-start", type=int, default=None,
@@ -99,6 +102,7 @@ _OVERRIDES = {"num_images": "num_images", "holdout_per_class": "holdout_per_clas
               "resolution": "resolution", "batch_size": "batch_size", "vae_batch_size": "vae_batch_size",
               "lr": "lr", "vae_lr": "vae_lr", "warmup_steps": "warmup_steps", "grad_accum": "grad_accum",
               "grad_clip": "grad_clip", "ema_decay": "ema_decay", "caption_dropout": "caption_dropout",
+              "reword": "reword",
               "disc_start": "disc_start", "device": "device", "dtype": "dtype", "seed": "seed",
               "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
               "sample_steps": "sample_steps", "guidance": "guidance_scale", "max_minutes": "max_minutes",
@@ -201,6 +205,7 @@ def check_flags(args) -> None:
     check_float("--grad-clip", args.grad_clip, 0)
     check_float("--ema-decay", args.ema_decay, 0, 1, high_open=True)
     check_float("--caption-dropout", args.caption_dropout, 0, 1, high_open=True)
+    check_float("--reword", args.reword, 0, 1)
     check_float("--guidance", args.guidance, 0, 100)
     check_float("--min-snr-gamma", args.min_snr_gamma, 0)
     check_seed("--seed", args.seed)

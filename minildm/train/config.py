@@ -50,6 +50,7 @@ class TrainConfig:
     grad_accum: int = 1                     # micro-batches per optimizer step
     ema_decay: float = 0.999
     caption_dropout: float = 0.1            # fraction of captions replaced by "" (for guidance)
+    reword: float = 0.0                     # fraction of class captions reworded (data/wording.py; cifar presets 0.5)
     min_snr_gamma: Optional[float] = None   # weight the loss by min(SNR, gamma) / SNR (None: plain MSE)
     cache_latents: bool = True              # encode the data set once (no flips) instead of every step
     # both stages
@@ -92,7 +93,7 @@ class TrainConfig:
         base = dict(vae=VAEConfig.cifar().to_dict(), unet=unet.to_dict(), text_encoder=text.to_dict(),
                     vae_steps=20000, vae_batch_size=16, vae_lr=1e-3, rec_loss="l1",
                     ldm_steps=100000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9999,
-                    holdout_per_class=500, log_every=25, save_every=1000, sample_every=2000,
+                    reword=0.5, holdout_per_class=500, log_every=25, save_every=1000, sample_every=2000,
                     sample_steps=50, guidance_scale=7.5)
         base.update(overrides)
         z = VAEConfig.from_dict(base["vae"]).z_channels

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import data as data_module
 from ..clip_text import CLIPTextConfig, CLIPTextModel
+from ..data.wording import Wording
 from ..convert import save_checkpoint, strip_prefix
 from ..ldm import LatentDiffusion, to_diffusion_latents
 from ..plumbing import (STOP, Budget, autocast, check_finite, lr_factor, mean_over_processes, progress_bar, rng_state,
@@ -108,6 +109,9 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
     unet = UNet(unet_cfg).to(device, wdtype)
     text_encoder = CLIPTextModel(text_cfg).to(device, wdtype)
     tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
+    if cfg.reword and train.templated and train.class_names:
+        # Class captions in words the templates never use, so the encoder learns which word is the class.
+        train.wording = Wording(tokenizer, train.class_names, p=cfg.reword)
     schedule = NoiseSchedule.from_dict(cfg.schedule)
     denoiser = Denoiser(unet, text_encoder)
     opt = adamw(decay_groups(denoiser, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
