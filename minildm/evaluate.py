@@ -1,24 +1,33 @@
-"""Does the model draw what the prompt asks for? `python -m minildm.evaluate RUN` measures it.
+"""Does the model draw what the prompt asks for, in any words, and in variety? `python -m minildm.evaluate RUN`.
 
 A trained text-to-image model is only useful if its captions steer it. For a run on a data set with
-classes (CIFAR-10), this command asks the model for n images of every class with the prompt
-"a photo of a <class>" and lets a judge that never saw a generated image say what they show:
+classes (CIFAR-10), this command asks the model for n images of every class, twice: with the prompt
+"a photo of a <class>" (a training template) and with phrasings that training never used (300 of
+them in data/unseen_phrasings.txt: "a muddy cat behind the fence", "THE CAT ON A HILL"), and lets a
+judge that never saw a generated image say what they show:
 
     judge           a small CNN classifier trained on the run's own training split (never on its
                     held-out images), cached on disk; its accuracy on the held-out real images is the
                     ceiling a perfect generator would reach
-    class accuracy  the fraction of a class's samples the judge puts in that class (chance: 1 / classes)
+    class accuracy  the fraction of a class's samples the judge puts in that class (chance: 1 / classes),
+                    for the template prompt and for the unseen phrasings; their ratio says whether the
+                    model reads text or learnt its training sentences
     FD              Fréchet distance between two sets of images in the judge's penultimate features
                     (the FID recipe, with this judge in place of Inception): 0 for the same
                     distribution; also how far real training images are from the held-out ones
-                    (the floor), and a blurred copy of them and pure noise (to show the scale)
+                    (the floor, "FD real"), and a blurred copy of them and pure noise (to show the
+                    scale). FD / FD real is the scale-free figure
+    precision,      k-NN precision (samples that look real), recall and coverage (how much of the real
+    recall, cov.    variety the samples reach) against n held-out images, k = 5; real training images
+                    against the same held-out ones give the reference
 
-    python -m minildm.evaluate                    # the newest run, 100 samples per class
+    python -m minildm.evaluate                    # the newest run, 100 samples per class and prompt kind
     python -m minildm.evaluate runs/NAME --n 20   # a quick look
 
-Samples use the sampling command line's defaults (DDIM, 50 steps, guidance 7.5) and seeds seed + i,
-so image i of every class starts from the same noise and `python -m minildm.sample PROMPT --seed
-SEED+i` redraws it. Everything is written to RUN/eval/: a JSON report and a grid with a row per class.
+Samples use the run's recommended sampling settings (DDIM, 50 steps, its guidance scale) and seeds
+seed + i, so image i of every class starts from the same noise and `python -m minildm.sample PROMPT
+--seed SEED+i` redraws it. Everything is written to RUN/eval/: a JSON report and a grid with a row per
+class (template prompts).
 
 Notation: n samples per class, K classes, F judge feature width; images x in [-1, 1] (B, 3, H, W)
 unless said; mu, S mean and covariance of a feature set.
@@ -31,34 +40,49 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import data as data_module
 from .cli import Parser
 from .data import class_prompt
+from .data.wording import UNSEEN_PHRASINGS, phrase, unseen_phrasings
 from .judge import (JUDGE_STEPS, blurred, cached_judge_path, frechet_distance, judge_outputs,
-                    load_or_train_judge)
+                    load_or_train_judge, precision_recall)
+
+KNN = 5   # neighbours of the k-NN precision, recall and coverage (Naeem et al.'s choice for coverage)
 
 # ----------------------------------------------------------------------------------------------
 # Sampling n images per class prompt
 
 
+def template_prompts(name: str, n: int) -> list:
+    """n times the training template a user types: "a photo of a cat"."""
+    return [class_prompt(name)] * n
+
+
+def unseen_prompts(name: str, n: int, frames: list, offset: int = 0) -> list:
+    """n held-out phrasings of `name`, frames offset, offset + 1, ... in turn (wrapping around)."""
+    return [phrase(frames[(offset + i) % len(frames)], name) for i in range(n)]
+
+
 @torch.no_grad()
-def sample_per_class(model, class_names, n: int, *, batch_size: int = 100, seed: int = 0, steps: int = 50,
-                     sampler: str = "ddim", guidance: float = 7.5, output_type: str = "image",
-                     progress: bool = True) -> dict:
-    """{class name: n images (n, 3, H, W) in [0, 1]} (or latents); image i of each class uses seed + i."""
+def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, batch_size: int = 100,
+                     seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
+                     output_type: str = "image", progress: bool = True, desc: str = "sampling") -> dict:
+    """{class name: n images (n, 3, H, W) in [0, 1]} (or latents); image i of each class uses seed + i
+    and the i-th of `prompts(name, n)` (by default n times "a photo of a <class>")."""
     from tqdm.auto import tqdm
 
     out = {}
-    bar = tqdm(total=len(class_names) * n, desc="sampling", unit="image", disable=not progress)
+    bar = tqdm(total=len(class_names) * n, desc=desc, unit="image", disable=not progress)
     for name in class_names:
-        parts = []
+        texts, parts = prompts(name, n), []
         for start in range(0, n, batch_size):
             seeds = list(range(seed + start, seed + min(n, start + batch_size)))
-            parts.append(model.generate(class_prompt(name), seeds=seeds, num_steps=steps, sampler=sampler,
-                                        guidance_scale=guidance, output_type=output_type).cpu())
+            parts.append(model.generate(texts[start:start + len(seeds)], seeds=seeds, num_steps=steps,
+                                        sampler=sampler, guidance_scale=guidance, output_type=output_type).cpu())
             bar.update(len(seeds))
         out[name] = torch.cat(parts)
     bar.close()
@@ -71,12 +95,19 @@ def sample_per_class(model, class_names, n: int, *, batch_size: int = 100, seed:
 
 def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch_size: int = 100,
              seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
-             progress: bool = True) -> tuple:
-    """(report dict, samples {class: images}) for `model` on the classes of `held`."""
+             phrasings=UNSEEN_PHRASINGS, progress: bool = True) -> tuple:
+    """(report dict, samples {class: images}) for `model` on the classes of `held`: the template
+    prompt's samples, and (unless `phrasings` is None) as many again from held-out phrasings."""
     names = list(held.class_names)
+    options = dict(batch_size=batch_size, seed=seed, steps=steps, sampler=sampler, guidance=guidance, progress=progress)
     started = time.perf_counter()
-    samples = sample_per_class(model, names, n, batch_size=batch_size, seed=seed, steps=steps, sampler=sampler,
-                               guidance=guidance, progress=progress)
+    samples = sample_per_class(model, names, n, desc="sampling (template)", **options)
+    unseen = {}
+    if phrasings is not None:
+        frames = unseen_phrasings(phrasings)
+        unseen = sample_per_class(model, names, n, desc="sampling (unseen phrasings)", **options,
+                                  prompts=lambda name, count: unseen_prompts(name, count, frames,
+                                                                             names.index(name) * count))
     sampling_seconds = time.perf_counter() - started
     g = torch.Generator().manual_seed(seed)
     per_class, all_samples, all_held = {}, [], []
@@ -90,51 +121,81 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
         f_train, _ = judge_outputs(judge, real_train)
         f_blur, _ = judge_outputs(judge, blurred(real_train))
         f_noise, _ = judge_outputs(judge, noise)
-        per_class[name] = {
+        # Precision and recall compare sets of one size: n held-out images against n samples (or n training images).
+        f_held_n = f_held[torch.randperm(len(f_held), generator=g)[:n]]
+        c = per_class[name] = {
             "accuracy": (predicted == k).float().mean().item(),
             "judge_on_real": judge_info["held_out_per_class"].get(name),
             "confused_with": names[int(torch.bincount(predicted, minlength=len(names)).argmax())],
             "fd_samples": frechet_distance(f_samples, f_held), "fd_train": frechet_distance(f_train, f_held),
             "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
+        c["fd_over_real"] = c["fd_samples"] / max(c["fd_train"], 1e-12)
+        k_nn = min(KNN, len(f_held_n), len(f_samples), len(f_train)) - 1        # fewer only for tiny test sets
+        c.update(precision_recall(f_held_n, f_samples, k_nn))
+        c.update({key + "_real": value for key, value in precision_recall(f_held_n, f_train, k_nn).items()})
+        if unseen:
+            c["unseen_accuracy"] = (judge_outputs(judge, unseen[name] * 2 - 1)[1] == k).float().mean().item()
         all_samples.append(f_samples)
         all_held.append(f_held)
     judge_acc = judge_info["held_out_accuracy"]
     accs = [c["accuracy"] for c in per_class.values()]
-    mean = {key: sum(c[key] for c in per_class.values()) / len(per_class)
-            for key in ("accuracy", "fd_samples", "fd_train", "fd_blurred", "fd_noise")}
+    keys = ["accuracy", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real", "precision", "recall",
+            "coverage", "precision_real", "recall_real", "coverage_real"] + (["unseen_accuracy"] if unseen else [])
+    mean = {key: sum(c[key] for c in per_class.values()) / len(per_class) for key in keys}
     report = {
         "prompts": {name: class_prompt(name) for name in names},
-        "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance},
+        "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance,
+                     "knn_k": min(KNN, n, *(int((held.labels == k).sum()) for k in range(len(names)))) - 1},
         "judge": {k: judge_info[k] for k in ("held_out_accuracy", "held_out_per_class", "width", "steps",
                                               "train_images", "held_out_images") if k in judge_info},
         "per_class": per_class, "mean": mean,
         "fd_all_classes": frechet_distance(torch.cat(all_samples), torch.cat(all_held)),
         "accuracy_over_judge": mean["accuracy"] / judge_acc,
         "worst_class_over_judge": min(accs) / judge_acc,
-        "sampling_seconds_per_image": sampling_seconds / (n * len(names)),
+        "sampling_seconds_per_image": sampling_seconds / (n * len(names) * (2 if unseen else 1)),
     }
+    if unseen:
+        report["unseen"] = {"phrasings": str(phrasings), "count": len(frames),
+                            "examples": {name: unseen_prompts(name, 3, frames, k * n) for k, name in enumerate(names)},
+                            "accuracy": mean["unseen_accuracy"],
+                            "over_template": mean["unseen_accuracy"] / max(mean["accuracy"], 1e-12)}
     return report, samples
 
 
 def format_report(report: dict) -> str:
     """The report as the table the command prints."""
     judge = report["judge"]
+    unseen = "unseen" in report
     lines = [f"judge: {judge['held_out_accuracy']:.1%} right on {judge['held_out_images']} held-out real images "
              f"(a CNN trained on the {judge['train_images']} training images only)",
-             f"{'class':<12}{'prompt':<28}{'accuracy':>9}{'judge real':>11}{'mistaken for':>14}"
-             f"{'FD samples':>12}{'FD train':>10}{'FD blurred':>12}{'FD noise':>10}"]
+             f"{'class':<12}{'template':>9}{'unseen':>8}{'judge real':>11}{'mistaken for':>14}{'FD samples':>12}"
+             f"{'FD real':>9}{'FD blurred':>12}{'FD noise':>10}{'FD/real':>9}{'precision':>11}{'recall':>8}"
+             f"{'coverage':>10}"]
+
+    def row(label, c, judge_real, confused):
+        return (f"{label:<12}{c['accuracy']:>9.2f}{c['unseen_accuracy'] if unseen else float('nan'):>8.2f}"
+                f"{judge_real:>11.2f}{confused:>14}{c['fd_samples']:>12.2f}{c['fd_train']:>9.2f}"
+                f"{c['fd_blurred']:>12.2f}{c['fd_noise']:>10.2f}{c['fd_over_real']:>9.1f}{c['precision']:>11.2f}"
+                f"{c['recall']:>8.2f}{c['coverage']:>10.2f}")
+
     for name, c in report["per_class"].items():
-        lines.append(f"{name:<12}{report['prompts'][name]:<28}{c['accuracy']:>9.2f}{c['judge_on_real']:>11.2f}"
-                     f"{c['confused_with'] if c['confused_with'] != name else '-':>14}{c['fd_samples']:>12.2f}"
-                     f"{c['fd_train']:>10.2f}{c['fd_blurred']:>12.2f}{c['fd_noise']:>10.2f}")
+        lines.append(row(name, c, c["judge_on_real"], c["confused_with"] if c["confused_with"] != name else "-"))
     m = report["mean"]
-    lines.append(f"{'mean':<40}{m['accuracy']:>9.2f}{judge['held_out_accuracy']:>11.2f}{'':>14}"
-                 f"{m['fd_samples']:>12.2f}{m['fd_train']:>10.2f}{m['fd_blurred']:>12.2f}{m['fd_noise']:>10.2f}")
+    lines.append(row("mean", m, judge["held_out_accuracy"], ""))
     s = report["settings"]
-    lines.append(f"class accuracy {m['accuracy']:.2f} = {report['accuracy_over_judge']:.2f} x the judge's on real "
-                 f"images (worst class {report['worst_class_over_judge']:.2f} x); {s['n']} samples per class, "
-                 f"{s['sampler']} {s['steps']} steps, guidance {s['guidance']:g}, seeds {s['seed']}..{s['seed'] + s['n'] - 1}; "
-                 f"FD over all classes {report['fd_all_classes']:.2f}")
+    lines.append(f"template prompt (\"{next(iter(report['prompts'].values()))}\"): class accuracy {m['accuracy']:.2f} = "
+                 f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "
+                 f"{report['worst_class_over_judge']:.2f} x)")
+    if unseen:
+        u = report["unseen"]
+        lines.append(f"unseen phrasings ({u['count']} that training never used, e.g. \"{u['examples'][next(iter(u['examples']))][0]}\"): "
+                     f"class accuracy {u['accuracy']:.2f} = {u['over_template']:.2f} x the template's")
+    lines.append(f"variety: FD {m['fd_samples']:.2f} = {m['fd_over_real']:.1f} x real images' own (FD real); precision "
+                 f"{m['precision']:.2f}, recall {m['recall']:.2f}, coverage {m['coverage']:.2f} (real images: "
+                 f"{m['precision_real']:.2f}, {m['recall_real']:.2f}, {m['coverage_real']:.2f}); FD over all classes "
+                 f"{report['fd_all_classes']:.2f}")
+    lines.append(f"{s['n']} samples per class and prompt kind, {s['sampler']} {s['steps']} steps, guidance "
+                 f"{s['guidance']:g}, seeds {s['seed']}..{s['seed'] + s['n'] - 1}")
     return "\n".join(lines)
 
 
@@ -162,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", default="ddim", help="sampling method (as python -m minildm.sample)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's own, its config.json's guidance_scale)")
     p.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
+    p.add_argument("--phrasings", default=str(UNSEEN_PHRASINGS),
+                   help="held-out phrasings, one a line with {} for the class word (default: the 300 training never used)")
+    p.add_argument("--templates-only", action="store_true", help="score the template prompt only (half the sampling)")
     p.add_argument("--judge", default=None, help="the judge file (default: <runs-dir>/judges/<data hash>.safetensors, "
                                                  "trained there on first use)")
     p.add_argument("--judge-steps", type=int, default=JUDGE_STEPS, help="training steps of a new judge")
@@ -192,15 +257,19 @@ def run_data(run_dir: Path, data_dir=None) -> tuple:
 
 
 def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch_size: int = 100, steps: int = 50,
-                 sampler: str = "ddim", guidance: float = 7.5, seed: int = 0, judge_path=None,
+                 sampler: str = "ddim", guidance: Optional[float] = None, seed: int = 0, judge_path=None,
                  judge_steps: int = JUDGE_STEPS, use_ema: bool = True, device="cpu", model=None,
-                 progress: bool = True, overwrite: bool = False) -> dict:
+                 phrasings=UNSEEN_PHRASINGS, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate the run in `run_dir` (or the given LatentDiffusion `model`); print the table, write
     RUN/eval/<settings>.json and .png, and return the report."""
     from .ldm import load_stable_diffusion
 
+    from .cli import default_guidance
+
     run_dir = Path(run_dir)
     train, held = run_data(run_dir, data_dir)
+    if guidance is None:
+        guidance = default_guidance(str(run_dir / "model.safetensors"))
     if judge_path is None:
         judge_path = cached_judge_path(runs_dir, train, judge_steps)
     judge, info = load_or_train_judge(judge_path, train, held, steps=judge_steps, progress=progress)
@@ -208,7 +277,7 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
     if model is None:
         model = load_stable_diffusion(str(run_dir / "model.safetensors"), device=device, use_ema=use_ema)
     report, samples = evaluate(model, train, held, judge, info, n, batch_size=batch_size, seed=seed, steps=steps,
-                               sampler=sampler, guidance=guidance, progress=progress)
+                               sampler=sampler, guidance=guidance, phrasings=phrasings, progress=progress)
     report["checkpoint"] = str(run_dir / "model.safetensors")
     report["judge"]["path"] = str(judge_path)
     out = run_dir / "eval"
@@ -227,7 +296,8 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
 
 
 def main(argv=None) -> int:
-    from .cli import USAGE, check_choice, check_float, check_int, check_seed, fail, named_path, resolve_device, usage
+    from .cli import (USAGE, check_choice, check_float, check_int, check_readable_file, check_seed, fail, named_path,
+                      resolve_device, usage)
     from .convert import CheckpointError
     from .ldm import find_latest_checkpoint
     from .samplers import SAMPLERS
@@ -242,6 +312,12 @@ def main(argv=None) -> int:
     check_choice("--sampler", args.sampler, list(SAMPLERS))
     if args.data_dir is not None and not os.path.exists(args.data_dir):
         usage("--data-dir", args.data_dir, "does not exist")
+    if not args.templates_only:
+        check_readable_file("--phrasings", args.phrasings)
+        try:
+            unseen_phrasings(args.phrasings)
+        except (ValueError, UnicodeDecodeError) as e:
+            usage("--phrasings", args.phrasings, str(e).split(": ", 1)[-1])
     if args.judge is not None and os.path.isdir(args.judge):
         usage("--judge", args.judge, "is a folder, not a judge file")
     device, _ = resolve_device(args.device)
@@ -259,7 +335,7 @@ def main(argv=None) -> int:
         evaluate_run(run_dir, runs_dir=args.runs_dir, data_dir=args.data_dir, n=args.n, batch_size=args.batch_size,
                      steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
                      judge_path=args.judge, judge_steps=args.judge_steps, use_ema=not args.no_ema, device=device,
-                     overwrite=args.overwrite)
+                     phrasings=None if args.templates_only else args.phrasings, overwrite=args.overwrite)
     except (data_module.DataError, CheckpointError) as e:
         fail(str(e))
     return 0

@@ -28,6 +28,22 @@ def test_frechet_distance_matches_its_closed_form():
     assert abs(judge.frechet_distance(a, a)) < 1e-6
 
 
+def test_precision_recall_tell_fidelity_from_variety():
+    """The same distribution: all near 1. Samples collapsed onto a few real points: precise, but
+    recall and coverage small. Samples far from every real point: all 0."""
+    g = torch.Generator().manual_seed(0)
+    real, other = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
+    same = judge.precision_recall(real, other)
+    assert min(same.values()) > 0.85
+    collapsed = real[:4].repeat(100, 1) + 0.01 * torch.randn(400, 8, generator=g)
+    narrow = judge.precision_recall(real, collapsed)
+    assert narrow["precision"] > 0.95 and narrow["recall"] < 0.05 and narrow["coverage"] < 0.1
+    far = judge.precision_recall(real, other + 100)
+    assert far == {"precision": 0.0, "recall": 0.0, "coverage": 0.0}
+    with pytest.raises(ValueError):
+        judge.precision_recall(real[:5], other, k=5)
+
+
 def test_latent_probe_reads_separable_classes_and_chance_otherwise():
     """Latents whose mean says the class are read right; latents with no class signal at chance level."""
     g = torch.Generator().manual_seed(0)
@@ -91,7 +107,7 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
                          "--judge-steps", "5")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "trained now" in first.stderr and "judge:" in first.stdout and "mean" in first.stdout
-    report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.json").read_text())
+    report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g3-seed0.json").read_text())
     assert set(report["per_class"]) == set(data.CIFAR10_CLASSES)
     for figures in report["per_class"].values():
         assert 0 <= figures["accuracy"] <= 1
@@ -99,7 +115,16 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
             assert figures[key] >= -1e-6
     assert report["judge"]["held_out_images"] == 20 and report["judge"]["train_images"] == 60
     assert report["prompts"]["airplane"] == "a photo of an airplane"
-    grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.png")
+    for figures in report["per_class"].values():                      # held-out phrasings and variety
+        assert 0 <= figures["unseen_accuracy"] <= 1
+        for key in ("precision", "recall", "coverage", "precision_real", "recall_real", "coverage_real"):
+            assert 0 <= figures[key] <= 1
+    unseen = report["unseen"]
+    assert unseen["count"] >= 300 and unseen["over_template"] >= 0
+    frames = data.wording.unseen_phrasings()
+    assert unseen["examples"]["airplane"][0] == data.wording.phrase(frames[0], "airplane")
+    assert "unseen phrasings" in first.stdout and "coverage" in first.stdout
+    grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g3-seed0.png")
     assert grid.size[1] > 9 * 32                                     # a row per class
     judges = list((tiny_run / "runs" / "judges").glob("*.safetensors"))
     assert len(judges) == 1
@@ -110,7 +135,10 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
 
 def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
     """No run, a run without classes, a bad flag: one line each, non-zero exit, no traceback."""
-    for args in (["--n", "1"], ["--guidance", "nan"], ["--sampler", "nope"], [str(tmp_path)]):
+    empty = tmp_path / "none.txt"
+    empty.write_text("no slot here\n")
+    for args in (["--n", "1"], ["--guidance", "nan"], ["--sampler", "nope"], [str(tmp_path)],
+                 ["--phrasings", str(empty)], ["--phrasings", str(tmp_path / "missing.txt")]):
         result = evaluate_cli(tiny_run, *args)
         assert result.returncode != 0 and "Traceback" not in result.stderr, args
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr

@@ -353,6 +353,35 @@ def test_cifar_cpu_computes_in_bfloat16_where_the_cpu_has_it(monkeypatch):
         assert layer(torch.randn(2, 8)).dtype == torch.float32
 
 
+def test_the_cifar_presets_reword_half_their_captions(monkeypatch, tmp_path):
+    """Both CIFAR presets reword half of the class captions, --reword changes it (0 turns it off) and is
+    checked; other data sets are not reworded. Stage 2 hands the data set a Wording at that rate."""
+    parser = train.build_parser()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, _ = train.config_from_args(parser.parse_args(["--dataset", "cifar"]))
+    assert cfg.reword == 0.5 and train.TrainConfig.cifar().reword == 0.5 and train.TrainConfig.tiny().reword == 0
+    cfg, _ = train.config_from_args(parser.parse_args(["--dataset", "cifar", "--reword", "0"]))
+    assert cfg.reword == 0
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            train.check_flags(parser.parse_args(["--dataset", "cifar", "--reword", bad]))
+    seen = {}
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = [i % 10 for i in range(40)]
+    cifar_like = data.CaptionedImages(images, [data.CIFAR10_CLASSES[k] for k in labels], labels, templated=True,
+                                      class_names=data.CIFAR10_CLASSES)
+
+    def stop(stage, step, logs):
+        seen["wording"] = cifar_like.wording
+        return True
+
+    cfg = train.TrainConfig.tiny(dataset="cifar", reword=0.3, vae_steps=1, ldm_steps=1, probe_per_class=0,
+                                 batch_size=4, vae_batch_size=4, run_dir=str(tmp_path / "reword"))
+    vae, scale_factor = train.train_vae(cfg, data=(cifar_like, cifar_like.subset([])))
+    train.train_ldm(cfg, vae=vae, scale_factor=scale_factor, data=(cifar_like, cifar_like.subset([])), callback=stop)
+    assert seen["wording"] is not None and seen["wording"].p == 0.3
+
+
 def test_a_budget_counts_the_work_before_the_loop():
     """The clock starts when the run started (data loading, caching), not when the loop begins."""
     budget = plumbing.Budget(None, 1.0, started=time.perf_counter() - 59.9)

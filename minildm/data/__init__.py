@@ -23,11 +23,16 @@ Three sources:
 
 `load_dataset(name, ...)` picks one by name, as the training command line does.
 
-In files: captioned.py (CaptionedImages, captions), cifar.py, folder.py, shapes.py (the three sources),
-sets.py (a data set by name; `python -m minildm.data`).
+Class captions are reworded in training (wording.py: template words dropped, noise words from the
+whole vocabulary, synonyms) so that a text encoder trained from scratch learns which word is the class;
+the held-out phrasings that evaluation checks this with are in unseen_phrasings.txt.
+
+In files: captioned.py (CaptionedImages, captions), wording.py (reworded captions, held-out phrasings),
+cifar.py, folder.py, shapes.py (the three sources), sets.py (a data set by name; `python -m minildm.data`).
 """
 
 from .captioned import (CIFAR10_CLASSES, CIFAR_RESOLUTION, TEMPLATES, IMAGE_EXTENSIONS, CIFAR_URL_HINT, DataError, article, class_prompt, fill_template, CaptionedImages, to_float, to_uint8)  # noqa: F401
+from .wording import (SYNONYMS, UNSEEN_PHRASINGS, Wording, noise_words, phrase, unseen_phrasings)  # noqa: F401
 from .folder import (_read_caption_file, load_image, load_folder)  # noqa: F401
 from .cifar import (_cifar_from_batches, _load_pickle, CIFAR_BATCHES, _cifar_pickles, _cifar_from_archive, _imagefolder_members, _find_cifar_source, load_cifar10, _balanced_indices, _balanced_head, _download_cifar10)  # noqa: F401
 from .shapes import (SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, SHAPE_BACKGROUND, shape_caption, draw_shape, make_shapes, dominant_color)  # noqa: F401

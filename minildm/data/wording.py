@@ -35,7 +35,7 @@ import torch
 from .captioned import TEMPLATES, fill_template
 
 # Other words for each CIFAR-10 class, used in training so that a user's word for it is understood.
-# Each is one token of CLIP's vocabulary. They are never noise words.
+# All but "automobiles" are one token of CLIP's vocabulary. They are never noise words.
 SYNONYMS = {
     "airplane": ("airplanes", "plane", "planes", "aircraft", "jet"),
     "automobile": ("automobiles", "car", "cars"),
@@ -115,6 +115,8 @@ def unseen_phrasings(path=None) -> list:
     """The held-out phrasings: frames with "{}" where the class word goes, one a line (# comments)."""
     lines = Path(path or UNSEEN_PHRASINGS).read_text(encoding="utf-8").splitlines()
     frames = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not frames:
+        raise ValueError(f"{path or UNSEEN_PHRASINGS}: no phrasings in it")
     bad = [f for f in frames if f.count("{}") != 1]
     if bad:
         raise ValueError(f"{path or UNSEEN_PHRASINGS}: each phrasing needs exactly one {{}}, not {bad[0]!r}")
