@@ -30,13 +30,20 @@ def main(argv=None) -> int:
     p.add_argument("--scales", type=float, nargs="+", default=[1, 2, 3, 4, 5, 7.5])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default="bench/guidance_sweep")
+    p.add_argument("--add", action="store_true", help="keep the rows already in OUT.json (same run and n) and add these scales")
     args = p.parse_args(argv)
 
     run = Path(args.run)
     train, held = run_data(run)
     judge, info = load_or_train_judge(cached_judge_path(args.runs_dir, train), train, held)
     model = load_stable_diffusion(str(run / "model.safetensors"))
+    out = Path(args.out)
     rows = []
+    if args.add and out.with_suffix(".json").exists():
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        if earlier["run"] != str(run) or earlier["n"] != args.n or earlier["steps"] != args.steps:
+            p.error(f"{out.with_suffix('.json')} is another sweep (run {earlier['run']}, n {earlier['n']})")
+        rows = [r for r in earlier["rows"] if r["guidance"] not in args.scales]
     print(f"{'guidance':>8}{'template':>10}{'unseen':>8}{'worst':>7}{'FD':>7}{'FD/real':>9}{'precision':>11}"
           f"{'recall':>8}{'coverage':>10}")
     for scale in args.scales:
@@ -49,12 +56,12 @@ def main(argv=None) -> int:
         print(f"{scale:>8g}{m['accuracy']:>10.2f}{m['unseen_accuracy']:>8.2f}{report['worst_class_over_judge']:>7.2f}"
               f"{m['fd_samples']:>7.2f}{m['fd_over_real']:>9.1f}{m['precision']:>11.2f}{m['recall']:>8.2f}"
               f"{m['coverage']:>10.2f}", flush=True)
+    rows.sort(key=lambda r: r["guidance"])
     reference = {k: report["mean"][k] for k in ("fd_train", "precision_real", "recall_real", "coverage_real")}
     print(f"real training images against the same held-out ones: FD {reference['fd_train']:.2f}, precision "
           f"{reference['precision_real']:.2f}, recall {reference['recall_real']:.2f}, coverage {reference['coverage_real']:.2f}; "
           f"judge {info['held_out_accuracy']:.3f} on real held-out images")
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"run": str(run), "n": args.n, "steps": args.steps,
                                                     "judge_held_out_accuracy": info["held_out_accuracy"],

@@ -9,7 +9,6 @@ checkpoint, data that cannot be read). Nothing here imports a model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -205,24 +204,6 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
     if not os.path.exists(ckpt):
         fail(f"checkpoint not found: {ckpt}")
     return ckpt
-
-
-SD_GUIDANCE = 7.5   # the scale Stable Diffusion v1's own scripts sample with
-
-
-def default_guidance(path: str) -> float:
-    """The guidance scale to sample a checkpoint with when none is asked for: a training run's own
-    (`guidance_scale` in the config.json beside its model.safetensors: what its presets chose and its
-    grids used), else Stable Diffusion's 7.5."""
-    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.basename(path) == "model.safetensors" and os.path.isfile(config):
-        try:
-            scale = json.loads(open(config, encoding="utf-8").read()).get("guidance_scale")
-        except (OSError, ValueError, AttributeError):
-            scale = None
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 <= scale <= 100:
-            return float(scale)
-    return SD_GUIDANCE
 
 
 def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True, config=None):

@@ -24,10 +24,10 @@ judge that never saw a generated image say what they show:
     python -m minildm.evaluate                    # the newest run, 100 samples per class and prompt kind
     python -m minildm.evaluate runs/NAME --n 20   # a quick look
 
-Samples use the run's recommended sampling settings (DDIM, 50 steps, its guidance scale) and seeds
-seed + i, so image i of every class starts from the same noise and `python -m minildm.sample PROMPT
---seed SEED+i` redraws it. Everything is written to RUN/eval/: a JSON report and a grid with a row per
-class (template prompts).
+Samples use the sampling command line's defaults (DDIM, 50 steps, guidance 7.5; bench/RESULTS.md
+sweeps the scale) and seeds seed + i, so image i of every class starts from the same noise and
+`python -m minildm.sample PROMPT --seed SEED+i` redraws it. Everything is written to RUN/eval/: a JSON
+report and a grid with a row per class (template prompts).
 
 Notation: n samples per class, K classes, F judge feature width; images x in [-1, 1] (B, 3, H, W)
 unless said; mu, S mean and covariance of a feature set.
@@ -40,7 +40,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -223,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", default="ddim", help="sampling method (as python -m minildm.sample)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the run's own, its config.json's guidance_scale)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
     p.add_argument("--phrasings", default=str(UNSEEN_PHRASINGS),
                    help="held-out phrasings, one a line with {} for the class word (default: the 300 training never used)")
@@ -257,19 +255,15 @@ def run_data(run_dir: Path, data_dir=None) -> tuple:
 
 
 def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch_size: int = 100, steps: int = 50,
-                 sampler: str = "ddim", guidance: Optional[float] = None, seed: int = 0, judge_path=None,
+                 sampler: str = "ddim", guidance: float = 7.5, seed: int = 0, judge_path=None,
                  judge_steps: int = JUDGE_STEPS, use_ema: bool = True, device="cpu", model=None,
                  phrasings=UNSEEN_PHRASINGS, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate the run in `run_dir` (or the given LatentDiffusion `model`); print the table, write
     RUN/eval/<settings>.json and .png, and return the report."""
     from .ldm import load_stable_diffusion
 
-    from .cli import default_guidance
-
     run_dir = Path(run_dir)
     train, held = run_data(run_dir, data_dir)
-    if guidance is None:
-        guidance = default_guidance(str(run_dir / "model.safetensors"))
     if judge_path is None:
         judge_path = cached_judge_path(runs_dir, train, judge_steps)
     judge, info = load_or_train_judge(judge_path, train, held, steps=judge_steps, progress=progress)

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir,
-                  default_guidance, fail, free_path, load_model, slug, usage)
+from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
+                  free_path, load_model, slug, usage)
 from .samplers import SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
@@ -48,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
     p.add_argument("--karras", action="store_true",
                    help="Karras et al. sigma spacing (for euler, euler_a, heun, lms and dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (1 = none); default: a training run's own (its config.json's "
-                        "guidance_scale; the CIFAR presets' is chosen in bench/RESULTS.md), 7.5 for Stable Diffusion")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
     p.add_argument("--n", type=int, default=1, help="number of images; a grid is saved too when n > 1")
@@ -199,9 +197,6 @@ def main(argv=None) -> int:
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
                              config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
-    if args.guidance is None:
-        args.guidance = default_guidance(ckpt)
-        notes.append(f"guidance {args.guidance:g} (this model's default; --guidance changes it)")
     # LoRA weights first, then textual-inversion embeddings: (flag, file, its value, loader, what to say)
     add_ons = ([("--lora", path, scale, model.load_lora, "LoRA {path}: {result} layers merged at scale {value:g}")
                 for path, scale in args.lora] +

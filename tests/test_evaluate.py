@@ -107,7 +107,7 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
                          "--judge-steps", "5")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "trained now" in first.stderr and "judge:" in first.stdout and "mean" in first.stdout
-    report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g3-seed0.json").read_text())
+    report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.json").read_text())
     assert set(report["per_class"]) == set(data.CIFAR10_CLASSES)
     for figures in report["per_class"].values():
         assert 0 <= figures["accuracy"] <= 1
@@ -124,7 +124,7 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
     frames = data.wording.unseen_phrasings()
     assert unseen["examples"]["airplane"][0] == data.wording.phrase(frames[0], "airplane")
     assert "unseen phrasings" in first.stdout and "coverage" in first.stdout
-    grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g3-seed0.png")
+    grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.png")
     assert grid.size[1] > 9 * 32                                     # a row per class
     judges = list((tiny_run / "runs" / "judges").glob("*.safetensors"))
     assert len(judges) == 1
