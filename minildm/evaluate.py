@@ -3,7 +3,7 @@
 A trained text-to-image model is only useful if its captions steer it. For a run on a data set with
 classes (CIFAR-10), this command asks the model for n images of every class, twice: with the prompt
 "a photo of a <class>" (a training template) and with phrasings that training never used (300 of
-them in data/unseen_phrasings.txt: "a muddy cat behind the fence", "THE CAT ON A HILL"), and lets a
+them in data/unseen_phrasings.txt: "a muddy cat near a lake", "THE CAT ON A HILL"), and lets a
 judge that never saw a generated image say what they show:
 
     judge           a small CNN classifier trained on the run's own training split (never on its
