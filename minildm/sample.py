@@ -4,7 +4,8 @@ Loads a checkpoint with `load_stable_diffusion` (your newest training run by def
 with --ckpt), generates with `LatentDiffusion.generate`, and writes PNGs named by prompt and seed, with
 every setting in the PNG's text metadata so an image can be reproduced. Image i of --n uses seed + i,
 so any single image can be regenerated on its own; images are drawn --batch-size at a time, each from
-its own seed, so a batch gives the very images that one-at-a-time sampling gives.
+its own seed, so a batch gives the images that one-at-a-time sampling gives (to float rounding:
+one level of 255 at most).
 
     python -m minildm.sample "a red car" --n 4
     python -m minildm.sample "a cat in a hat" --ckpt v1-5-pruned-emaonly.safetensors --steps 30

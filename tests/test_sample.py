@@ -80,13 +80,13 @@ def test_end_to_end_in_a_subprocess(workdir):
 
 
 def test_same_seed_reproduces_one_image_of_a_batch(workdir, monkeypatch):
-    """Image i of --n uses seed + i, so generating seed + i alone gives the same pixels."""
+    """Image i of --n uses seed + i, so generating seed + i alone gives the same pixels (to one level of 255)."""
     monkeypatch.chdir(workdir)
     main(["a tree", "--steps", "2", "--n", "2", "--seed", "10", "--out", "batch"])
     main(["a tree", "--steps", "2", "--seed", "11", "--out", "single"])
-    a = Image.open(workdir / "batch" / "a-tree-11.png")
-    b = Image.open(workdir / "single" / "a-tree-11.png")
-    assert a.tobytes() == b.tobytes()
+    a = np.asarray(Image.open(workdir / "batch" / "a-tree-11.png"), dtype=np.int16)
+    b = np.asarray(Image.open(workdir / "single" / "a-tree-11.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1            # float rounding of a batched matmul at most (seen on two threads)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a", "ddpm"])
