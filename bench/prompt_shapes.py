@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minildm.data.wording import phrase, unseen_phrasings  # noqa: E402
+from minildm.data import fill_template  # noqa: E402
+from minildm.data.wording import unseen_phrasings  # noqa: E402
 from minildm.evaluate import run_data, sample_per_class, template_prompts, unseen_prompts  # noqa: E402
 from minildm.judge import cached_judge_path, judge_outputs, load_or_train_judge  # noqa: E402
 from minildm.ldm import load_stable_diffusion  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         "template": template_prompts,
         "unseen": lambda name, count: unseen_prompts(name, count, frames, names.index(name) * count),
         "bare word": lambda name, count: [name] * count,
-        "in a hat": lambda name, count: [phrase("a {} in a hat", name)] * count,
+        "in a hat": lambda name, count: [fill_template("a {} in a hat", name)] * count,
     }
     options = dict(seed=0, steps=args.steps, guidance=args.guidance, progress=False)
     report = {"run": str(run), "n": n, "guidance": args.guidance, "steps": args.steps,
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     pairs = [(k, (k + step) % K) for k in range(K) for step in (1, 5)]
     count = max(n // 2, 2)
     for a, b in pairs:
-        text = f"{phrase('a {}', names[a])} and {phrase('a {}', names[b])}"
+        text = f"{fill_template('a {}', names[a])} and {fill_template('a {}', names[b])}"
         predicted = judge_outputs(judge, model.generate(text, seeds=list(range(count)), num_steps=args.steps,
                                                         guidance_scale=args.guidance) * 2 - 1)[1]
         first += (predicted == a).sum().item()
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         other += ((predicted != a) & (predicted != b)).sum().item()
     total = first + second + other
     report["two classes"] = {"first": first / total, "second": second / total, "other": other / total,
-                             "images": total, "example": f"{phrase('a {}', names[3])} and {phrase('a {}', names[5])}"}
+                             "images": total, "example": f"{fill_template('a {}', names[3])} and {fill_template('a {}', names[5])}"}
     print(f"two classes ({len(pairs)} pairs, {total} images): first named {first / total:.2f}, second {second / total:.2f}, "
           f"another class {other / total:.2f}")
 

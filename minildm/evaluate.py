@@ -45,8 +45,8 @@ import torch
 
 from . import data as data_module
 from .cli import Parser
-from .data import class_prompt
-from .data.wording import UNSEEN_PHRASINGS, phrase, unseen_phrasings
+from .data import class_prompt, fill_template
+from .data.wording import UNSEEN_PHRASINGS, unseen_phrasings
 from .judge import (JUDGE_STEPS, blurred, cached_judge_path, frechet_distance, judge_outputs,
                     load_or_train_judge, precision_recall)
 
@@ -63,7 +63,7 @@ def template_prompts(name: str, n: int) -> list:
 
 def unseen_prompts(name: str, n: int, frames: list, offset: int = 0) -> list:
     """n held-out phrasings of `name`, frames offset, offset + 1, ... in turn (wrapping around)."""
-    return [phrase(frames[(offset + i) % len(frames)], name) for i in range(n)]
+    return [fill_template(frames[(offset + i) % len(frames)], name) for i in range(n)]
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
                                                                              names.index(name) * count))
     sampling_seconds = time.perf_counter() - started
     g = torch.Generator().manual_seed(seed)
-    per_class, all_samples, all_held = {}, [], []
+    per_class, all_samples, all_held, ks = {}, [], [], []
     for k, name in enumerate(names):
         real_held = data_module.to_float(held.images[held.labels == k])
         pool = (train.labels == k).nonzero().flatten()
@@ -130,6 +130,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
             "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
         c["fd_over_real"] = c["fd_samples"] / max(c["fd_train"], 1e-12)
         k_nn = min(KNN, len(f_held_n), len(f_samples), len(f_train)) - 1        # fewer only for tiny test sets
+        ks.append(k_nn)
         c.update(precision_recall(f_held_n, f_samples, k_nn))
         c.update({key + "_real": value for key, value in precision_recall(f_held_n, f_train, k_nn).items()})
         if unseen:
@@ -144,7 +145,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
     report = {
         "prompts": {name: class_prompt(name) for name in names},
         "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance,
-                     "knn_k": min(KNN, n, *(int((held.labels == k).sum()) for k in range(len(names)))) - 1},
+                     "knn_k": min(ks)},
         "judge": {k: judge_info[k] for k in ("held_out_accuracy", "held_out_per_class", "width", "steps",
                                               "train_images", "held_out_images") if k in judge_info},
         "per_class": per_class, "mean": mean,

@@ -122,7 +122,7 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
     unseen = report["unseen"]
     assert unseen["count"] >= 300 and unseen["over_template"] >= 0
     frames = data.wording.unseen_phrasings()
-    assert unseen["examples"]["airplane"][0] == data.wording.phrase(frames[0], "airplane")
+    assert unseen["examples"]["airplane"][0] == data.fill_template(frames[0], "airplane")
     assert "unseen phrasings" in first.stdout and "coverage" in first.stdout
     grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.png")
     assert grid.size[1] > 9 * 32                                     # a row per class

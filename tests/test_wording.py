@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minildm import data
-from minildm.data.wording import SYNONYMS, UNSEEN_PHRASINGS, Wording, noise_words, phrase, unseen_phrasings
+from minildm.data.wording import SYNONYMS, UNSEEN_PHRASINGS, Wording, noise_words, unseen_phrasings
 from minildm.tokenizer import CLIPTokenizer
 
 CLASSES = data.CIFAR10_CLASSES
@@ -88,14 +88,14 @@ def test_the_held_out_phrasings_are_apart_from_training():
         assert not any(within(words(frame), t) for t in template_words), frame
     assert "a {} in a hat" not in frames and "{}" not in frames
     tokenizer = CLIPTokenizer.default(context_length=32)
-    assert max(len(tokenizer.encode(phrase(f, "automobile"))) for f in frames) <= 30
+    assert max(len(tokenizer.encode(data.fill_template(f, "automobile"))) for f in frames) <= 30
     assert len({len(f.split()) for f in frames}) >= 10              # many lengths
     assert any(f != f.lower() for f in frames) and any(f[-1] in "!?." for f in frames)
 
 
 def test_held_out_phrasings_are_filled_with_the_right_article():
-    assert phrase("a {} in the snow", "airplane") == "an airplane in the snow"
-    assert phrase("the {} is small", "cat") == "the cat is small"
+    assert data.fill_template("a {} in the snow", "airplane") == "an airplane in the snow"
+    assert data.fill_template("the {} is small", "cat") == "the cat is small"
 
 
 def test_a_bad_phrasings_file_is_refused(tmp_path):

@@ -32,7 +32,7 @@ cifar.py, folder.py, shapes.py (the three sources), sets.py (a data set by name;
 """
 
 from .captioned import (CIFAR10_CLASSES, CIFAR_RESOLUTION, TEMPLATES, IMAGE_EXTENSIONS, CIFAR_URL_HINT, DataError, article, class_prompt, fill_template, CaptionedImages, to_float, to_uint8)  # noqa: F401
-from .wording import (SYNONYMS, UNSEEN_PHRASINGS, Wording, noise_words, phrase, unseen_phrasings)  # noqa: F401
+from .wording import (SYNONYMS, UNSEEN_PHRASINGS, Wording, noise_words, unseen_phrasings)  # noqa: F401
 from .folder import (_read_caption_file, load_image, load_folder)  # noqa: F401
 from .cifar import (_cifar_from_batches, _load_pickle, CIFAR_BATCHES, _cifar_pickles, _cifar_from_archive, _imagefolder_members, _find_cifar_source, load_cifar10, _balanced_indices, _balanced_head, _download_cifar10)  # noqa: F401
 from .shapes import (SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS, SHAPE_BACKGROUND, shape_caption, draw_shape, make_shapes, dominant_color)  # noqa: F401

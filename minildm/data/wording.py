@@ -53,7 +53,7 @@ UNSEEN_PHRASINGS = Path(__file__).with_name("unseen_phrasings.txt")
 
 
 def noise_words(tokenizer, exclude: Sequence[str] = ()) -> list:
-    """Every whole word of the tokenizer's vocabulary as text (34,483 for CLIP), but those in `exclude`."""
+    """Every whole word of the tokenizer's vocabulary as text (34,473 for CLIP), but those in `exclude`."""
     excluded = {w.lower() for w in exclude}
     words = []
     for piece, i in sorted(tokenizer.encoder.items(), key=lambda kv: kv[1]):
@@ -121,8 +121,3 @@ def unseen_phrasings(path=None) -> list:
     if bad:
         raise ValueError(f"{path or UNSEEN_PHRASINGS}: each phrasing needs exactly one {{}}, not {bad[0]!r}")
     return frames
-
-
-def phrase(frame: str, name: str) -> str:
-    """A held-out frame with the class name in it, with "a"/"an" fixed before it: "an airplane at dusk"."""
-    return fill_template(frame, name)
