@@ -18,7 +18,7 @@ judge that never saw a generated image say what they show:
                     (the floor, "FD real"), and a blurred copy of them and pure noise (to show the
                     scale). FD / FD real is the scale-free figure
     precision,      k-NN precision (samples that look real), recall and coverage (how much of the real
-    recall, cov.    variety the samples reach) against n held-out images, k = 5; real training images
+    recall, cov.    variety the samples reach) against n held-out images, k = 4; real training images
                     against the same held-out ones give the reference
 
     python -m minildm.evaluate                    # the newest run, 100 samples per class and prompt kind
@@ -50,7 +50,7 @@ from .data.wording import UNSEEN_PHRASINGS, unseen_phrasings
 from .judge import (JUDGE_STEPS, blurred, cached_judge_path, frechet_distance, judge_outputs,
                     load_or_train_judge, precision_recall)
 
-KNN = 5   # neighbours of the k-NN precision, recall and coverage (Naeem et al.'s choice for coverage)
+KNN = 4   # neighbours of the k-NN precision, recall and coverage (fewer only when a set is smaller)
 
 # ----------------------------------------------------------------------------------------------
 # Sampling n images per class prompt
@@ -129,7 +129,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
             "fd_samples": frechet_distance(f_samples, f_held), "fd_train": frechet_distance(f_train, f_held),
             "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
         c["fd_over_real"] = c["fd_samples"] / max(c["fd_train"], 1e-12)
-        k_nn = min(KNN, len(f_held_n), len(f_samples), len(f_train)) - 1        # fewer only for tiny test sets
+        k_nn = min(KNN, len(f_held_n) - 1, len(f_samples) - 1, len(f_train) - 1)
         ks.append(k_nn)
         c.update(precision_recall(f_held_n, f_samples, k_nn))
         c.update({key + "_real": value for key, value in precision_recall(f_held_n, f_train, k_nn).items()})
