@@ -26,8 +26,9 @@ import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention import scaled_dot_product
 
 
 @dataclass
@@ -103,7 +104,7 @@ class CLIPAttention(nn.Module):
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         # softmax(q k^T / sqrt(hd) + causal mask) v, the mask being -inf above the diagonal.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = scaled_dot_product(q, k, v, causal=True)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.out_proj(out)
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import scaled_dot_product
+
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -243,9 +245,9 @@ class Attention(nn.Module):
             out, weights = attention(q, k, v)                              # weights (B, nh, N, M)
             self.record(self.name, weights)
         elif self.slice_size is None or self.slice_size >= N:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = scaled_dot_product(q, k, v)
         else:
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + self.slice_size], k, v)
+            out = torch.cat([scaled_dot_product(q[:, :, i:i + self.slice_size], k, v)
                              for i in range(0, N, self.slice_size)], dim=2)
         out = out.transpose(1, 2).reshape(B, N, C)                        # (B, N, C)
         return self.to_out(out)

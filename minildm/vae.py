@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import scaled_dot_product
+
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -158,7 +160,7 @@ class AttnBlock(nn.Module):
         # One head of width C: (B, C, h, w) -> (B, 1, h*w, C); SDPA's default scale is 1/sqrt(C).
         q, k, v = (conv(x_norm).reshape(B, 1, C, h * w).transpose(-1, -2)
                    for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = scaled_dot_product(q, k, v)
         out = out.transpose(-1, -2).reshape(B, C, h, w)
         return x + self.proj_out(out)
 
