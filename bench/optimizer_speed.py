@@ -2,7 +2,7 @@
 
     flock ../heavy.lock python bench/optimizer_speed.py
 
-The `cifar-cpu` preset's pair (UNet 8.5M, text encoder 15.8M of which 12.6M is the token table) at its
+The `cifar-cpu` preset's pair (UNet 8.5M, text encoder 14.2M of which 12.6M is the token table) at its
 batch of 64 latents (8 x 8 x 8) with CIFAR captions; a step is what `train_ldm` runs: min-SNR-5 loss,
 backward, gradient clipping, the optimizer, the EMA. Two copies with the same weights take turns after a
 warm-up, so a busy machine slows both alike. Printed: median seconds per step and per optimizer update,

@@ -5,7 +5,7 @@
 Stage 1: the `cifar` VAE (2.1M) on a batch of 16 images (32 x 32), L1 + KL loss, AdamW, in the layout
 `train_vae` picks (`stage1.memory_format`: channels-last in float32, the plain layout under autocast on
 a CPU; bfloat16 in channels-last is timed as well, to show why).
-Stage 2: the UNet (8.5M) and text encoder (15.8M) on 64 latents (8 x 8 x 8) with CIFAR captions,
+Stage 2: the UNet (8.5M) and text encoder (14.2M: two layers) on 64 latents (8 x 8 x 8) with CIFAR captions,
 min-SNR-5 loss, gradient clipping, fused AdamW, EMA: what `train_vae` and `train_ldm` run per step.
 For each stage two copies with the same weights take turns on the same batches after a warm-up, one
 in float32, one with `plumbing.autocast(True, cpu)` (weights, optimizer and loss stay float32), so a

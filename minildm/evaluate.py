@@ -6,9 +6,12 @@ classes (CIFAR-10), this command asks the model for n images of every class, twi
 them in data/unseen_phrasings.txt: "a muddy cat near a lake", "THE CAT ON A HILL"), and lets a
 judge that never saw a generated image say what they show:
 
-    judge           a small CNN classifier trained on the run's own training split (never on its
-                    held-out images), cached on disk; its accuracy on the held-out real images is the
-                    ceiling a perfect generator would reach
+    judge           a small CNN classifier trained on the run's own training split (the images the
+                    generator learnt from; never on the held-out ones), cached on disk. Its accuracy on
+                    held-out real images is what a generator of new images, as good as real photos,
+                    would get; "x the judge's" divides by it. On its own training images the judge is
+                    right more often (printed too): a generator that returned training images would
+                    score that, so a ratio above 1 means copying or unusually typical images
     class accuracy  the fraction of a class's samples the judge puts in that class (chance: 1 / classes),
                     for the template prompt and for the unseen phrasings; their ratio says whether the
                     model reads text or learnt its training sentences
@@ -17,6 +20,9 @@ judge that never saw a generated image say what they show:
                     distribution; also how far real training images are from the held-out ones
                     (the floor, "FD real"), and a blurred copy of them and pure noise (to show the
                     scale). FD / FD real is the scale-free figure
+    copies          each sample's distance to its nearest training image in pixels, against the
+                    same for held-out images: the share of samples nearer than all but 1% of held-out
+                    images is about 1% for a generator of new images, near 100% for one that copies
     precision,      k-NN precision (samples that look real), recall and coverage (how much of the real
     recall, cov.    variety the samples reach) against n held-out images, k = 4; real training images
                     against the same held-out ones give the reference
@@ -47,7 +53,7 @@ from . import data as data_module
 from .cli import Parser
 from .data import class_prompt, fill_template
 from .data.wording import UNSEEN_PHRASINGS, unseen_phrasings
-from .judge import (JUDGE_STEPS, blurred, cached_judge_path, frechet_distance, judge_outputs,
+from .judge import (JUDGE_STEPS, blurred, cached_judge_path, copies, frechet_distance, judge_outputs,
                     load_or_train_judge, precision_recall)
 
 KNN = 4   # neighbours of the k-NN precision, recall and coverage (fewer only when a set is smaller)
@@ -64,6 +70,13 @@ def template_prompts(name: str, n: int) -> list:
 def unseen_prompts(name: str, n: int, frames: list, offset: int = 0) -> list:
     """n held-out phrasings of `name`, frames offset, offset + 1, ... in turn (wrapping around)."""
     return [fill_template(frames[(offset + i) % len(frames)], name) for i in range(n)]
+
+
+def most_frequent_other(predicted: torch.Tensor, k: int, names: list):
+    """The class other than k the judge named most often for class k's samples (None if it never erred)."""
+    counts = torch.bincount(predicted, minlength=len(names))
+    counts[k] = 0
+    return names[int(counts.argmax())] if counts.sum() else None
 
 
 @torch.no_grad()
@@ -109,7 +122,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
                                                                              names.index(name) * count))
     sampling_seconds = time.perf_counter() - started
     g = torch.Generator().manual_seed(seed)
-    per_class, all_samples, all_held, ks = {}, [], [], []
+    per_class, all_samples, all_held, held_n, ks = {}, [], [], [], []
     for k, name in enumerate(names):
         real_held = data_module.to_float(held.images[held.labels == k])
         pool = (train.labels == k).nonzero().flatten()
@@ -117,15 +130,18 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
         noise = torch.rand(n, *real_held.shape[1:], generator=g) * 2 - 1
         f_held, _ = judge_outputs(judge, real_held)
         f_samples, predicted = judge_outputs(judge, samples[name] * 2 - 1)
-        f_train, _ = judge_outputs(judge, real_train)
+        f_train, predicted_train = judge_outputs(judge, real_train)
         f_blur, _ = judge_outputs(judge, blurred(real_train))
         f_noise, _ = judge_outputs(judge, noise)
         # Precision and recall compare sets of one size: n held-out images against n samples (or n training images).
-        f_held_n = f_held[torch.randperm(len(f_held), generator=g)[:n]]
+        pick = torch.randperm(len(f_held), generator=g)[:n]
+        f_held_n = f_held[pick]
+        held_n.append(real_held[pick])
         c = per_class[name] = {
             "accuracy": (predicted == k).float().mean().item(),
             "judge_on_real": judge_info["held_out_per_class"].get(name),
-            "confused_with": names[int(torch.bincount(predicted, minlength=len(names)).argmax())],
+            "judge_on_train": (predicted_train == k).float().mean().item(),
+            "confused_with": most_frequent_other(predicted, k, names),
             "fd_samples": frechet_distance(f_samples, f_held), "fd_train": frechet_distance(f_train, f_held),
             "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
         c["fd_over_real"] = c["fd_samples"] / max(c["fd_train"], 1e-12)
@@ -139,7 +155,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
         all_held.append(f_held)
     judge_acc = judge_info["held_out_accuracy"]
     accs = [c["accuracy"] for c in per_class.values()]
-    keys = ["accuracy", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real", "precision", "recall",
+    keys = ["accuracy", "judge_on_train", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real", "precision", "recall",
             "coverage", "precision_real", "recall_real", "coverage_real"] + (["unseen_accuracy"] if unseen else [])
     mean = {key: sum(c[key] for c in per_class.values()) / len(per_class) for key in keys}
     report = {
@@ -150,6 +166,8 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
                                               "train_images", "held_out_images") if k in judge_info},
         "per_class": per_class, "mean": mean,
         "fd_all_classes": frechet_distance(torch.cat(all_samples), torch.cat(all_held)),
+        "copies": copies(torch.cat([samples[name] for name in names] + [unseen[name] for name in unseen]) * 2 - 1,
+                         torch.cat(held_n), train.images),
         "accuracy_over_judge": mean["accuracy"] / judge_acc,
         "worst_class_over_judge": min(accs) / judge_acc,
         "sampling_seconds_per_image": sampling_seconds / (n * len(names) * (2 if unseen else 1)),
@@ -166,8 +184,11 @@ def format_report(report: dict) -> str:
     """The report as the table the command prints."""
     judge = report["judge"]
     unseen = "unseen" in report
-    lines = [f"judge: {judge['held_out_accuracy']:.1%} right on {judge['held_out_images']} held-out real images "
-             f"(a CNN trained on the {judge['train_images']} training images only)",
+    m = report["mean"]
+    on_train = (f", {m['judge_on_train']:.1%} on {report['settings']['n']} of its training images per class"
+                if "judge_on_train" in m else "")
+    lines = [f"judge: {judge['held_out_accuracy']:.1%} right on {judge['held_out_images']} held-out real images{on_train} "
+             f"(a CNN trained on the {judge['train_images']} training images only, the generator's training images)",
              f"{'class':<12}{'template':>9}{'unseen':>8}{'judge real':>11}{'mistaken for':>14}{'FD samples':>12}"
              f"{'FD real':>9}{'FD blurred':>12}{'FD noise':>10}{'FD/real':>9}{'precision':>11}{'recall':>8}"
              f"{'coverage':>10}"]
@@ -179,8 +200,7 @@ def format_report(report: dict) -> str:
                 f"{c['recall']:>8.2f}{c['coverage']:>10.2f}")
 
     for name, c in report["per_class"].items():
-        lines.append(row(name, c, c["judge_on_real"], c["confused_with"] if c["confused_with"] != name else "-"))
-    m = report["mean"]
+        lines.append(row(name, c, c["judge_on_real"], c["confused_with"] or "-"))
     lines.append(row("mean", m, judge["held_out_accuracy"], ""))
     s = report["settings"]
     lines.append(f"template prompt (\"{next(iter(report['prompts'].values()))}\"): class accuracy {m['accuracy']:.2f} = "
@@ -194,6 +214,12 @@ def format_report(report: dict) -> str:
                  f"{m['precision']:.2f}, recall {m['recall']:.2f}, coverage {m['coverage']:.2f} (real images: "
                  f"{m['precision_real']:.2f}, {m['recall_real']:.2f}, {m['coverage_real']:.2f}); FD over all classes "
                  f"{report['fd_all_classes']:.2f}")
+    if "copies" in report:
+        c = report["copies"]
+        lines.append(f"copies: a sample's nearest training image is {c['nearest_median_samples']:.3f} away (RMS pixel "
+                     f"difference, median), a held-out image's {c['nearest_median_held']:.3f} (ratio "
+                     f"{c['distance_ratio']:.2f}); {c['near_copies']:.1%} of samples are nearer than all but "
+                     f"{c['quantile']:.0%} of held-out images (a generator of new images: about {c['quantile']:.0%})")
     lines.append(f"{s['n']} samples per class and prompt kind, {s['sampler']} {s['steps']} steps, guidance "
                  f"{s['guidance']:g}, seeds {s['seed']}..{s['seed'] + s['n'] - 1}")
     return "\n".join(lines)

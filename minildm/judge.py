@@ -8,6 +8,7 @@
     precision_recall        k-nearest-neighbour precision, recall and coverage of a sample set
                             against real images in the same features: fidelity and diversity apart
     blurred                 images averaged over f x f pixel blocks: a reference for "blurry"
+    copies                  how close samples come to their nearest training image, against held-out images
     LatentProbe             a ridge classifier on latents, cheap enough to run during training
 
 `python -m minildm.evaluate` (evaluate.py) puts them together into a report.
@@ -197,6 +198,36 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict
     return {"precision": inside_real.any(1).double().mean().item(),
             "recall": (d <= fake_radii[:, None]).any(0).double().mean().item(),
             "coverage": inside_real.any(0).double().mean().item()}
+
+
+def nearest_distance(x: torch.Tensor, pool: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(N,) for images x (N, 3, H, W) in [-1, 1]: the root-mean-square pixel difference from each to its
+    nearest image in `pool` (M, 3, H, W; uint8 as a data set keeps them, or float in [-1, 1])."""
+    a = x.flatten(1).double()
+    best = torch.full((len(a),), math.inf, dtype=torch.float64)
+    for i in range(0, len(pool), chunk):
+        part = pool[i:i + chunk]
+        b = (data_module.to_float(part) if part.dtype == torch.uint8 else part).flatten(1).double()
+        squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T        # (N, chunk)
+        best = torch.minimum(best, squared.min(1).values)
+    return (best.clamp_min(0) / a.shape[1]).sqrt()
+
+
+def copies(samples: torch.Tensor, held: torch.Tensor, train_images: torch.Tensor, quantile: float = 0.01) -> dict:
+    """Does a generator copy its training images? Each sample's distance to its nearest training image,
+    against the same distance for real held-out images, which the generator never saw (all in [-1, 1]).
+
+        near_copies     share of samples closer to a training image than all but `quantile` of the
+                        held-out images are: about `quantile` for a generator that draws new images of
+                        the same kind, near 1 for one that returns its training images
+        distance_ratio  median nearest distance of the samples / that of the held-out images
+    """
+    d_samples, d_held = nearest_distance(samples, train_images), nearest_distance(held, train_images)
+    threshold = torch.quantile(d_held, quantile).item()
+    return {"near_copies": (d_samples < threshold).double().mean().item(), "quantile": quantile,
+            "threshold": threshold, "nearest_median_samples": d_samples.median().item(),
+            "nearest_median_held": d_held.median().item(),
+            "distance_ratio": (d_samples.median() / d_held.median().clamp_min(1e-12)).item()}
 
 
 def blurred(x: torch.Tensor, factor: int = 4) -> torch.Tensor:

@@ -227,6 +227,10 @@ def main(argv=None) -> int:
         if (width, height) != image.size:
             notes.append(f"resizing the init image from {image.size[0]}x{image.size[1]} to {width}x{height}")
         init = to_tensor(image.resize((width, height))) * 2 - 1
+        if args.sampler in ("plms", "lms") and strength < 1:
+            notes.append(f"note: img2img with --sampler {args.sampler} starts part of the way down as lesson 07 "
+                         "describes; diffusers' img2img pipeline starts it differently, so this one combination "
+                         "is not compared with diffusers (every other sampler is)")
         if args.mask:
             mask = to_tensor(mask_image.resize((width, height)))
     else:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,17 +175,41 @@ def snapshot(root: Path) -> dict:
             for p in root.rglob("*")}
 
 
+# Where a command could write without being asked: home, caches, temporary files. Each row runs with
+# these pointed at empty folders of its own, which must stay empty.
+ELSEWHERE = ("HOME", "XDG_CACHE_HOME", "TMPDIR", "TORCH_HOME", "HF_HOME", "MPLCONFIGDIR")
+# A refusal comes before any work: far sooner than the quickest training step or model load would end
+# (a generous bound on a busy machine; the time of one import of torch and the command's module).
+REFUSAL_SECONDS = 60
+
+
+def expected_status(module, args, words) -> int:
+    """2 for a usage error (a value or a combination of flags that cannot work, found by reading the
+    command line and the file system's names); 1 for a failure found while working: a file that exists
+    but turns out not to be what the flag needs."""
+    return 1 if any(marker in words for marker in RUNTIME_MARKERS) else 2
+
+
 @pytest.mark.parametrize("module, args, words", ROWS, ids=[f"{m[0].split('.')[1]}:{' '.join(a)[:60]}" for m, a, _ in ROWS])
-def test_a_bad_input_is_one_line_before_any_work(workdir, module, args, words):
+def test_a_bad_input_is_one_line_before_any_work(workdir, tmp_path, module, args, words):
     before = snapshot(workdir)
-    result = subprocess.run([sys.executable, "-m", *module, *args], cwd=workdir, env=ENV, capture_output=True,
+    env = dict(ENV)
+    for name in ELSEWHERE:
+        env[name] = str(tmp_path / name.lower())
+        os.makedirs(env[name])
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", *module, *args], cwd=workdir, env=env, capture_output=True,
                             text=True, timeout=300)
+    seconds = time.perf_counter() - started
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode in (1, 2), (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert words in lines[0], lines[0]
+    assert result.returncode == expected_status(module, args, words), (result.returncode, lines[0])
     assert snapshot(workdir) == before, "the command left files behind"
+    for name in ELSEWHERE:
+        assert not os.listdir(env[name]), f"the command wrote to ${name}: {os.listdir(env[name])}"
+    assert seconds < REFUSAL_SECONDS, f"refused only after {seconds:.0f} s"
 
 
 def test_usage_errors_exit_2_and_failures_exit_1(workdir):

@@ -2,6 +2,7 @@
 to end on a fabricated CIFAR-10 tree (ten classes of flat colours) with a tiny trained run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,16 +62,20 @@ def test_class_prompts_are_what_a_user_types():
     assert data.class_prompt("airplane") == "a photo of an airplane"
 
 
+def fabricated_image(k: int, g: torch.Generator) -> torch.Tensor:
+    """An image (3, 32, 32) uint8 of fabricated class k: the class's own colour, with a little noise."""
+    colour = torch.tensor([(k * 97) % 256, (k * 53 + 80) % 256, (k * 29 + 160) % 256])
+    return (colour[:, None, None] + torch.randint(-20, 21, (3, 32, 32), generator=g)).clamp(0, 255).to(torch.uint8)
+
+
 def fabricated_cifar(root: Path, per_class: int = 8) -> Path:
     """cifar10/train/<class>/NNNN.png: each class a colour of its own, with a little noise."""
     g = torch.Generator().manual_seed(0)
     for k, name in enumerate(data.CIFAR10_CLASSES):
         folder = root / "cifar10" / "train" / name
         folder.mkdir(parents=True)
-        colour = torch.tensor([(k * 97) % 256, (k * 53 + 80) % 256, (k * 29 + 160) % 256])
         for j in range(per_class):
-            pixels = (colour[:, None, None] + torch.randint(-20, 21, (3, 32, 32), generator=g)).clamp(0, 255)
-            Image.fromarray(pixels.permute(1, 2, 0).to(torch.uint8).numpy()).save(folder / f"{j:04d}.png")
+            Image.fromarray(fabricated_image(k, g).permute(1, 2, 0).numpy()).save(folder / f"{j:04d}.png")
     return root / "cifar10" / "train"
 
 
@@ -148,3 +153,81 @@ def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
     (shapes / "model.safetensors").write_bytes(b"")
     result = evaluate_cli(tmp_path, "runs/shapes")
     assert result.returncode != 0 and "needs a data set with classes" in result.stderr
+
+
+class StandIn:
+    """A generator whose answer is known: each prompt names one class (found by its word), and
+    `draw(k, seed)` gives the image (3, 32, 32) uint8 returned for class k."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def generate(self, texts, seeds, output_type="image", **settings):
+        images = []
+        for text, seed in zip(texts, seeds):
+            found = [k for k, name in enumerate(data.CIFAR10_CLASSES) if re.search(rf"\b{name}\b", text.lower())]
+            assert len(found) == 1, text
+            images.append(self.draw(found[0], seed).float() / 255)
+        return torch.stack(images)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """The report of evaluate() for four stand-in generators on a fabricated CIFAR-10 of 100 images a
+    class (40 held out), with a judge trained on its training split."""
+    from minildm.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("standins")
+    dataset = data.load_dataset("cifar", str(fabricated_cifar(root, per_class=100)), 32)
+    train, held = dataset.split(40)
+    scorer, info = judge.load_or_train_judge(root / "judge.safetensors", train, held, steps=60, progress=False)
+    pools = [train.images[train.labels == k] for k in range(10)]
+
+    def fresh(k, seed):          # new images from the data's own distribution: a perfect generator
+        return fabricated_image(k, torch.Generator().manual_seed(10_000 + 100 * k + seed))
+
+    generators = {
+        "fresh": fresh,
+        "copier": lambda k, seed: pools[k][seed % len(pools[k])],                      # its training images
+        "wrong": lambda k, seed: fresh((k + 1) % 10, seed),                              # the next class
+        "noise": lambda k, seed: torch.randint(0, 256, (3, 32, 32), generator=torch.Generator().manual_seed(seed),
+                                               dtype=torch.uint8),
+    }
+    return info, {name: evaluate(StandIn(draw), train, held, scorer, info, n=40, progress=False)[0]
+                  for name, draw in generators.items()}
+
+
+def test_a_perfect_generator_scores_as_real_images(scored):
+    """New images from the data's own distribution: the judge's held-out accuracy (recomputed here, not
+    read from a file), a Fréchet distance as small as real images' own, no copies."""
+    info, reports = scored
+    r = reports["fresh"]
+    assert info["held_out_accuracy"] > 0.95                   # flat colours: the judge must get them
+    assert abs(r["mean"]["accuracy"] - info["held_out_accuracy"]) < 0.05
+    assert abs(r["unseen"]["accuracy"] - r["mean"]["accuracy"]) < 0.05 and 0.95 < r["unseen"]["over_template"] < 1.05
+    assert 0.5 < r["mean"]["fd_over_real"] < 2.0
+    assert abs(r["mean"]["recall"] - r["mean"]["recall_real"]) < 0.2
+    assert r["copies"]["near_copies"] < 0.05 and 0.8 < r["copies"]["distance_ratio"] < 1.25
+    assert all(c["confused_with"] in (None, *data.CIFAR10_CLASSES) for c in r["per_class"].values())
+
+
+def test_a_copying_generator_is_caught(scored):
+    """Training images returned as samples: the judge's accuracy on its training images, and every
+    sample a near-copy (distance 0 to a training image)."""
+    _, reports = scored
+    r = reports["copier"]
+    assert abs(r["mean"]["accuracy"] - r["mean"]["judge_on_train"]) < 1e-6
+    assert r["copies"]["near_copies"] == 1.0 and r["copies"]["nearest_median_samples"] == 0.0
+
+
+def test_the_wrong_class_and_noise_score_as_they_should(scored):
+    """The next class's images: accuracy near 0, and each class 'mistaken for' the next one. Uniform noise:
+    a classifier that puts every sample in one class is right for one class in ten, so about chance;
+    its Fréchet distance is far above real images' own."""
+    _, reports = scored
+    wrong, noise = reports["wrong"], reports["noise"]
+    assert wrong["mean"]["accuracy"] < 0.05
+    names = data.CIFAR10_CLASSES
+    assert [c["confused_with"] for c in wrong["per_class"].values()] == [names[(k + 1) % 10] for k in range(10)]
+    assert abs(noise["mean"]["accuracy"] - 0.1) < 0.1
+    assert noise["mean"]["fd_over_real"] > 10 * reports["fresh"]["mean"]["fd_over_real"]
