@@ -1,5 +1,6 @@
 """Attention in bfloat16 on a CPU: PyTorch's fused kernel run in bfloat16, against the same product run
-in float32 and returned in bfloat16 (what `minildm.attention.scaled_dot_product` does on a CPU).
+in float32 and returned in bfloat16 (what `minildm.attention.scaled_dot_product` does on a CPU when a
+backward pass follows; "float32 product" below).
 
     flock ../heavy.lock python bench/attention_speed.py
 
@@ -59,6 +60,12 @@ def native(q, k, v, causal=False):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def upcast(q, k, v, causal=False):
+    """The product in float32, returned in q's type."""
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(q.dtype)
+
+
 @contextlib.contextmanager
 def kernel(fn):
     """Every model module calls `fn` for its attention product while inside."""
@@ -95,14 +102,14 @@ def products(repeats: int) -> None:
         # Both see the same bfloat16 inputs; the error is the product's own, against float64 on those inputs.
         exact16 = native(q16.double(), k16.double(), v16.double(), causal)
         err = {name: (fn(q16, k16, v16, causal).double() - exact16).abs().max().item() / scale
-               for name, fn in (("bf16", native), ("f32", scaled_dot_product))}
+               for name, fn in (("bf16", native), ("f32", upcast))}
         rows = [("forward", lambda fn: (lambda: fn(q16, k16, v16, causal)))]
         if backward:
             leaves = [t.clone().requires_grad_() for t in (q16, k16, v16)]
             grad = torch.randn(qs, generator=g).bfloat16()
             rows.append(("fwd+bwd", lambda fn: (lambda: fn(*leaves, causal).backward(grad))))
         for name, make in rows:
-            t16, t32 = time_call(make(native), repeats), time_call(make(scaled_dot_product), repeats)
+            t16, t32 = time_call(make(native), repeats), time_call(make(upcast), repeats)
             print(f"{what:<44}{name:>9}{t16:>13.2f}{t32:>12.2f}{t16 / t32:>7.2f}"
                   + (f"{err['bf16']:>10.1e}{err['f32']:>9.1e}" if name == "forward" else ""))
 

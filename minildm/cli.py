@@ -196,13 +196,13 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
             fail(f"no checkpoint given and no run found in {runs_dir}/. Train one with `python -m minildm.train "
                  "--dataset cifar`, or pass --ckpt with Stable Diffusion v1 weights (e.g. "
                  "v1-5-pruned-emaonly.safetensors, a .ckpt, or a diffusers folder with unet/ vae/ "
-                 "text_encoder/ tokenizer/)")
+                 "text_encoder/ tokenizer/)", USAGE)
         return found
     ckpt = named_path(ckpt, runs_dir)                                        # a run's name
     if os.path.isfile(os.path.join(ckpt, "model.safetensors")) and os.path.isfile(os.path.join(ckpt, "config.json")):
         ckpt = os.path.join(ckpt, "model.safetensors")                      # a training run's folder
     if not os.path.exists(ckpt):
-        fail(f"checkpoint not found: {ckpt}")
+        fail(f"checkpoint not found: {ckpt}", USAGE)
     return ckpt
 
 

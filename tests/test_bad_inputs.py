@@ -183,10 +183,16 @@ ELSEWHERE = ("HOME", "XDG_CACHE_HOME", "TMPDIR", "TORCH_HOME", "HF_HOME", "MPLCO
 REFUSAL_SECONDS = 60
 
 
+# The rows whose file exists but is not what the flag needs: found only by reading it.
+RUNTIME_MARKERS = ("cannot read notes.txt as an image", "is not a checkpoint", "is not a safetensors file",
+                   "not a format minildm knows", "it is an empty file", "it is a PNG image", "it is an HTML page",
+                   "Git LFS pointer")
+
+
 def expected_status(module, args, words) -> int:
-    """2 for a usage error (a value or a combination of flags that cannot work, found by reading the
-    command line and the file system's names); 1 for a failure found while working: a file that exists
-    but turns out not to be what the flag needs."""
+    """2 for a usage error (a value or a combination of flags that cannot work, or a path that does not
+    exist or holds no run); 1 for a failure found while working: a file that exists but turns out not to
+    be what the flag needs."""
     return 1 if any(marker in words for marker in RUNTIME_MARKERS) else 2
 
 

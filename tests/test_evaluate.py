@@ -205,8 +205,11 @@ def test_a_perfect_generator_scores_as_real_images(scored):
     assert info["held_out_accuracy"] > 0.95                   # flat colours: the judge must get them
     assert abs(r["mean"]["accuracy"] - info["held_out_accuracy"]) < 0.05
     assert abs(r["unseen"]["accuracy"] - r["mean"]["accuracy"]) < 0.05 and 0.95 < r["unseen"]["over_template"] < 1.05
-    assert 0.5 < r["mean"]["fd_over_real"] < 2.0
-    assert abs(r["mean"]["recall"] - r["mean"]["recall_real"]) < 0.2
+    # Flat colours leave the judge's features nearly constant, so both distances are at the noise level of
+    # the estimate (about 1e-4); measured against noise's distance they are the same and tiny.
+    noise_fd = reports["noise"]["mean"]["fd_samples"]
+    assert abs(r["mean"]["fd_samples"] - r["mean"]["fd_train"]) < 1e-3 * noise_fd
+    assert abs(r["mean"]["recall"] - r["mean"]["recall_real"]) < 0.1
     assert r["copies"]["near_copies"] < 0.05 and 0.8 < r["copies"]["distance_ratio"] < 1.25
     assert all(c["confused_with"] in (None, *data.CIFAR10_CLASSES) for c in r["per_class"].values())
 
@@ -217,7 +220,7 @@ def test_a_copying_generator_is_caught(scored):
     _, reports = scored
     r = reports["copier"]
     assert abs(r["mean"]["accuracy"] - r["mean"]["judge_on_train"]) < 1e-6
-    assert r["copies"]["near_copies"] == 1.0 and r["copies"]["nearest_median_samples"] == 0.0
+    assert r["copies"]["near_copies"] == 1.0 and r["copies"]["nearest_median_samples"] < 1e-6
 
 
 def test_the_wrong_class_and_noise_score_as_they_should(scored):
@@ -230,4 +233,4 @@ def test_the_wrong_class_and_noise_score_as_they_should(scored):
     names = data.CIFAR10_CLASSES
     assert [c["confused_with"] for c in wrong["per_class"].values()] == [names[(k + 1) % 10] for k in range(10)]
     assert abs(noise["mean"]["accuracy"] - 0.1) < 0.1
-    assert noise["mean"]["fd_over_real"] > 10 * reports["fresh"]["mean"]["fd_over_real"]
+    assert noise["mean"]["fd_samples"] > 100 * reports["fresh"]["mean"]["fd_samples"]

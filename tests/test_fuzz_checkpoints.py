@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from minildm import convert
 from minildm.ldm import load_stable_diffusion
 from minildm.schedule import NoiseSchedule
-from test_convert import original_state, tiny_models
+from test_convert import original_state, tiny_configs, tiny_models
 
 EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -42,7 +42,16 @@ def originals(tmp_path_factory):
     torch.save({"state_dict": state}, root / "original.ckpt")                           # zip
     torch.save({"state_dict": state}, root / "legacy.ckpt", _use_new_zipfile_serialization=False)
     names = ("minildm.safetensors", "original.safetensors", "original.ckpt", "legacy.ckpt")
-    return {name: ((root / name).read_bytes(), tensors_of(load_stable_diffusion(str(root / name)))) for name in names}
+    return {name: ((root / name).read_bytes(), tensors_of(load(root / name))) for name in names}
+
+
+def load(path: Path):
+    """Load as a user would: minildm's files carry their sizes; an original-layout file of another size
+    than SD v1's (these tiny ones) is loaded with its configs, as with --config."""
+    if path.name.startswith("minildm") or path.is_dir():
+        return load_stable_diffusion(str(path))
+    unet_cfg, vae_cfg, text_cfg = tiny_configs()
+    return load_stable_diffusion(str(path), unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg)
 
 
 def tensors_of(model) -> dict:
@@ -61,7 +70,7 @@ def load_and_check(path: Path, clean=None, edited_bytes=None) -> None:
     started = time.perf_counter()
     model = None
     try:
-        model = load_stable_diffusion(str(path))
+        model = load(path)
     except convert.CheckpointError as e:
         assert "\n" not in str(e) and str(e), repr(e)
     assert time.perf_counter() - started < 20, "loading took too long"

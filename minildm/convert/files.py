@@ -96,7 +96,7 @@ def load_pickle(path):
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (damaged, or not a "
                               ".ckpt file)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-            MemoryError, struct.error, UnicodeDecodeError) as e:
+            MemoryError, struct.error, UnicodeDecodeError, AssertionError) as e:   # PyTorch asserts on some damage
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a "
                               f".ckpt file?): {_last_line(e)}") from None
     return obj
