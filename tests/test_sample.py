@@ -233,3 +233,13 @@ def test_inpainting_model_of_another_size_from_the_command_line(workdir, monkeyp
     message = cli_error(workdir, monkeypatch, "a red door", "--ckpt", "inpaint.safetensors", "--config", "inpaint.yaml",
                         "--init-image", "init.png")
     assert "is an inpainting model" in message and "--mask" in message
+
+
+def test_img2img_with_plms_or_lms_says_it_is_not_diffusers_img2img(workdir):
+    """PLMS and LMS start img2img as lesson 07 describes, not as diffusers' img2img pipeline does: the
+    command says so in a note (and still runs); with the other samplers it says nothing of the kind."""
+    for sampler, noted in (("plms", True), ("lms", True), ("ddim", False)):
+        result = run(workdir, "x", "--init-image", "init.png", "--strength", "0.5", "--steps", "4", "--sampler",
+                     sampler, "--out", str(workdir / f"out-{sampler}"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("not compared with diffusers" in result.stderr) is noted, result.stderr[-2000:]
