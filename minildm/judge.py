@@ -222,7 +222,8 @@ def copies(samples: torch.Tensor, held: torch.Tensor, train_images: torch.Tensor
                         the same kind, near 1 for one that returns its training images
         distance_ratio  median nearest distance of the samples / that of the held-out images
     """
-    d_samples, d_held = nearest_distance(samples, train_images), nearest_distance(held, train_images)
+    distances = nearest_distance(torch.cat([samples, held]), train_images)     # one pass over the training set
+    d_samples, d_held = distances[:len(samples)], distances[len(samples):]
     threshold = torch.quantile(d_held, quantile).item()
     return {"near_copies": (d_samples < threshold).double().mean().item(), "quantile": quantile,
             "threshold": threshold, "nearest_median_samples": d_samples.median().item(),

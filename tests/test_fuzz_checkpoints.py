@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from minildm import convert
 from minildm.ldm import load_stable_diffusion
 from minildm.schedule import NoiseSchedule
-from test_convert import original_state, tiny_configs, tiny_models
+from test_convert import original_state, tiny_models
+from test_ldm import load_original
 
 EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -50,8 +51,7 @@ def load(path: Path):
     than SD v1's (these tiny ones) is loaded with its configs, as with --config."""
     if path.name.startswith("minildm") or path.is_dir():
         return load_stable_diffusion(str(path))
-    unet_cfg, vae_cfg, text_cfg = tiny_configs()
-    return load_stable_diffusion(str(path), unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg)
+    return load_original(str(path))
 
 
 def tensors_of(model) -> dict:
