@@ -10,37 +10,29 @@ backward pass follows; "float32 product" below).
    with reworded CIFAR captions (the training mix), min-SNR loss, clipping, fused AdamW, EMA.
 3. The whole stage-1 step (the `cifar` VAE, batch 16, L1 + KL).
 In 2 and 3 two copies with the same weights take turns on the same batches after a warm-up, one with
-the kernel in bfloat16, one with minildm's product, so a busy machine slows both alike. Printed: median
-seconds per step and the ratio (> 1: minildm's product is faster).
+the kernel in bfloat16, one with minildm's product, so a busy machine slows both alike (the loops of
+bench/precision_speed.py). Printed: median seconds per step and the ratio (> 1: minildm's product is faster).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 from minildm import clip_text, unet, vae
 from minildm.attention import scaled_dot_product
-from minildm.clip_text import CLIPTextConfig, CLIPTextModel
-from minildm.data import CIFAR10_CLASSES, TEMPLATES, fill_template
-from minildm.data.wording import Wording
-from minildm.plumbing import autocast, cpu_has_bfloat16
-from minildm.schedule import NoiseSchedule
-from minildm.steps import EMA, Denoiser, adamw, decay_groups, diffusion_loss, vae_objective
-from minildm.tokenizer import CLIPTokenizer
+from minildm.plumbing import cpu_has_bfloat16
 from minildm.train.config import TrainConfig
-from minildm.unet import UNet, UNetConfig
-from minildm.vae import AutoencoderKL, VAEConfig
-from minildm.vae_loss import VAELoss
+from minildm.train.stage1 import memory_format
+from precision_speed import ldm_steps, report, vae_steps   # the two-copies-take-turns loops, shared
 
 CPU = torch.device("cpu")
 
@@ -114,79 +106,18 @@ def products(repeats: int) -> None:
                   + (f"{err['bf16']:>10.1e}{err['f32']:>9.1e}" if name == "forward" else ""))
 
 
-def stage2(cfg: TrainConfig, steps: int) -> dict:
-    unet_cfg, text_cfg = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
-    torch.manual_seed(0)
-    base = Denoiser(UNet(unet_cfg), CLIPTextModel(text_cfg))
-    tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
-    wording = Wording(tokenizer, list(CIFAR10_CLASSES), p=cfg.reword)
-    schedule = NoiseSchedule.from_dict(cfg.schedule)
-    runs = {}
-    for name, fn in (("bfloat16 kernel", native), ("float32 product", scaled_dot_product)):
-        model = copy.deepcopy(base)
-        opt = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), fn=fn, time=[], loss=[])
-    g = torch.Generator().manual_seed(0)
-    B = cfg.batch_size
-    for i in range(3 + steps):
-        z = torch.randn(B, unet_cfg.in_channels, 8, 8, generator=g)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, schedule.num_timesteps, (B,), generator=g)
-        picks = torch.randint(len(TEMPLATES) * len(CIFAR10_CLASSES), (B,), generator=g).tolist()
-        captions = []
-        for pick in picks:
-            name = CIFAR10_CLASSES[pick % len(CIFAR10_CLASSES)]
-            captions.append(wording(fill_template(TEMPLATES[pick // len(CIFAR10_CLASSES)], name), name, g))
-        tokens = tokenizer(captions)
-        for r in runs.values():
-            start = time.perf_counter()
-            with kernel(r["fn"]), autocast(True, CPU):
-                loss = diffusion_loss(r["model"], schedule, z, tokens, t, noise, cfg.min_snr_gamma)
-                loss.backward()
-            nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip or float("inf"))
-            r["opt"].step()
-            r["opt"].zero_grad(set_to_none=True)
-            r["ema"].update(r["model"])
-            r["loss"].append(loss.item())
-            if i >= 3:
-                r["time"].append(time.perf_counter() - start)
-    return runs
+KERNELS = (("bfloat16 kernel", native), ("float32 product", scaled_dot_product))
 
 
-def stage1(cfg: TrainConfig, steps: int) -> dict:
-    torch.manual_seed(0)
-    base = AutoencoderKL(VAEConfig.from_dict(cfg.vae))
-    loss_fn = VAELoss(kl_weight=cfg.kl_weight, rec_loss=cfg.rec_loss)
-    runs = {}
-    for name, fn in (("bfloat16 kernel", native), ("float32 product", scaled_dot_product)):
-        model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9), weight_decay=0.0)
-        runs[name] = dict(vae=model, opt=opt, fn=fn, time=[], loss=[])
-    g = torch.Generator().manual_seed(0)
-    for i in range(3 + steps):
-        images = torch.rand(cfg.vae_batch_size, 3, 32, 32, generator=g) * 2 - 1
-        for r in runs.values():
-            start = time.perf_counter()
-            with kernel(r["fn"]), autocast(True, CPU):
-                loss, _, _ = vae_objective(r["vae"], loss_fn, images, i, torch.Generator().manual_seed(i),
-                                           last_layer=r["vae"].decoder.conv_out.weight)
-            r["opt"].zero_grad(set_to_none=True)
-            loss.backward()
-            r["opt"].step()
-            r["loss"].append(loss.item())
-            if i >= 3:
-                r["time"].append(time.perf_counter() - start)
-    return runs
+def ldm_sides() -> list:
+    """Both under autocast: the kernel in bfloat16, and minildm's product (float32 when a backward follows)."""
+    return [(name, True, lambda fn=fn: kernel(fn)) for name, fn in KERNELS]
 
 
-def report(stage: str, runs: dict, batch: int) -> None:
-    print(f"{stage}: losses of the first steps: " + " | ".join(
-        f"{name} " + " ".join(f"{v:.5f}" for v in r["loss"][:4]) for name, r in runs.items()))
-    med = {name: statistics.median(r["time"]) for name, r in runs.items()}
-    for name, m in med.items():
-        print(f"{stage}: {name:16s} median {m:.3f} s/step ({batch / m:.0f} images/s)")
-    a, b = med.values()
-    print(f"{stage}: bfloat16 kernel / float32 product: {a / b:.2f}x")
+def vae_sides(cfg: TrainConfig) -> list:
+    """As ldm_sides, in the memory layout `train_vae` picks under autocast on a CPU."""
+    layout = memory_format(replace(cfg, amp=True), CPU)
+    return [(name, True, layout, lambda fn=fn: kernel(fn)) for name, fn in KERNELS]
 
 
 def main() -> None:
@@ -200,8 +131,9 @@ def main() -> None:
     print(f"this CPU multiplies bfloat16 in hardware: {cpu_has_bfloat16()} ({torch.backends.cpu.get_cpu_capability()}); "
           f"{args.threads} threads")
     products(args.repeats)
-    report("stage 2 (UNet + text)", stage2(cfg, args.steps), cfg.batch_size)
-    report("stage 1 (VAE)", stage1(cfg, args.steps), cfg.vae_batch_size)
+    ratio = dict(ratio=("bfloat16 kernel", "float32 product"), meaning="> 1: minildm's product is faster")
+    report("stage 2 (UNet + text)", ldm_steps(cfg, args.steps, ldm_sides(), reword=cfg.reword), cfg.batch_size, **ratio)
+    report("stage 1 (VAE)", vae_steps(cfg, args.steps, vae_sides(cfg)), cfg.vae_batch_size, **ratio)
 
 
 if __name__ == "__main__":

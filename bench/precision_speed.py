@@ -21,6 +21,7 @@ import copy
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 from minildm.clip_text import CLIPTextConfig, CLIPTextModel
 from minildm.data import CIFAR10_CLASSES, TEMPLATES, fill_template
+from minildm.data.wording import Wording
 from minildm.plumbing import autocast, cpu_has_bfloat16
 from minildm.schedule import NoiseSchedule
 from minildm.steps import EMA, Denoiser, adamw, decay_groups, diffusion_loss, vae_objective
@@ -44,23 +46,27 @@ CPU = torch.device("cpu")
 SIDES = (("float32", False), ("bfloat16", True))
 
 
-def vae_steps(cfg: TrainConfig, steps: int) -> dict:
+def vae_steps(cfg: TrainConfig, steps: int, sides=None) -> dict:
+    """Timed VAE steps for each side (name, autocast, memory layout, context entered around the step):
+    by default float32 and bfloat16 in the layouts `train_vae` picks, and bfloat16 in channels-last."""
+    if sides is None:
+        sides = [(name, amp, memory_format(replace(cfg, amp=amp), CPU), nullcontext) for name, amp in SIDES]
+        sides.append(("bfloat16, channels-last", True, torch.channels_last, nullcontext))
     torch.manual_seed(0)
     base = AutoencoderKL(VAEConfig.from_dict(cfg.vae))
     loss_fn = VAELoss(kl_weight=cfg.kl_weight, rec_loss=cfg.rec_loss)
-    sides = [(name, amp, memory_format(replace(cfg, amp=amp), CPU)) for name, amp in SIDES]
     runs = {}
-    for name, amp, layout in sides + [("bfloat16, channels-last", True, torch.channels_last)]:
+    for name, amp, layout, context in sides:
         vae = copy.deepcopy(base).to(memory_format=layout)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9), weight_decay=0.0)
-        runs[name] = dict(vae=vae, opt=opt, amp=amp, layout=layout, time=[], loss=[])
+        runs[name] = dict(vae=vae, opt=opt, amp=amp, layout=layout, context=context, time=[], loss=[])
     g = torch.Generator().manual_seed(0)
     for i in range(3 + steps):
         images = torch.rand(cfg.vae_batch_size, 3, 32, 32, generator=g) * 2 - 1
         for r in runs.values():
             x = images.contiguous(memory_format=r["layout"])
             start = time.perf_counter()
-            with autocast(r["amp"], CPU):
+            with r["context"](), autocast(r["amp"], CPU):
                 loss, _, _ = vae_objective(r["vae"], loss_fn, x, i, torch.Generator().manual_seed(i),
                                            last_layer=r["vae"].decoder.conv_out.weight)
             r["opt"].zero_grad(set_to_none=True)
@@ -72,17 +78,22 @@ def vae_steps(cfg: TrainConfig, steps: int) -> dict:
     return runs
 
 
-def ldm_steps(cfg: TrainConfig, steps: int) -> dict:
+def ldm_steps(cfg: TrainConfig, steps: int, sides=None, reword: float = 0.0) -> dict:
+    """Timed stage-2 steps for each side (name, autocast, context entered around the step), by default
+    float32 and bfloat16; CIFAR template captions, a share `reword` of them reworded as training does."""
+    sides = sides or [(name, amp, nullcontext) for name, amp in SIDES]
     unet_cfg, text_cfg = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
     torch.manual_seed(0)
     base = Denoiser(UNet(unet_cfg), CLIPTextModel(text_cfg))
     tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
+    wording = Wording(tokenizer, list(CIFAR10_CLASSES), p=reword) if reword else None
     schedule = NoiseSchedule.from_dict(cfg.schedule)
     runs = {}
-    for name, amp in SIDES:
+    for name, amp, context in sides:
         model = copy.deepcopy(base)
         opt = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), amp=amp, time=[], loss=[])
+        runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), amp=amp, context=context,
+                          time=[], loss=[])
     g = torch.Generator().manual_seed(0)
     B = cfg.batch_size
     for i in range(3 + steps):
@@ -90,11 +101,15 @@ def ldm_steps(cfg: TrainConfig, steps: int) -> dict:
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, schedule.num_timesteps, (B,), generator=g)
         picks = torch.randint(len(TEMPLATES) * len(CIFAR10_CLASSES), (B,), generator=g).tolist()
-        tokens = tokenizer([fill_template(TEMPLATES[k // len(CIFAR10_CLASSES)], CIFAR10_CLASSES[k % len(CIFAR10_CLASSES)])
-                            for k in picks])
+        captions = []
+        for k in picks:
+            name = CIFAR10_CLASSES[k % len(CIFAR10_CLASSES)]
+            caption = fill_template(TEMPLATES[k // len(CIFAR10_CLASSES)], name)
+            captions.append(wording(caption, name, g) if wording else caption)
+        tokens = tokenizer(captions)
         for r in runs.values():
             start = time.perf_counter()
-            with autocast(r["amp"], CPU):
+            with r["context"](), autocast(r["amp"], CPU):
                 loss = diffusion_loss(r["model"], schedule, z, tokens, t, noise, cfg.min_snr_gamma)
                 loss.backward()
             nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip or float("inf"))
@@ -107,13 +122,16 @@ def ldm_steps(cfg: TrainConfig, steps: int) -> dict:
     return runs
 
 
-def report(stage: str, runs: dict, batch: int) -> None:
+def report(stage: str, runs: dict, batch: int, ratio=("float32", "bfloat16"),
+           meaning: str = "images per second under autocast") -> None:
+    """The first losses side by side, each side's median step, and the ratio of two sides' medians."""
     print(f"{stage}: losses of the first steps: " + " | ".join(
         f"{name} " + " ".join(f"{v:.5f}" for v in r["loss"][:4]) for name, r in runs.items()))
     med = {name: statistics.median(r["time"]) for name, r in runs.items()}
     for name, m in med.items():
         print(f"{stage}: {name:8s} median {m:.3f} s/step ({batch / m:.0f} images/s)")
-    print(f"{stage}: float32 / bfloat16: {med['float32'] / med['bfloat16']:.2f}x (images per second under autocast)")
+    a, b = ratio
+    print(f"{stage}: {a} / {b}: {med[a] / med[b]:.2f}x ({meaning})")
 
 
 def main() -> None:
