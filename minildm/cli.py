@@ -9,6 +9,7 @@ checkpoint, data that cannot be read). Nothing here imports a model.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -204,6 +205,31 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
     if not os.path.exists(ckpt):
         fail(f"checkpoint not found: {ckpt}", USAGE)
     return ckpt
+
+
+def check_guidance_interval(flag: str, value) -> None:
+    """--guidance-interval T_LO T_HI: two timesteps, 0 <= T_LO <= T_HI (1000 or more: up to the noisiest step)."""
+    if value is None:
+        return
+    lo, hi = value
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        fail(f"{flag} {lo:g} {hi:g}: must be two timesteps T_LO T_HI with 0 <= T_LO <= T_HI (0 1000: every step)",
+             USAGE)
+
+
+def default_guidance_interval(path: str):
+    """The guidance interval to sample a checkpoint with when none is asked for: a training run's own
+    (`guidance_interval` in the config.json beside its model.safetensors: what its preset chose), else
+    None, every step, as Stable Diffusion samples."""
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.basename(path) != "model.safetensors" or not os.path.isfile(config):
+        return None
+    try:
+        value = json.loads(open(config, encoding="utf-8").read()).get("guidance_interval")
+        lo, hi = (float(v) for v in value)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return (lo, hi) if 0 <= lo <= hi else None
 
 
 def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True, config=None):

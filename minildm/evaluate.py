@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_module
-from .cli import Parser
+from .cli import Parser, default_guidance_interval
 from .data import class_prompt, fill_template
 from .data.wording import UNSEEN_PHRASINGS, unseen_phrasings
 from .judge import (JUDGE_STEPS, blurred, cached_judge_path, copies, frechet_distance, judge_outputs,
@@ -82,7 +82,8 @@ def most_frequent_other(predicted: torch.Tensor, k: int, names: list):
 @torch.no_grad()
 def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, batch_size: int = 100,
                      seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
-                     output_type: str = "image", progress: bool = True, desc: str = "sampling") -> dict:
+                     guidance_interval=None, output_type: str = "image", progress: bool = True,
+                     desc: str = "sampling") -> dict:
     """{class name: n images (n, 3, H, W) in [0, 1]} (or latents); image i of each class uses seed + i
     and the i-th of `prompts(name, n)` (by default n times "a photo of a <class>")."""
     from tqdm.auto import tqdm
@@ -94,7 +95,8 @@ def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, ba
         for start in range(0, n, batch_size):
             seeds = list(range(seed + start, seed + min(n, start + batch_size)))
             parts.append(model.generate(texts[start:start + len(seeds)], seeds=seeds, num_steps=steps,
-                                        sampler=sampler, guidance_scale=guidance, output_type=output_type).cpu())
+                                        sampler=sampler, guidance_scale=guidance, guidance_interval=guidance_interval,
+                                        output_type=output_type).cpu())
             bar.update(len(seeds))
         out[name] = torch.cat(parts)
     bar.close()
@@ -106,12 +108,14 @@ def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, ba
 
 
 def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch_size: int = 100,
-             seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
+             seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5, guidance_interval=None,
              phrasings=UNSEEN_PHRASINGS, progress: bool = True) -> tuple:
     """(report dict, samples {class: images}) for `model` on the classes of `held`: the template
-    prompt's samples, and (unless `phrasings` is None) as many again from held-out phrasings."""
+    prompt's samples, and (unless `phrasings` is None) as many again from held-out phrasings.
+    guidance_interval: the timesteps (t_lo, t_hi) that are guided, None for every step."""
     names = list(held.class_names)
-    options = dict(batch_size=batch_size, seed=seed, steps=steps, sampler=sampler, guidance=guidance, progress=progress)
+    options = dict(batch_size=batch_size, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
+                   guidance_interval=guidance_interval, progress=progress)
     started = time.perf_counter()
     samples = sample_per_class(model, names, n, desc="sampling (template)", **options)
     unseen = {}
@@ -132,6 +136,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
         f_samples, predicted = judge_outputs(judge, samples[name] * 2 - 1)
         f_train, predicted_train = judge_outputs(judge, real_train)
         f_blur, _ = judge_outputs(judge, blurred(real_train))
+        f_rec, _ = judge_outputs(judge, reconstruct(model, real_train, batch_size))
         f_noise, _ = judge_outputs(judge, noise)
         # Precision and recall compare sets of one size: n held-out images against n samples (or n training images).
         pick = torch.randperm(len(f_held), generator=g)[:n]
@@ -143,25 +148,29 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
             "judge_on_train": (predicted_train == k).float().mean().item(),
             "confused_with": most_frequent_other(predicted, k, names),
             "fd_samples": frechet_distance(f_samples, f_held), "fd_train": frechet_distance(f_train, f_held),
-            "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held)}
+            "fd_blurred": frechet_distance(f_blur, f_held), "fd_noise": frechet_distance(f_noise, f_held),
+            "fd_reconstructed": frechet_distance(f_rec, f_held)}
         c["fd_over_real"] = c["fd_samples"] / max(c["fd_train"], 1e-12)
+        c["fd_reconstructed_over_real"] = c["fd_reconstructed"] / max(c["fd_train"], 1e-12)
         k_nn = min(KNN, len(f_held_n) - 1, len(f_samples) - 1, len(f_train) - 1)
         ks.append(k_nn)
         c.update(precision_recall(f_held_n, f_samples, k_nn))
         c.update({key + "_real": value for key, value in precision_recall(f_held_n, f_train, k_nn).items()})
+        c.update({key + "_reconstructed": value for key, value in precision_recall(f_held_n, f_rec, k_nn).items()})
         if unseen:
             c["unseen_accuracy"] = (judge_outputs(judge, unseen[name] * 2 - 1)[1] == k).float().mean().item()
         all_samples.append(f_samples)
         all_held.append(f_held)
     judge_acc = judge_info["held_out_accuracy"]
     accs = [c["accuracy"] for c in per_class.values()]
-    keys = ["accuracy", "judge_on_train", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real", "precision", "recall",
-            "coverage", "precision_real", "recall_real", "coverage_real"] + (["unseen_accuracy"] if unseen else [])
+    keys = ["accuracy", "judge_on_train", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real",
+            "fd_reconstructed", "fd_reconstructed_over_real", "precision", "recall", "coverage", "precision_real",
+            "recall_real", "coverage_real", "precision_reconstructed", "recall_reconstructed", "coverage_reconstructed"] + (["unseen_accuracy"] if unseen else [])
     mean = {key: sum(c[key] for c in per_class.values()) / len(per_class) for key in keys}
     report = {
         "prompts": {name: class_prompt(name) for name in names},
         "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance,
-                     "knn_k": min(ks)},
+                     "guidance_interval": list(guidance_interval) if guidance_interval else None, "knn_k": min(ks)},
         "judge": {k: judge_info[k] for k in ("held_out_accuracy", "held_out_per_class", "width", "steps",
                                               "train_images", "held_out_images") if k in judge_info},
         "per_class": per_class, "mean": mean,
@@ -214,14 +223,21 @@ def format_report(report: dict) -> str:
                  f"{m['precision']:.2f}, recall {m['recall']:.2f}, coverage {m['coverage']:.2f} (real images: "
                  f"{m['precision_real']:.2f}, {m['recall_real']:.2f}, {m['coverage_real']:.2f}); FD over all classes "
                  f"{report['fd_all_classes']:.2f}")
+    if "fd_reconstructed" in m:
+        lines.append(f"the first stage's floor: the VAE's reconstructions of the same training images are at FD "
+                     f"{m['fd_reconstructed']:.2f} = {m['fd_reconstructed_over_real']:.1f} x real (recall "
+                     f"{m['recall_reconstructed']:.2f}, coverage {m['coverage_reconstructed']:.2f}); samples are "
+                     "decoded by the same VAE, so their FD can hardly go below it")
     if "copies" in report:
         c = report["copies"]
         lines.append(f"copies: a sample's nearest training image is {c['nearest_median_samples']:.3f} away (RMS pixel "
                      f"difference, median), a held-out image's {c['nearest_median_held']:.3f} (ratio "
                      f"{c['distance_ratio']:.2f}); {c['near_copies']:.1%} of samples are nearer than all but "
                      f"{c['quantile']:.0%} of held-out images (a generator of new images: about {c['quantile']:.0%})")
+    interval = s.get("guidance_interval")
     lines.append(f"{s['n']} samples per class and prompt kind, {s['sampler']} {s['steps']} steps, guidance "
-                 f"{s['guidance']:g}, seeds {s['seed']}..{s['seed'] + s['n'] - 1}")
+                 f"{s['guidance']:g}" + (" at timesteps {:g}-{:g}".format(*interval) if interval else "") +
+                 f", seeds {s['seed']}..{s['seed'] + s['n'] - 1}")
     return "\n".join(lines)
 
 
@@ -250,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", default="ddim", help="sampling method (as python -m minildm.sample)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only the steps at timesteps T_LO..T_HI (0 1000: every step); default: the run's own")
     p.add_argument("--seed", type=int, default=0, help="image i of each class uses seed + i")
     p.add_argument("--phrasings", default=str(UNSEEN_PHRASINGS),
                    help="held-out phrasings, one a line with {} for the class word (default: the 300 training never used)")
@@ -262,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report of the same settings "
                                                              "(default: a new name)")
     return p
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """decode(encode(x)) of images in [-1, 1] through the model's VAE (posterior mean), on the CPU."""
+    parts = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(model.device)
+        parts.append(model.decode_latents(model.encode_image(x)).clamp(-1, 1).float().cpu())
+    return torch.cat(parts)
 
 
 def run_data(run_dir: Path, data_dir=None) -> tuple:
@@ -282,11 +310,12 @@ def run_data(run_dir: Path, data_dir=None) -> tuple:
 
 
 def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch_size: int = 100, steps: int = 50,
-                 sampler: str = "ddim", guidance: float = 7.5, seed: int = 0, judge_path=None,
+                 sampler: str = "ddim", guidance: float = 7.5, guidance_interval="run", seed: int = 0, judge_path=None,
                  judge_steps: int = JUDGE_STEPS, use_ema: bool = True, device="cpu", model=None,
                  phrasings=UNSEEN_PHRASINGS, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate the run in `run_dir` (or the given LatentDiffusion `model`); print the table, write
-    RUN/eval/<settings>.json and .png, and return the report."""
+    RUN/eval/<settings>.json and .png, and return the report. guidance_interval: (t_lo, t_hi), None for
+    every step, or "run" for the run's own default (cli.default_guidance_interval)."""
     from .ldm import load_stable_diffusion
 
     run_dir = Path(run_dir)
@@ -297,14 +326,18 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
     print(f"judge: {judge_path} ({'cached' if info['cached'] else 'trained now'})", file=sys.stderr)
     if model is None:
         model = load_stable_diffusion(str(run_dir / "model.safetensors"), device=device, use_ema=use_ema)
+    if guidance_interval == "run":
+        guidance_interval = default_guidance_interval(str(run_dir / "model.safetensors"))
     report, samples = evaluate(model, train, held, judge, info, n, batch_size=batch_size, seed=seed, steps=steps,
-                               sampler=sampler, guidance=guidance, phrasings=phrasings, progress=progress)
+                               sampler=sampler, guidance=guidance, guidance_interval=guidance_interval,
+                               phrasings=phrasings, progress=progress)
     report["checkpoint"] = str(run_dir / "model.safetensors")
     report["judge"]["path"] = str(judge_path)
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     from .cli import free_path
-    stem = f"n{n}-{sampler}{steps}-g{guidance:g}-seed{seed}" + ("-raw" if not use_ema else "")
+    stem = (f"n{n}-{sampler}{steps}-g{guidance:g}" + ("-t{:g}-{:g}".format(*guidance_interval) if guidance_interval
+                                                      else "") + f"-seed{seed}" + ("-raw" if not use_ema else ""))
     stem = free_path(str(out / f"{stem}.json"), overwrite)[:-5]
     tmp = f"{stem}.json.tmp-{os.getpid()}"
     Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
@@ -317,8 +350,8 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
 
 
 def main(argv=None) -> int:
-    from .cli import (USAGE, check_choice, check_float, check_int, check_readable_file, check_seed, fail, named_path,
-                      resolve_device, usage)
+    from .cli import (USAGE, check_choice, check_float, check_guidance_interval, check_int, check_readable_file,
+                      check_seed, fail, named_path, resolve_device, usage)
     from .convert import CheckpointError
     from .ldm import find_latest_checkpoint
     from .samplers import SAMPLERS
@@ -329,6 +362,7 @@ def main(argv=None) -> int:
         check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     check_int("--steps", args.steps, 1, 1000)
     check_float("--guidance", args.guidance, 0, 100)
+    check_guidance_interval("--guidance-interval", args.guidance_interval)
     check_seed("--seed", args.seed, args.n)
     check_choice("--sampler", args.sampler, list(SAMPLERS))
     if args.data_dir is not None and not os.path.exists(args.data_dir):
@@ -355,6 +389,7 @@ def main(argv=None) -> int:
     try:
         evaluate_run(run_dir, runs_dir=args.runs_dir, data_dir=args.data_dir, n=args.n, batch_size=args.batch_size,
                      steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+                     guidance_interval="run" if args.guidance_interval is None else tuple(args.guidance_interval),
                      judge_path=args.judge, judge_steps=args.judge_steps, use_ema=not args.no_ema, device=device,
                      phrasings=None if args.templates_only else args.phrasings, overwrite=args.overwrite)
     except (data_module.DataError, CheckpointError) as e:

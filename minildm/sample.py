@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from .cli import (USAGE, Parser, check_float, check_int, check_readable_file, check_seed, check_writable_dir, fail,
-                  free_path, load_model, slug, usage)
+from .cli import (USAGE, Parser, check_float, check_guidance_interval, check_int, check_readable_file, check_seed,
+                  check_writable_dir, default_guidance_interval, fail, free_path, load_model, slug, usage)
 from .samplers import SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--karras", action="store_true",
                    help="Karras et al. sigma spacing (for euler, euler_a, heun, lms and dpmpp_2m)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only the steps at timesteps T_LO..T_HI (0 1000: every step); default: a training "
+                        "run's own (its config.json's guidance_interval), every step for Stable Diffusion")
     p.add_argument("--negative", default="", help="negative prompt: what guidance steers away from")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); default: random")
     p.add_argument("--n", type=int, default=1, help="number of images; a grid is saved too when n > 1")
@@ -136,6 +139,7 @@ def check_flags(args) -> None:
     check_int("--n", args.n, 1)
     check_int("--batch-size", args.batch_size, 1)
     check_float("--guidance", args.guidance, 0, 100)
+    check_guidance_interval("--guidance-interval", args.guidance_interval)
     check_seed("--seed", args.seed, args.n)
     check_float("--strength", args.strength, 0, 1)
     check_int("--attention-slicing", args.attention_slicing, 1)
@@ -198,6 +202,11 @@ def main(argv=None) -> int:
     model, ckpt = load_model(args.ckpt, args.runs_dir, args.device, args.dtype, use_ema=not args.no_ema,
                              config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
+    if args.guidance_interval is None:
+        args.guidance_interval = default_guidance_interval(ckpt)
+        if args.guidance_interval is not None:
+            notes.append("guidance at timesteps {:g}-{:g} only (this run's default; --guidance-interval 0 1000 "
+                         "guides every step)".format(*args.guidance_interval))
     # LoRA weights first, then textual-inversion embeddings: (flag, file, its value, loader, what to say)
     add_ons = ([("--lora", path, scale, model.load_lora, "LoRA {path}: {result} layers merged at scale {value:g}")
                 for path, scale in args.lora] +
@@ -272,7 +281,8 @@ def main(argv=None) -> int:
 
         try:
             xs = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
-                                sampler=args.sampler, guidance_scale=args.guidance, height=height, width=width,
+                                sampler=args.sampler, guidance_scale=args.guidance,
+                                guidance_interval=args.guidance_interval, height=height, width=width,
                                 seeds=seeds, init_image=init, strength=strength, mask=mask,
                                 callback=callback, **({"karras": True} if args.karras else {}))
         except ValueError as e:
@@ -280,6 +290,7 @@ def main(argv=None) -> int:
         for s, x, name in zip(seeds, xs, names):
             settings = {"prompt": args.prompt, "negative": args.negative, "seed": s, "steps": args.steps,
                         "sampler": args.sampler, "karras": args.karras, "guidance": args.guidance,
+                        "guidance_interval": list(args.guidance_interval) if args.guidance_interval else None,
                         "height": height, "width": width, "checkpoint": os.path.abspath(ckpt),
                         "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
             if args.lora:

@@ -427,15 +427,26 @@ def init_noise_scale(sampler_name: str, schedule: NoiseSchedule, num_steps: int,
 # ---------------------------------------------------------------------------- classifier-free guidance
 
 
-def cfg_denoiser(model, context: torch.Tensor, uncond_context: torch.Tensor, guidance_scale: float):
+def cfg_denoiser(model, context: torch.Tensor, uncond_context: torch.Tensor, guidance_scale: float,
+                 interval: tuple | None = None):
     """Classifier-free guidance (Ho & Salimans 2022) as an eps_fn for any sampler.
 
     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond), with the conditional and
     unconditional predictions from one batched model call. model(z_t, t, context) -> eps;
     context (B, L, D); uncond_context (B, L, D) or (1, L, D).
+
+    interval (t_lo, t_hi): guide only at timesteps t_lo <= t <= t_hi and use the conditional prediction
+    alone elsewhere (a guidance interval, Kynkäänniemi et al. 2024). Guidance at the noisiest steps
+    pulls every sample of a prompt towards one layout; leaving those steps unguided keeps more of the
+    variety while the middle steps still make the picture follow the prompt. None: every step.
     """
-    def eps_fn(z_t, t):
+    def guided(t) -> bool:
         if guidance_scale == 1.0:  # the unconditional half would cancel out exactly
+            return False
+        return interval is None or interval[0] <= float(t.flatten()[0]) <= interval[1]
+
+    def eps_fn(z_t, t):
+        if not guided(t):
             return model(z_t, t, context)
         batch = z_t.shape[0]
         uncond = uncond_context.expand(batch, *uncond_context.shape[1:])

@@ -55,7 +55,11 @@ class NoiseSchedule:
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         # DDPM eq. 7: the variance of q(z_{t-1} | z_t, z_0); the "fixed small" choice for sampling.
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+        # The sigma table comes from the float32 table of abar, in float32, as k-diffusion and diffusers
+        # compute it: at small t, 1 - abar loses digits in float32 (sigma_0 comes out 1.3e-5 above its
+        # float64 value), and the Karras grid, which starts from sigma_0, inherits that.
+        abar32 = alphas_cumprod.float()
+        sigmas = ((1.0 - abar32) / abar32).sqrt()
 
         self.betas = betas.float()
         self.alphas = (1.0 - betas).float()

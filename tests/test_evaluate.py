@@ -122,13 +122,16 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
     assert report["prompts"]["airplane"] == "a photo of an airplane"
     for figures in report["per_class"].values():                      # held-out phrasings and variety
         assert 0 <= figures["unseen_accuracy"] <= 1
-        for key in ("precision", "recall", "coverage", "precision_real", "recall_real", "coverage_real"):
+        for key in ("precision", "recall", "coverage", "precision_real", "recall_real", "coverage_real",
+                    "recall_reconstructed", "coverage_reconstructed"):
             assert 0 <= figures[key] <= 1
+        assert figures["fd_reconstructed"] >= -1e-6                    # the first stage's floor
     unseen = report["unseen"]
     assert unseen["count"] >= 300 and unseen["over_template"] >= 0
     frames = data.wording.unseen_phrasings()
     assert unseen["examples"]["airplane"][0] == data.fill_template(frames[0], "airplane")
-    assert "unseen phrasings" in first.stdout and "coverage" in first.stdout
+    assert "unseen phrasings" in first.stdout and "coverage" in first.stdout and "first stage's floor" in first.stdout
+    assert report["settings"]["guidance_interval"] is None             # the tiny preset guides every step
     grid = Image.open(tiny_run / "runs" / "tiny" / "eval" / "n3-ddim2-g7.5-seed0.png")
     assert grid.size[1] > 9 * 32                                     # a row per class
     judges = list((tiny_run / "runs" / "judges").glob("*.safetensors"))
@@ -136,6 +139,28 @@ def test_evaluate_cli_reports_trains_and_caches_the_judge(tiny_run):
     again = evaluate_cli(tiny_run, "--n", "2", "--steps", "2", "--judge-steps", "5")    # the newest run
     assert again.returncode == 0, again.stderr[-3000:]
     assert "cached" in again.stderr and len(list((tiny_run / "runs" / "judges").glob("*.safetensors"))) == 1
+
+
+def test_evaluate_samples_with_the_runs_guidance_interval(tiny_run):
+    """A run whose config.json names a guidance interval (the cifar-cpu preset's [0, 800]) is scored with
+    it unless --guidance-interval says otherwise; the report and its file name say which was used."""
+    from minildm import train
+
+    assert train.TrainConfig.cifar_cpu().guidance_interval == [0, 800]
+    config_path = tiny_run / "runs" / "tiny" / "config.json"
+    original = config_path.read_text()
+    try:
+        config_path.write_text(json.dumps(dict(json.loads(original), guidance_interval=[0, 600])))
+        result = evaluate_cli(tiny_run, "runs/tiny", "--n", "2", "--steps", "2", "--judge-steps", "5", "--templates-only")
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tiny_run / "runs" / "tiny" / "eval" / "n2-ddim2-g7.5-t0-600-seed0.json").read_text())
+        assert report["settings"]["guidance_interval"] == [0, 600] and "at timesteps 0-600" in result.stdout
+        result = evaluate_cli(tiny_run, "runs/tiny", "--n", "2", "--steps", "2", "--judge-steps", "5", "--templates-only",
+                              "--guidance-interval", "0", "1000")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tiny_run / "runs" / "tiny" / "eval" / "n2-ddim2-g7.5-t0-1000-seed0.json").exists()
+    finally:
+        config_path.write_text(original)
 
 
 def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
@@ -159,8 +184,16 @@ class StandIn:
     """A generator whose answer is known: each prompt names one class (found by its word), and
     `draw(k, seed)` gives the image (3, 32, 32) uint8 returned for class k."""
 
+    device = torch.device("cpu")
+
     def __init__(self, draw):
         self.draw = draw
+
+    def encode_image(self, x):          # a perfect first stage: the image is its own latent
+        return x
+
+    def decode_latents(self, z):
+        return z
 
     def generate(self, texts, seeds, output_type="image", **settings):
         images = []
@@ -211,6 +244,9 @@ def test_a_perfect_generator_scores_as_real_images(scored):
     assert abs(r["mean"]["fd_samples"] - r["mean"]["fd_train"]) < 1e-3 * noise_fd
     assert abs(r["mean"]["recall"] - r["mean"]["recall_real"]) < 0.1
     assert r["copies"]["near_copies"] < 0.05 and 0.8 < r["copies"]["distance_ratio"] < 1.25
+    # The stand-ins' first stage is perfect (an image is its own latent): its floor is real images' own.
+    for c in r["per_class"].values():
+        assert c["fd_reconstructed"] == c["fd_train"] and c["recall_reconstructed"] == c["recall_real"]
     assert all(c["confused_with"] in (None, *data.CIFAR10_CLASSES) for c in r["per_class"].values())
 
 

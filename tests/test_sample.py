@@ -243,3 +243,30 @@ def test_img2img_with_plms_or_lms_says_it_is_not_diffusers_img2img(workdir):
                      sampler, "--out", str(workdir / f"out-{sampler}"))
         assert result.returncode == 0, result.stderr[-2000:]
         assert ("not compared with diffusers" in result.stderr) is noted, result.stderr[-2000:]
+
+
+def test_a_runs_guidance_interval_is_the_default(workdir, monkeypatch):
+    """A run whose config.json names a guidance interval samples with it unless --guidance-interval says
+    otherwise; the PNG records the interval used, and 0 1000 guides every step as no interval does."""
+    import shutil
+
+    monkeypatch.chdir(workdir)
+    run_dir = workdir / "interval-run"
+    run_dir.mkdir()
+    shutil.copy(workdir / "runs" / "tiny" / "model.safetensors", run_dir / "model.safetensors")
+    (run_dir / "config.json").write_text(json.dumps({"guidance_interval": [0, 600]}))
+    common = ["a tree", "--steps", "4", "--seed", "2", "--ckpt", str(run_dir), "--overwrite"]
+
+    def image(out, *flags):
+        main(common + ["--out", out, *flags])
+        path = workdir / out / "a-tree-2.png"
+        return np.asarray(Image.open(path), dtype=np.int16), json.loads(Image.open(path).text["minildm"])
+
+    default, settings = image("gi-default")
+    explicit, _ = image("gi-explicit", "--guidance-interval", "0", "600")
+    every, every_settings = image("gi-every", "--guidance-interval", "0", "1000")
+    assert settings["guidance_interval"] == [0, 600] and every_settings["guidance_interval"] == [0, 1000]
+    assert np.array_equal(default, explicit) and np.abs(default - every).max() > 0
+    (run_dir / "config.json").write_text("{}")
+    none, none_settings = image("gi-none")
+    assert none_settings["guidance_interval"] is None and np.array_equal(none, every)

@@ -348,3 +348,24 @@ def test_cfg_denoiser_one_batched_call():
     eps_u, eps_c = 0.5 * z + 0.01, 2.0 * z + 0.01
     torch.testing.assert_close(eps, eps_u + 7.5 * (eps_c - eps_u))
     torch.testing.assert_close(cfg_denoiser(model, context, uncond, 1.0)(z, t), eps_c)
+
+
+def test_guidance_interval_guides_only_its_timesteps():
+    """With an interval (t_lo, t_hi), steps inside it are guided exactly as without one, and steps outside
+    it are the conditional prediction from one unbatched call; the ends belong to the interval."""
+    calls = []
+
+    def model(z_t, t, context):
+        calls.append(z_t.shape[0])
+        return z_t * context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1) + t.reshape(-1, 1, 1, 1) / 1000
+
+    context, uncond = torch.full((2, 3, 5), 2.0), torch.full((1, 3, 5), 0.5)
+    z = torch.randn(2, 4, 4, 4)
+    guided = cfg_denoiser(model, context, uncond, 7.5, interval=(100, 700))
+    for timestep, inside in ((99.5, False), (100, True), (400, True), (700, True), (700.5, False), (999, False)):
+        t = torch.tensor([timestep, timestep])
+        calls.clear()
+        eps = guided(z, t)
+        expected = cfg_denoiser(model, context, uncond, 7.5)(z, t) if inside else model(z, t, context)
+        torch.testing.assert_close(eps, expected, rtol=0, atol=0)
+        assert calls[0] == (4 if inside else 2)

@@ -28,29 +28,33 @@ def write_embedding(path, layout, vectors, token="<cat-toy>"):
     return path
 
 
-CASES = [("diffusers", 1, "emb.bin"), ("diffusers-safetensors", 3, "emb.safetensors"), ("a1111", 2, "emb.pt")]
+CASES = [("diffusers", 1, "emb.bin"), ("diffusers-safetensors", 3, "emb.safetensors"), ("a1111", 2, "emb.pt"),
+         ("a1111-safetensors", 2, "cat-toy.safetensors")]
 
 
 @pytest.mark.parametrize("layout, count, name", CASES, ids=[c[0] for c in CASES])
 def test_prompts_match_diffusers_load_textual_inversion(models, original_file, tmp_path, layout, count, name):
     """After loading the same file, a prompt with the token gives the same token ids and the same context as
-    diffusers' StableDiffusionPipeline.load_textual_inversion (multi-vector tokens included)."""
+    diffusers' StableDiffusionPipeline.load_textual_inversion (multi-vector tokens included). An A1111
+    .safetensors file holds its vectors alone (`emb_params`) and names no token: minildm uses the file's
+    name, and diffusers is given that name as its `token`."""
     vectors = torch.randn(count, WIDTH, generator=torch.Generator().manual_seed(count))
     path = write_embedding(tmp_path / name, layout, vectors)
     ours = load_original(original_file)
     pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path)
     before = ours.encode_prompt("a photo of a cat")
-    assert ours.load_textual_inversion(path) == "<cat-toy>"
-    pipe.load_textual_inversion(str(path))
-    for prompt in ("a photo of <cat-toy> on a beach", "<cat-toy>", "two <cat-toy>s and a dog"):
+    token = ours.load_textual_inversion(path)
+    assert token == ("cat-toy" if layout == "a1111-safetensors" else "<cat-toy>")
+    pipe.load_textual_inversion(str(path), token=token if layout == "a1111-safetensors" else None)
+    for prompt in (f"a photo of {token} on a beach", token, f"two {token}s and a dog"):
         converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
         ids = pipe.tokenizer(converted, padding="max_length", max_length=77, truncation=True).input_ids
         assert ours.tokenizer(prompt)[0].tolist() == ids, prompt
         with torch.no_grad():
             reference = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
         torch.testing.assert_close(ours.encode_prompt(prompt), reference, atol=1e-5, rtol=0)
-    assert ours.tokenizer.decode(ours.tokenizer("a <cat-toy> toy")[0]) == "a " + " ".join(
-        ["<cat-toy>"] + [f"<cat-toy>_{i}" for i in range(1, count)]) + " toy"
+    assert ours.tokenizer.decode(ours.tokenizer(f"a {token} toy")[0]) == "a " + " ".join(
+        [token] + [f"{token}_{i}" for i in range(1, count)]) + " toy"
     # prompts without the token are untouched
     torch.testing.assert_close(ours.encode_prompt("a photo of a cat"), before, atol=0, rtol=0)
 

@@ -163,6 +163,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "",
                  num_images: int = 1, num_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
+                 guidance_interval: tuple | None = None,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  seeds: list[int] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None,
@@ -171,7 +172,8 @@ class LatentDiffusion(nn.Module):
         """Text-to-image, image-to-image and inpainting with classifier-free guidance.
 
         prompt: one prompt or one per image; num_images images per prompt. negative_prompt: what the
-        guidance steers away from ("" is the unconditional context). seed or generator pins the noise
+        guidance steers away from ("" is the unconditional context); guidance_interval (t_lo, t_hi)
+        guides only the steps at timesteps within it (samplers.cfg_denoiser; None: all). seed or generator pins the noise
         (drawn on the CPU, so a seed gives the same image on any device); latents (B, zc, h, w) gives
         it explicitly. seeds: one seed per image instead (a single prompt is repeated for each), so
         image i of a batch is the image that `seed=seeds[i]` alone gives. init_image (1 or B, 3, H, W) in
@@ -236,10 +238,10 @@ class LatentDiffusion(nn.Module):
             model = self._with_inpainting_channels(self._inpainting_channels(init_image, mask, B, generator))
         if from_noise:
             z = self.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
-                                       guidance_scale=guidance_scale, generator=generator, callback=callback,
-                                       model=model, **sampler_options)
+                                       guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                       generator=generator, callback=callback, model=model, **sampler_options)
         else:
-            eps_fn = samplers.cfg_denoiser(model, context, uncond_context, guidance_scale)
+            eps_fn = samplers.cfg_denoiser(model, context, uncond_context, guidance_scale, guidance_interval)
             a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
             z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
             blend = mask is not None and not self.is_inpainting_model
@@ -285,15 +287,18 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def sample_from_noise(self, context: torch.Tensor, uncond_context: torch.Tensor, noise: torch.Tensor, *,
                           sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
-                          generator=None, callback=None, model=None, **sampler_options) -> torch.Tensor:
+                          guidance_interval: tuple | None = None, generator=None, callback=None, model=None,
+                          **sampler_options) -> torch.Tensor:
         """The text-to-image loop on given contexts (B, L, D) and unit-variance noise (B, zc, h, w).
 
         Scales the noise to the sampler's start (samplers.init_noise_scale: the start diffusers uses)
         and runs the sampler with classifier-free guidance; returns the latents z_0. generator: the
-        CPU generator (or one per image) that stochastic samplers draw from, after the noise. model:
+        CPU generator (or one per image) that stochastic samplers draw from, after the noise;
+        guidance_interval: the timesteps that are guided (None: all). model:
         the noise predictor (z_t, t, context) -> eps, the UNet by default.
         """
-        eps_fn = samplers.cfg_denoiser(model or self._unet, context, uncond_context, guidance_scale)
+        eps_fn = samplers.cfg_denoiser(model or self._unet, context, uncond_context, guidance_scale,
+                                       guidance_interval)
         scale = samplers.init_noise_scale(sampler, self.schedule, num_steps, **sampler_options)
         z = noise.to(self.device, torch.float32) * scale
         return self._run_sampler(sampler, eps_fn, z, num_steps, 0, generator, callback, sampler_options)

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .. import data as data_module
-from ..cli import (USAGE, Parser, check_choice, check_device, check_float, check_int, check_readable_file, check_seed,
-                   check_writable_dir, fail, named_path, usage)
+from ..cli import (USAGE, Parser, check_choice, check_device, check_float, check_guidance_interval, check_int,
+                   check_readable_file, check_seed, check_writable_dir, fail, named_path, usage)
 from ..convert import CheckpointError
 from ..ldm import LatentDiffusion
 from ..plumbing import STOP, Budget, Run, TrainingDiverged, cpu_has_bfloat16
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a sample grid every N steps of stage 2 (0: only at the end)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps for sample grids")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale for sample grids")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only timesteps T_LO..T_HI in the grids, and by default in sample and evaluate "
+                        "(0 1000: every step)")
     p.add_argument("--probe-per-class", type=int, default=None,
                    help="samples per class for the class probe logged with every grid (0: off)")
     p.add_argument("--evaluate", type=int, default=None, metavar="N",
@@ -105,7 +108,8 @@ _OVERRIDES = {"num_images": "num_images", "holdout_per_class": "holdout_per_clas
               "reword": "reword",
               "disc_start": "disc_start", "device": "device", "dtype": "dtype", "seed": "seed",
               "log_every": "log_every", "save_every": "save_every", "sample_every": "sample_every",
-              "sample_steps": "sample_steps", "guidance": "guidance_scale", "max_minutes": "max_minutes",
+              "sample_steps": "sample_steps", "guidance": "guidance_scale",
+              "guidance_interval": "guidance_interval", "max_minutes": "max_minutes",
               "vae_share": "vae_share", "min_snr_gamma": "min_snr_gamma", "probe_per_class": "probe_per_class", "evaluate": "evaluate_per_class",
               "data_dir": "data_dir"}
 
@@ -207,6 +211,7 @@ def check_flags(args) -> None:
     check_float("--caption-dropout", args.caption_dropout, 0, 1, high_open=True)
     check_float("--reword", args.reword, 0, 1)
     check_float("--guidance", args.guidance, 0, 100)
+    check_guidance_interval("--guidance-interval", args.guidance_interval)
     check_float("--min-snr-gamma", args.min_snr_gamma, 0)
     check_seed("--seed", args.seed)
     check_choice("--dtype", args.dtype, ("float32", "bfloat16", "float16"))

@@ -46,11 +46,11 @@ def build_pipeline(unet, vae, text_encoder, tokenizer, schedule, scale_factor):
 
 @torch.no_grad()
 def sample_grid(pipeline, prompts: list, path, num_steps: int, guidance_scale: float, seed: int = 0,
-                resolution: Optional[int] = None) -> torch.Tensor:
+                resolution: Optional[int] = None, guidance_interval=None) -> torch.Tensor:
     """One image per prompt from fixed noise (`seed`), saved as a grid; returns images (B, 3, H, W) in [0, 1]."""
     import torchvision
     x = pipeline.generate(list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
-                          sampler="ddim", height=resolution, width=resolution)
+                          guidance_interval=guidance_interval, sampler="ddim", height=resolution, width=resolution)
     if path is not None:
         torchvision.utils.save_image(x.float().cpu(), path, nrow=min(len(prompts), 5), padding=1)
     return x
@@ -71,7 +71,8 @@ def probe_samples(pipeline, probe, class_names, per_class: int, cfg: TrainConfig
     """How often the latents sampled for "a photo of a <class>" are read as that class by the probe."""
 
     z = pipeline.generate([data_module.class_prompt(c) for c in class_names], num_images=per_class, seed=cfg.seed,
-                          num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, output_type="latent")
+                          num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                          guidance_interval=cfg.guidance_interval, output_type="latent")
     labels = torch.arange(len(class_names)).repeat_interleave(per_class)
     return probe.accuracy(z.float().cpu(), labels)
 
@@ -181,7 +182,8 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
             return
         pipeline = ema_pipeline()
         sample_grid(pipeline, prompts, run.dir / "samples" / f"step_{step:07d}.png",
-                    cfg.sample_steps, cfg.guidance_scale, seed=cfg.seed, resolution=train.resolution)
+                    cfg.sample_steps, cfg.guidance_scale, seed=cfg.seed, resolution=train.resolution,
+                    guidance_interval=cfg.guidance_interval)
         if probe is not None:
             accuracy = probe_samples(pipeline, probe, train.class_names, cfg.probe_per_class, cfg)
             run.log({"stage": "ldm", "step": step, "event": "probe", "probe_samples": accuracy,
