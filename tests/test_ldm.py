@@ -137,18 +137,34 @@ PIPELINE_CASES = [  # every sampler with a diffusers scheduler, built from SD v1
     ("heun", "HeunDiscreteScheduler", {"karras": True}), ("lms", "LMSDiscreteScheduler", {}), ("lms", "LMSDiscreteScheduler", {"karras": True}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}), ("dpmpp_2m", "DPMSolverMultistepScheduler", {"karras": True}),
 ]
-# What the README states: every element within 1e-5 of the reference's largest value. The tiny random
-# models' latents reach 25-75 (random weights do not predict noise the way trained ones do, so the x0
-# estimates grow), and float32 rounding, amplified along the sampler's path, leaves differences up to
-# 2.5e-4 absolute there: 1.2e-6 to 3e-6 of the largest value.
-PIPELINE_RTOL = 1e-5
+# Random weights do not predict noise: a random UNet's output is unrelated to z_t, so the x0 estimate
+# (z_t - sqrt(1 - abar) eps) / sqrt(abar) grows by up to 1 / sqrt(abar_T) = 14x at the noisiest step and
+# the latents end at 25-75. A trained model's eps is close to the noise in z_t. The pipeline tests make
+# both libraries' UNets behave that way with one forward hook each (as_denoisers): eps = z_t + 0.1 UNet(...),
+# the UNet's part still computed by each library on its own. The latents then stay O(1) (largest values
+# 1.3-2.2; images in [0, 1]), and every element must lie within PIPELINE_ATOL of the reference, absolutely
+# (measured over the 47 comparisons of the pipeline, seed, img2img, inpainting and LoRA tests: at most 4.1e-6).
+DENOISER_RESIDUAL = 0.1
+PIPELINE_ATOL = 1e-5
 
 
-def assert_close_to_reference(ours, reference, what, rtol=PIPELINE_RTOL):
-    diff = (ours - reference).abs()
+def as_denoisers(*unets):
+    """Make each UNet (minildm's or diffusers') predict eps = z_t + DENOISER_RESIDUAL * its own output; z_t is
+    the first channels of its input (the inpainting model appends the mask and the masked image)."""
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor):                       # minildm: the noise prediction
+            return args[0][:, :out.shape[1]] + DENOISER_RESIDUAL * out
+        sample = out[0]                                          # diffusers: (sample,) with return_dict=False
+        return (args[0][:, :sample.shape[1]] + DENOISER_RESIDUAL * sample,) + tuple(out[1:])
+    for unet in unets:
+        unet.register_forward_hook(hook)
+
+
+def assert_close_to_reference(ours, reference, what, atol=PIPELINE_ATOL):
+    diff = (ours - reference).abs().max()
     scale = reference.abs().max()
-    assert diff.max() <= rtol * scale, \
-        f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} of the largest value {scale:.3g}"
+    assert scale < 10, f"{what}: the reference reaches {scale:.3g}; the test models should keep latents O(1)"
+    assert diff <= atol, f"{what}: max abs diff {diff:.3g} (the largest value {scale:.3g})"
 
 
 @pytest.mark.parametrize("sampler, scheduler, options", PIPELINE_CASES,
@@ -159,6 +175,7 @@ def test_matches_diffusers_pipeline(models, original_file, tmp_path, sampler, sc
     ours = load_original(original_file)
     extra = {"use_karras_sigmas": True} if options.get("karras") else {}
     pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, scheduler, **extra)
+    as_denoisers(ours.unet, pipe.unet)
     prompts, negative = ["a photo of an astronaut riding a horse", "a cat in a hat"], "low quality"
     latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
     kw = dict(num_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE, latents=latents, sampler=sampler, **options)
@@ -181,10 +198,12 @@ def test_a_seed_gives_the_image_diffusers_gives(models, original_file, tmp_path)
     StableDiffusionPipeline does from torch.Generator().manual_seed(s) on the CPU. (CUDA generators draw
     other numbers from the same seed, in both libraries alike.)"""
     ours = load_original(original_file)
+    as_denoisers(ours.unet)
     prompts = ["a photo of an astronaut riding a horse", "a cat in a hat"]
     for sampler, scheduler in (("ddim", "DDIMScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler"),
                                ("dpmpp_2m", "DPMSolverMultistepScheduler")):
         pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, scheduler)
+        as_denoisers(pipe.unet)
         z = ours.generate(prompts, num_steps=5, guidance_scale=5.0, height=SIZE, width=SIZE, seed=7,
                           sampler=sampler, output_type="latent")
         with torch.no_grad():
@@ -212,6 +231,7 @@ def test_img2img_matches_diffusers_pipeline(models, original_file, tmp_path, sam
     ours = load_original(original_file)
     extra = {"use_karras_sigmas": True} if options.get("karras") else {}
     pipe = reference_pipeline("StableDiffusionImg2ImgPipeline", models, tmp_path, scheduler, **extra)
+    as_denoisers(ours.unet, pipe.unet)
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
     prompts, negative = ["a watercolour of a lighthouse", "a cat in a hat"], "low quality"
     steps = []
@@ -267,6 +287,7 @@ def test_inpainting_model_matches_diffusers_pipeline(inpainting_models, inpainti
     ours = load_inpainting(inpainting_file, monkeypatch)
     assert ours.is_inpainting_model and ours.unet.cfg.in_channels == 9
     pipe = reference_pipeline("StableDiffusionInpaintPipeline", inpainting_models, tmp_path, scheduler)
+    as_denoisers(ours.unet, pipe.unet)
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)) * 2 - 1
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., 6:22, 10:30] = 1

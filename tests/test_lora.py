@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minildm import convert
-from test_ldm import (SIZE, assert_close_to_reference, diffusers_parts, load_original, models,  # noqa: F401
+from test_ldm import (SIZE, as_denoisers, assert_close_to_reference, diffusers_parts, load_original, models,  # noqa: F401
                       original_file, reference_pipeline, write_tokenizer_folder)
 from test_sample import cli_error, run, workdir  # noqa: F401
 
@@ -56,6 +56,7 @@ def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layou
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=0.7)
     ours = load_original(original_file)
+    as_denoisers(ours.unet, pipe.unet)
     plain = ours.generate("a cat in a hat", num_steps=4, guidance_scale=5.0, seed=2, output_type="latent")
     layers = ours.load_lora(path, 0.7)
     assert layers == targets

@@ -124,3 +124,115 @@ def test_text_encoder_preset_matches_clip_vit_l14():
     for name, value in expected.items():
         assert getattr(ours, name) == value, f"CLIPTextConfig.{name}: {getattr(ours, name)!r}, CLIP says {value!r}"
 
+
+
+# configs/stable-diffusion/v1-inference.yaml as the original repository ships it, as text: its comments,
+# flow lists with spaces, a block list, `1.e-6` (which YAML 1.1 reads as a string, not a number) and the
+# training-only learning-rate scheduler are all part of what --config must read.
+V1_INFERENCE_TEXT = """\
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 64
+    channels: 4
+    cond_stage_trainable: false   # Note: different from the one we trained before
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+
+    scheduler_config: # 10000 warmup steps
+      target: ldm.lr_scheduler.LambdaLinearScheduler
+      params:
+        warm_up_steps: [ 10000 ]
+        cycle_lengths: [ 10000000000000 ] # incredibly large number to prevent corner cases
+        f_start: [ 1.e-6 ]
+        f_max: [ 1. ]
+        f_min: [ 1. ]
+
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32 # unused
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 768
+        use_checkpoint: True
+        legacy: False
+
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult:
+          - 1
+          - 2
+          - 4
+          - 4
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+
+def test_the_real_v1_inference_yaml_text_reads_as_the_presets(tmp_path):
+    """--config reads the original v1-inference.yaml text (not a dict the tests wrote) into SD v1's sizes:
+    every UNet and VAE field it names equals the preset's, and diffusers' own reading of the same text
+    (its single-file converter's config builders) agrees on the UNet and VAE; the tests above compare the
+    presets with diffusers field by field."""
+    import yaml
+    from diffusers.loaders import single_file_utils as sfu
+
+    from minildm.convert import read_inference_yaml
+    from minildm.schedule import NoiseSchedule
+
+    path = tmp_path / "v1-inference.yaml"
+    path.write_text(V1_INFERENCE_TEXT)
+    parsed = yaml.safe_load(V1_INFERENCE_TEXT)
+    parsed["model"]["params"].pop("scheduler_config")
+    assert parsed["model"]["params"] == V1_INFERENCE["model"]["params"]   # the dict above is this text
+    read = read_inference_yaml(path)
+    unet, vae = UNetConfig.sd15(), VAEConfig.sd()
+    for name, value in read["unet"].items():
+        assert getattr(unet, name) == value, f"UNet {name}: YAML {value!r}, preset {getattr(unet, name)!r}"
+    for name, value in read["vae"].items():
+        assert getattr(vae, name) == value, f"VAE {name}: YAML {value!r}, preset {getattr(vae, name)!r}"
+    assert read["scale_factor"] == vae.scale_factor == 0.18215
+    steps, start, end = read["schedule"]
+    sd = NoiseSchedule.sd()
+    assert steps == sd.num_timesteps and (start, end) == (sd.params["beta_start"], sd.params["beta_end"])
+    theirs = sfu.create_unet_diffusers_config_from_ldm(yaml.safe_load(V1_INFERENCE_TEXT), {}, image_size=512)
+    assert tuple(theirs["block_out_channels"]) == tuple(read["unet"]["model_channels"] * m for m in read["unet"]["channel_mult"])
+    assert theirs["cross_attention_dim"] == read["unet"]["context_dim"] and theirs["layers_per_block"] == 2
+    assert theirs["attention_head_dim"] == read["unet"]["num_heads"]   # diffusers' name for SD v1's head count
+    vae_theirs = sfu.create_vae_diffusers_config_from_ldm(yaml.safe_load(V1_INFERENCE_TEXT), {}, image_size=512)
+    assert tuple(vae_theirs["block_out_channels"]) == tuple(read["vae"]["base_channels"] * m for m in read["vae"]["channel_mult"])
+    assert vae_theirs["latent_channels"] == read["vae"]["z_channels"] and vae_theirs["scaling_factor"] == 0.18215
