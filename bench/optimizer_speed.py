@@ -12,23 +12,17 @@ rounding: the first steps' losses are printed side by side.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
-import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from minildm.clip_text import CLIPTextConfig, CLIPTextModel
-from minildm.data import CIFAR10_CLASSES, TEMPLATES, fill_template
-from minildm.schedule import NoiseSchedule
-from minildm.steps import EMA, Denoiser, decay_groups, diffusion_loss
-from minildm.tokenizer import CLIPTokenizer
 from minildm.train.config import TrainConfig
-from minildm.unet import UNet, UNetConfig
+from precision_speed import ldm_steps, report   # the two-copies-take-turns loop, shared
 
 
 def main() -> None:
@@ -39,54 +33,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = TrainConfig.cifar_cpu()
-    unet_cfg, text_cfg = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
-    torch.manual_seed(0)
-    base = Denoiser(UNet(unet_cfg), CLIPTextModel(text_cfg))
-    tokenizer = CLIPTokenizer.default(context_length=text_cfg.context_length)
-    schedule = NoiseSchedule.from_dict(cfg.schedule)
-    z_channels = unet_cfg.in_channels
-
-    runs = {}
-    for name, fused in (("plain", False), ("fused", True)):
-        model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused)
-        runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), step=[], update=[], loss=[])
-
-    g = torch.Generator().manual_seed(0)
-    B = cfg.batch_size
-    for i in range(3 + args.steps):
-        z = torch.randn(B, z_channels, 8, 8, generator=g)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, schedule.num_timesteps, (B,), generator=g)
-        picks = torch.randint(len(TEMPLATES) * len(CIFAR10_CLASSES), (B,), generator=g).tolist()
-        captions = [fill_template(TEMPLATES[k // len(CIFAR10_CLASSES)], CIFAR10_CLASSES[k % len(CIFAR10_CLASSES)])
-                    for k in picks]
-        tokens = tokenizer(captions)
-        for r in runs.values():
-            start = time.perf_counter()
-            loss = diffusion_loss(r["model"], schedule, z, tokens, t, noise, cfg.min_snr_gamma)
-            loss.backward()
-            nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip or float("inf"))
-            before_update = time.perf_counter()
-            r["opt"].step()
-            r["opt"].zero_grad(set_to_none=True)
-            after_update = time.perf_counter()
-            r["ema"].update(r["model"])
-            end = time.perf_counter()
-            r["loss"].append(loss.item())
-            if i >= 3:
-                r["step"].append(end - start)
-                r["update"].append(after_update - before_update)
-
-    print(f"stage 2 step of the cifar-cpu preset, batch {B}, {args.threads} threads, {args.steps} steps each")
-    print("losses of the first steps: plain " + " ".join(f"{v:.5f}" for v in runs["plain"]["loss"][:4]) +
-          " | fused " + " ".join(f"{v:.5f}" for v in runs["fused"]["loss"][:4]))
-    med = {}
+    sides = [(name, False, nullcontext, partial(torch.optim.AdamW, fused=fused))
+             for name, fused in (("plain", False), ("fused", True))]
+    runs = ldm_steps(cfg, args.steps, sides)
+    print(f"stage 2 step of the cifar-cpu preset, batch {cfg.batch_size}, {args.threads} threads, {args.steps} steps each")
     for name, r in runs.items():
-        med[name] = statistics.median(r["step"])
-        print(f"{name:6s} median {med[name]:.3f} s/step ({B / med[name]:.0f} images/s), of which the optimizer "
-              f"update {statistics.median(r['update']) * 1000:.0f} ms")
-    print(f"plain / fused: {med['plain'] / med['fused']:.2f}x (images per second with the fused kernel)")
+        print(f"stage 2: {name} optimizer update, median {statistics.median(r['update']) * 1000:.0f} ms")
+    report("stage 2", runs, cfg.batch_size, ratio=("plain", "fused"), meaning="images per second with the fused kernel")
 
 
 if __name__ == "__main__":

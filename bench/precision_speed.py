@@ -79,8 +79,10 @@ def vae_steps(cfg: TrainConfig, steps: int, sides=None) -> dict:
 
 
 def ldm_steps(cfg: TrainConfig, steps: int, sides=None, reword: float = 0.0) -> dict:
-    """Timed stage-2 steps for each side (name, autocast, context entered around the step), by default
-    float32 and bfloat16; CIFAR template captions, a share `reword` of them reworded as training does."""
+    """Timed stage-2 steps for each side (name, autocast, context entered around the step[, optimizer: a
+    function (parameter groups, lr) -> optimizer, by default training's adamw]), by default float32 and
+    bfloat16; CIFAR template captions, a share `reword` of them reworded as training does. Each run keeps
+    its losses, step times and optimizer-update times."""
     sides = sides or [(name, amp, nullcontext) for name, amp in SIDES]
     unet_cfg, text_cfg = UNetConfig.from_dict(cfg.unet), CLIPTextConfig.from_dict(cfg.text_encoder)
     torch.manual_seed(0)
@@ -89,11 +91,11 @@ def ldm_steps(cfg: TrainConfig, steps: int, sides=None, reword: float = 0.0) -> 
     wording = Wording(tokenizer, list(CIFAR10_CLASSES), p=reword) if reword else None
     schedule = NoiseSchedule.from_dict(cfg.schedule)
     runs = {}
-    for name, amp, context in sides:
+    for name, amp, context, *optimizer in sides:
         model = copy.deepcopy(base)
-        opt = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        opt = (optimizer[0] if optimizer else adamw)(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
         runs[name] = dict(model=model, opt=opt, ema=EMA(model, cfg.ema_decay), amp=amp, context=context,
-                          time=[], loss=[])
+                          time=[], update=[], loss=[])
     g = torch.Generator().manual_seed(0)
     B = cfg.batch_size
     for i in range(3 + steps):
@@ -113,12 +115,15 @@ def ldm_steps(cfg: TrainConfig, steps: int, sides=None, reword: float = 0.0) -> 
                 loss = diffusion_loss(r["model"], schedule, z, tokens, t, noise, cfg.min_snr_gamma)
                 loss.backward()
             nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip or float("inf"))
+            before_update = time.perf_counter()
             r["opt"].step()
             r["opt"].zero_grad(set_to_none=True)
+            after_update = time.perf_counter()
             r["ema"].update(r["model"])
             r["loss"].append(loss.item())
             if i >= 3:
                 r["time"].append(time.perf_counter() - start)
+                r["update"].append(after_update - before_update)
     return runs
 
 
