@@ -236,3 +236,32 @@ def test_the_real_v1_inference_yaml_text_reads_as_the_presets(tmp_path):
     vae_theirs = sfu.create_vae_diffusers_config_from_ldm(yaml.safe_load(V1_INFERENCE_TEXT), {}, image_size=512)
     assert tuple(vae_theirs["block_out_channels"]) == tuple(read["vae"]["base_channels"] * m for m in read["vae"]["channel_mult"])
     assert vae_theirs["latent_channels"] == read["vae"]["z_channels"] and vae_theirs["scaling_factor"] == 0.18215
+
+
+def test_the_inpainting_models_yaml_text_reads_as_diffusers_reads_it(tmp_path):
+    """The SD v1.5 inpainting model's v1-inpainting-inference.yaml (its text as published: a 9-channel UNet,
+    conditioning_key hybrid, no use_ema line) reads into the sizes diffusers' converter reads from it."""
+    import yaml
+    from diffusers.loaders import single_file_utils as sfu
+
+    from minildm.convert import read_inference_yaml
+
+    text = (V1_INFERENCE_TEXT
+            .replace("  base_learning_rate: 1.0e-04\n  target: ldm.models.diffusion.ddpm.LatentDiffusion",
+                     "  base_learning_rate: 7.5e-05\n  target: ldm.models.diffusion.ddpm.LatentInpaintDiffusion")
+            .replace("    conditioning_key: crossattn\n", "    conditioning_key: hybrid   # important\n")
+            .replace("    use_ema: False\n", "")
+            .replace("        warm_up_steps: [ 10000 ]\n",
+                     "        warm_up_steps: [ 2500 ] # NOTE for resuming. use 10000 if starting from scratch\n")
+            .replace("        in_channels: 4\n", "        in_channels: 9  # 4 data + 4 downscaled image + 1 mask\n"))
+    assert text.count("in_channels: 9") == 1 and "hybrid" in text and "use_ema" not in text
+    path = tmp_path / "v1-inpainting-inference.yaml"
+    path.write_text(text)
+    read = read_inference_yaml(path)
+    theirs = sfu.create_unet_diffusers_config_from_ldm(yaml.safe_load(text), {}, image_size=512)
+    assert read["unet"]["in_channels"] == theirs["in_channels"] == 9
+    assert read["unet"]["out_channels"] == theirs["out_channels"] == 4
+    assert tuple(theirs["block_out_channels"]) == tuple(read["unet"]["model_channels"] * m
+                                                         for m in read["unet"]["channel_mult"])
+    assert theirs["attention_head_dim"] == read["unet"]["num_heads"] == 8
+    assert read["scale_factor"] == 0.18215
