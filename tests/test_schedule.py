@@ -128,3 +128,24 @@ def test_to_dict_round_trip():
               NoiseSchedule(torch.linspace(0.01, 0.2, 10))]:
         d = json.loads(json.dumps(s.to_dict()))
         assert torch.equal(NoiseSchedule.from_dict(d).betas, s.betas)
+
+
+def test_sigma_table_is_built_in_float32_as_k_diffusion_and_diffusers_build_it():
+    """sigma_t = sqrt((1 - abar_t) / abar_t) from the float32 abar table, in float32: at t = 0 the
+    subtraction loses digits, and sigma_0 comes out 1.29e-5 above the float64 value (lesson 07). diffusers'
+    table, built the same way from its own float32 abar, agrees to 1e-5 everywhere."""
+    import sys
+    from pathlib import Path
+
+    import diffusers
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    ours = NoiseSchedule.sd()
+    reference = diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    theirs = ((1 - reference.alphas_cumprod) / reference.alphas_cumprod) ** 0.5
+    assert ((ours.sigmas - theirs).abs() / theirs).max() < 1e-5
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    exact = ((1 - abar) / abar).sqrt()
+    assert abs((ours.sigmas[0].double() - exact[0]) / exact[0] - 1.29e-5) < 0.01e-5
