@@ -138,11 +138,10 @@ def main(argv=None) -> int:
           f"{floor['recall_reconstructed']:.2f}, coverage {floor['coverage_reconstructed']:.2f}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"run": str(run), "n": args.n, "steps": args.steps,
-                                                    "judge_held_out_accuracy": info["held_out_accuracy"],
-                                                    "real_reference": reference, "vae_floor": floor,
-                                                    "rows": rows}, indent=2) + "\n")
-    plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+    sweep = {"run": str(run), "n": args.n, "steps": args.steps, "judge_held_out_accuracy": info["held_out_accuracy"],
+             "real_reference": reference, "vae_floor": floor, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
+    plot(sweep, out.with_suffix(".png"))
     print(f"saved {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 

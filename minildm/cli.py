@@ -207,12 +207,15 @@ def find_checkpoint(ckpt, runs_dir: str) -> str:
     return ckpt
 
 
+def is_guidance_interval(lo: float, hi: float) -> bool:
+    """Two finite timesteps with 0 <= lo <= hi (hi 1000 or more: up to the noisiest step)."""
+    return math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi
+
+
 def check_guidance_interval(flag: str, value) -> None:
-    """--guidance-interval T_LO T_HI: two timesteps, 0 <= T_LO <= T_HI (1000 or more: up to the noisiest step)."""
-    if value is None:
-        return
-    lo, hi = value
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+    """--guidance-interval T_LO T_HI: a one-line usage error unless is_guidance_interval."""
+    if value is not None and not is_guidance_interval(*value):
+        lo, hi = value
         fail(f"{flag} {lo:g} {hi:g}: must be two timesteps T_LO T_HI with 0 <= T_LO <= T_HI (0 1000: every step)",
              USAGE)
 
@@ -229,7 +232,7 @@ def default_guidance_interval(path: str):
         lo, hi = (float(v) for v in value)
     except (OSError, ValueError, AttributeError, TypeError):
         return None
-    return (lo, hi) if 0 <= lo <= hi else None
+    return (lo, hi) if is_guidance_interval(lo, hi) else None
 
 
 def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True, config=None):

@@ -165,7 +165,8 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
     accs = [c["accuracy"] for c in per_class.values()]
     keys = ["accuracy", "judge_on_train", "fd_samples", "fd_train", "fd_blurred", "fd_noise", "fd_over_real",
             "fd_reconstructed", "fd_reconstructed_over_real", "precision", "recall", "coverage", "precision_real",
-            "recall_real", "coverage_real", "precision_reconstructed", "recall_reconstructed", "coverage_reconstructed"] + (["unseen_accuracy"] if unseen else [])
+            "recall_real", "coverage_real", "precision_reconstructed", "recall_reconstructed",
+            "coverage_reconstructed"] + (["unseen_accuracy"] if unseen else [])
     mean = {key: sum(c[key] for c in per_class.values()) / len(per_class) for key in keys}
     report = {
         "prompts": {name: class_prompt(name) for name in names},
