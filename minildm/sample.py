@@ -27,7 +27,7 @@ import torch
 
 from .cli import (USAGE, Parser, check_float, check_guidance_interval, check_int, check_readable_file, check_seed,
                   check_writable_dir, default_guidance_interval, fail, free_path, load_model, slug, usage)
-from .samplers import SAMPLERS
+from .samplers import LCM_ORIGINAL_STEPS, SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
 
@@ -45,11 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the original inference YAML of an original-layout file that is not SD v1-sized "
                         "(its head count and latent scale cannot be read from the weights)")
     p.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
-    p.add_argument("--steps", type=int, default=50, help="number of sampler steps")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampling method")
+    p.add_argument("--taesd", default=None, metavar="FOLDER",
+                   help="decode with the tiny autoencoder TAESD (a diffusers AutoencoderTiny folder, or a folder "
+                        "with taesd_decoder.pth): much faster than the VAE, close to its pictures, not equal")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of sampler steps (default: 50; 4 with --sampler lcm)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="sampling method (default: ddim; lcm for an LCM-distilled model)")
     p.add_argument("--karras", action="store_true",
                    help="Karras et al. sigma spacing (for euler, euler_a, heun, lms and dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = none (default: 7.5; 1 with --sampler lcm, as the "
+                        "LCM-LoRA wants; 8.5 for an LCM-distilled model, which takes it as an input)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                    help="guide only the steps at timesteps T_LO..T_HI (0 1000: every step); default: a training "
                         "run's own (its config.json's guidance_interval), every step for Stable Diffusion")
@@ -135,10 +142,12 @@ def save_png(image, path: str, settings: dict):
 
 def check_flags(args) -> None:
     """Every flag's value and combination, before anything is loaded: one line and exit status 2 if not."""
-    check_int("--steps", args.steps, 1, MAX_STEPS)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, LCM_ORIGINAL_STEPS if args.sampler == "lcm" else MAX_STEPS)
     check_int("--n", args.n, 1)
     check_int("--batch-size", args.batch_size, 1)
-    check_float("--guidance", args.guidance, 0, 100)
+    if args.guidance is not None:
+        check_float("--guidance", args.guidance, 0, 100)
     check_guidance_interval("--guidance-interval", args.guidance_interval)
     check_seed("--seed", args.seed, args.n)
     check_float("--strength", args.strength, 0, 1)
@@ -148,13 +157,17 @@ def check_flags(args) -> None:
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIZE):
             usage(flag, value, f"must be a positive multiple of 8, at most {MAX_SIZE}")
     if args.karras and args.sampler not in KARRAS_SAMPLERS:
-        fail(f"--karras works with --sampler {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}", USAGE)
+        fail(f"--karras works with --sampler {', '.join(KARRAS_SAMPLERS)}, not "
+             f"{args.sampler or 'the default sampler (ddim, or lcm for an LCM model)'}", USAGE)
     if args.mask and not args.init_image:
         fail("--mask needs --init-image (the image to inpaint)", USAGE)
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
+    if args.taesd is not None and not os.path.isdir(args.taesd):
+        usage("--taesd", args.taesd, "must be a folder (a diffusers AutoencoderTiny folder, or one with "
+                                     "taesd_decoder.pth)")
     check_writable_dir("--out", args.out)
     args.embedding = [split_file_option("--embedding", value, "TOKEN") for value in args.embedding]
     args.lora = [(path, lora_scale(path, scale)) for path, scale in
@@ -162,6 +175,30 @@ def check_flags(args) -> None:
     for flag, files in (("--lora", args.lora), ("--embedding", args.embedding)):
         for path, _ in files:
             check_readable_file(flag, path)
+
+
+def sampling_defaults(args, model) -> list[str]:
+    """Fill in --sampler, --steps and --guidance left unset: LCM models take few steps and their own
+    guidance (an LCM-distilled UNet reads the scale as an input; the LCM-LoRA wants 1 to 2, where 1
+    means one UNet call per step). Returns the notes to print."""
+    notes = []
+    if args.sampler is None:
+        args.sampler = "lcm" if model.takes_guidance else "ddim"
+    lcm = args.sampler == "lcm"
+    if args.steps is None:
+        args.steps = 4 if lcm else 50
+    if lcm:
+        check_int("--steps", args.steps, 1, LCM_ORIGINAL_STEPS)
+    if args.guidance is None:
+        args.guidance = 8.5 if model.takes_guidance else 1.0 if lcm else 7.5
+    if model.takes_guidance:
+        notes.append(f"an LCM-distilled model: guidance {args.guidance:g} is an input of the UNet, one call per "
+                     f"step{'; --negative has no effect' if args.negative else ''}")
+        if not lcm:
+            notes.append(f"note: this model was distilled for --sampler lcm; {args.sampler} will look worse")
+    elif args.negative and args.guidance == 1:
+        notes.append("note: --negative has no effect at --guidance 1 (no unconditional branch)")
+    return notes
 
 
 def split_file_option(flag: str, value: str, what: str) -> tuple[str, str | None]:
@@ -218,6 +255,12 @@ def main(argv=None) -> int:
         except ValueError as e:  # CheckpointError included
             fail(f"{flag} {path}: {e}")
         notes.append(note.format(path=path, value=value, result=result))
+    if args.taesd:
+        try:
+            model.load_taesd(args.taesd)
+        except ValueError as e:  # CheckpointError included
+            fail(f"--taesd {args.taesd}: {e}")
+        notes.append(f"decoding with the tiny autoencoder in {args.taesd}")
     if model.is_inpainting_model:
         if not (args.init_image and args.mask):
             fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",
@@ -226,6 +269,7 @@ def main(argv=None) -> int:
             strength = 1.0
     model.set_attention_slicing(args.attention_slicing)
     model.set_vae_tiling(args.vae_tiling)
+    notes += sampling_defaults(args, model)
     check_int("--steps", args.steps, 1, model.schedule.num_timesteps)
 
     if args.init_image:
@@ -295,6 +339,8 @@ def main(argv=None) -> int:
                         "ema": not args.no_ema, "dtype": str(model.dtype)[6:]}
             if args.lora:
                 settings["loras"] = [[os.path.abspath(path), scale] for path, scale in args.lora]
+            if args.taesd:
+                settings["taesd"] = os.path.abspath(args.taesd)
             if args.embedding:
                 settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
             if init is not None:

@@ -11,6 +11,7 @@ Notation (code -> paper, see lessons/03_unet.md):
     z_t       noisy latent z_t
     t         timestep t (may be fractional)
     emb       embedding of t (after the MLP; plus a class or pooled-text embedding when the config has one)
+    w         guidance scale, an input only of LCM-distilled UNets (guidance_embed_dim)
     context   text context tau_theta(y), the output of the text encoder
     eps       noise prediction eps_theta(z_t, t, y)
     q, k, v   queries Q = W_Q phi(z), keys K = W_K tau(y), values V = W_V tau(y)
@@ -53,6 +54,8 @@ class UNetConfig:
     num_classes: Optional[int] = None    # optional class labels y -> `label_emb` added to the time embedding
     pooled_context: bool = False         # also add a projection of the context's last token to the time
                                          # embedding (off for SD v1; see `UNet.forward`)
+    guidance_embed_dim: Optional[int] = None  # LCM-distilled models: width of the guidance-scale embedding
+                                         # added to the timestep's (diffusers' time_cond_proj_dim; see forward)
 
     def __post_init__(self):
         # Tuples, also when built from JSON lists, so configs compare equal.
@@ -135,6 +138,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]                        # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)    # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The guidance scale as an LCM-distilled UNet reads it: (B,) -> (B, dim), sines first.
+
+    The distillation folded classifier-free guidance into the model and told it the scale w, counted
+    from 0 (w - 1 in the w of `samplers.guidance`) and times 1000, through sinusoids like a timestep's
+    (frequencies 1 down to 1/10000 inclusive).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1))
+    args = (w.float() - 1) * 1000.0
+    args = args[:, None] * freqs[None]                             # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -355,6 +375,8 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(cfg.num_classes, E)
         if cfg.pooled_context:
             self.context_emb = nn.Linear(cfg.context_dim, E)
+        if cfg.guidance_embed_dim is not None:
+            self.guidance_embed = nn.Linear(cfg.guidance_embed_dim, mc, bias=False)
 
         # Down path: record every block's output width; the up path consumes them in reverse.
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -417,15 +439,24 @@ class UNet(nn.Module):
             return checkpoint(block, x, emb, context, use_reentrant=False)
         return block(x, emb, context)
 
-    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor, y: Optional[torch.Tensor] = None):
+    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor, y: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None):
         """Predict the noise in z_t (B, C, h, w) at timesteps t ((B,) or a scalar) given context (B, L, D).
 
-        `y` (B,) long: class labels, only for a config with `num_classes`.
+        `y` (B,) long: class labels, only for a config with `num_classes`. `guidance` (B,): the
+        guidance scale w, only for an LCM-distilled config (`guidance_embed_dim`), whose one call
+        already gives the guided prediction.
         """
         B = z_t.shape[0]
         t = torch.as_tensor(t, device=z_t.device)
         t = t.expand(B) if t.ndim == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        t_emb = timestep_embedding(t, self.cfg.model_channels)          # (B, mc)
+        if self.cfg.guidance_embed_dim is not None:
+            if guidance is None:
+                raise ValueError("this UNet was distilled with the guidance scale as an input (an LCM): pass guidance")
+            w_emb = guidance_embedding(guidance.to(z_t.device), self.cfg.guidance_embed_dim)
+            t_emb = t_emb + self.guidance_embed(w_emb.to(self.guidance_embed.weight.dtype)).float()
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.cfg.num_classes is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass class labels y")

@@ -136,6 +136,7 @@ PIPELINE_CASES = [  # every sampler with a diffusers scheduler, built from SD v1
     ("euler_a", "EulerAncestralDiscreteScheduler", {}), ("heun", "HeunDiscreteScheduler", {}),
     ("heun", "HeunDiscreteScheduler", {"karras": True}), ("lms", "LMSDiscreteScheduler", {}), ("lms", "LMSDiscreteScheduler", {"karras": True}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}), ("dpmpp_2m", "DPMSolverMultistepScheduler", {"karras": True}),
+    ("lcm", "LCMScheduler", {}),
 ]
 # Random weights do not predict noise: a random UNet's output is unrelated to z_t, so the x0 estimate
 # (z_t - sqrt(1 - abar) eps) / sqrt(abar) grows by up to 1 / sqrt(abar_T) = 14x at the noisiest step and
@@ -201,7 +202,7 @@ def test_a_seed_gives_the_image_diffusers_gives(models, original_file, tmp_path)
     as_denoisers(ours.unet)
     prompts = ["a photo of an astronaut riding a horse", "a cat in a hat"]
     for sampler, scheduler in (("ddim", "DDIMScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler"),
-                               ("dpmpp_2m", "DPMSolverMultistepScheduler")):
+                               ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("lcm", "LCMScheduler")):
         pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, scheduler)
         as_denoisers(pipe.unet)
         z = ours.generate(prompts, num_steps=5, guidance_scale=5.0, height=SIZE, width=SIZE, seed=7,
@@ -220,7 +221,7 @@ IMG2IMG_CASES = [("ddim", "DDIMScheduler", {}), ("ddpm", "DDPMScheduler", {}), (
                  ("euler_a", "EulerAncestralDiscreteScheduler", {}), ("heun", "HeunDiscreteScheduler", {}),
                  ("heun", "HeunDiscreteScheduler", {"karras": True}),
                  ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
-                 ("dpmpp_2m", "DPMSolverMultistepScheduler", {"karras": True})]
+                 ("dpmpp_2m", "DPMSolverMultistepScheduler", {"karras": True}), ("lcm", "LCMScheduler", {})]
 
 
 @pytest.mark.parametrize("sampler, scheduler, options", IMG2IMG_CASES,
@@ -244,6 +245,120 @@ def test_img2img_matches_diffusers_pipeline(models, original_file, tmp_path, sam
                      output_type="latent").images
     assert steps == list(range(4, 10))
     assert_close_to_reference(z, z_ref, sampler)
+
+
+def count_calls(unet):
+    """A list that grows by the batch size of every forward call of this UNet."""
+    calls = []
+    unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_lcm_at_guidance_1_is_one_unet_call_per_step_as_in_diffusers(models, original_file, tmp_path):
+    """LCM-LoRA's way of sampling: 4 LCM steps at guidance 1 from a seed. Like diffusers (which guides only
+    above 1), no unconditional branch: one UNet call per step on the prompts alone; the same image."""
+    ours = load_original(original_file)
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, "LCMScheduler")
+    as_denoisers(ours.unet, pipe.unet)
+    ours_calls, ref_calls = count_calls(ours.unet), count_calls(pipe.unet)
+    prompts = ["a photo of an astronaut riding a horse", "a cat in a hat"]
+    z = ours.generate(prompts, num_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, seed=5, sampler="lcm",
+                      output_type="latent")
+    with torch.no_grad():
+        z_ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert ours_calls == ref_calls == [2, 2, 2, 2]
+    assert_close_to_reference(z, z_ref, "lcm at guidance 1")
+
+
+def lcm_distilled_folder(models, root):
+    """An LCM-distilled model as diffusers saves one (LCM_Dreamshaper_v7's layout): a UNet with
+    time_cond_proj_dim (the guidance scale's embedding), made and randomly initialised by diffusers
+    itself, with the tiny VAE and text encoder, and an LCMScheduler; LatentConsistencyModelPipeline."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    _, vae, text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(root / "tok")))
+    torch.manual_seed(8)
+    unet = UNet2DConditionModel(**{**diffusers_unet_config(models[0].cfg), "time_cond_proj_dim": 16})
+    with torch.no_grad():  # diffusers leaves no layer at zero, but make the guidance input's layer count
+        unet.time_embedding.cond_proj.weight.normal_(0, 0.5)
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet.eval(),
+                                          scheduler=LCMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "lcm")
+    pipe.set_progress_bar_config(disable=True)
+    return str(root / "lcm"), pipe
+
+
+def test_lcm_distilled_model_from_its_diffusers_folder_matches_diffusers(models, tmp_path):
+    """A full LCM (guidance as a UNet input) loads from its diffusers folder; a seed gives the image
+    LatentConsistencyModelPipeline gives, with one UNet call per step and no negative branch; another
+    guidance scale gives another image, and the UNet refuses to run without one."""
+    folder, pipe = lcm_distilled_folder(models, tmp_path)
+    ours = load_stable_diffusion(folder)
+    assert ours.takes_guidance and ours.unet.cfg.guidance_embed_dim == 16
+    as_denoisers(ours.unet, pipe.unet)
+    ours_calls, ref_calls = count_calls(ours.unet), count_calls(pipe.unet)
+    prompts = ["a photo of an astronaut riding a horse", "a cat in a hat"]
+    kw = dict(height=SIZE, width=SIZE, output_type="latent")
+    for steps, w in ((4, 8.5), (2, 3.0)):
+        z = ours.generate(prompts, num_steps=steps, guidance_scale=w, seed=9, sampler="lcm", **kw)
+        with torch.no_grad():
+            z_ref = pipe(prompts, num_inference_steps=steps, guidance_scale=w,
+                         generator=torch.Generator().manual_seed(9), **kw).images
+        assert_close_to_reference(z, z_ref, f"LCM {steps} steps at w {w}")
+    assert ours_calls == ref_calls == [2] * 6
+    other = ours.generate(prompts, num_steps=2, guidance_scale=1.0, seed=9, sampler="lcm", **kw)
+    assert (other - z).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="pass guidance"):
+        ours.unet(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 77, 32))
+
+
+def tiny_taesd_folder(root):
+    """A diffusers AutoencoderTiny with random weights, two resolutions like the tiny VAE (factor 2), saved
+    by diffusers: the layout of madebyollin/taesd's diffusers folder at test size."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(4)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    taesd.save_pretrained(root / "taesd")
+    return str(root / "taesd"), taesd
+
+
+def test_tiny_decoder_gives_the_image_diffusers_gives_with_autoencoder_tiny(models, original_file, tmp_path):
+    """The fast path end to end: LCM from a seed, decoded by a TAESD loaded from its diffusers folder, gives
+    the image StableDiffusionPipeline gives with LCMScheduler and that AutoencoderTiny as its VAE; the
+    callback's previews go through it too, and without it the VAE decodes (another picture)."""
+    folder, taesd = tiny_taesd_folder(tmp_path)
+    ours = load_original(original_file)
+    vae_image = None
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, "LCMScheduler")
+    pipe.vae = taesd
+    as_denoisers(ours.unet, pipe.unet)
+    prompts = ["a photo of an astronaut riding a horse", "a cat in a hat"]
+    kw = dict(num_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, seed=3, sampler="lcm")
+    vae_image = ours.generate(prompts, **kw)
+    ours.load_taesd(folder)
+    previews = []
+    x = ours.generate(prompts, callback=lambda info: previews.append(ours.decode_latents(info["x0_pred"])), **kw)
+    with torch.no_grad():
+        x_ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert_close_to_reference(x, x_ref, "images through the tiny decoder")
+    assert torch.allclose(ours.to_unit(previews[-1]), x, atol=1e-6)   # the last step's x0 is the result
+    assert (vae_image - x).abs().max() > 1e-2
+
+
+def test_a_tiny_decoder_for_other_latents_is_refused(original_file, tmp_path):
+    """A TAESD whose latents are not this model's (SD v1's factor 8 against the tiny VAE's 2) is a one-line error."""
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4).save_pretrained(
+        tmp_path / "sd-taesd")
+    with pytest.raises(convert.CheckpointError, match="decodes 4-channel latents at 1/8 size .* at 1/2"):
+        load_original(original_file).load_taesd(tmp_path / "sd-taesd")
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,84 @@ def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layou
     assert (z - plain).abs().max().item() > 1e-2  # the LoRA does change the image
 
 
+# The LCM-LoRA for SD v1.5 (latent-consistency/lcm-lora-sdv1-5, pytorch_lora_weights.safetensors, 135 MB) was
+# trained with train_lcm_distill_lora_sd_wds.py (luosiallen/latent-consistency-model; diffusers'
+# examples/consistency_distillation): a peft LoraConfig on the UNet alone, at the modules below, r = 64
+# (--lora_rank=64 in its README) and no lora_alpha, so peft's default 8. The file is in the kohya layout with
+# diffusers' module names, lora_unet_<module path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
+# (as the script's get_module_kohya_state_dict writes it), float16; peft gives a 3x3 convolution a 3x3 down
+# and every convolution a 1x1 up. For SD v1.5 that is 278 layers, 67.25M numbers, 134.5 MB: the file's size.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_RANK, LCM_ALPHA = 8, 1.0  # alpha / r = 1/8, as the real file's 8 / 64
+
+
+def lcm_style_lora(diffusers_unet, seed=0):
+    """The LCM-LoRA's layers for this diffusers UNet, random, in its file's layout: peft adapts the LCM-LoRA's
+    target modules, diffusers' convert_state_dict_to_kohya names them, alpha and float16 as the training
+    script saved them. Returns the file's state dict and the adapted diffusers module names."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trainee = UNet2DConditionModel.from_config(diffusers_unet.config)
+    trainee.add_adapter(LoraConfig(r=LCM_RANK, lora_alpha=LCM_ALPHA, target_modules=list(LCM_LORA_TARGETS)))
+    g = torch.Generator().manual_seed(seed)
+    # down ~ 1/sqrt(fan in), up ~ 1/sqrt(r): B A is about as large as the weight, alpha / r an eighth of it
+    peft_state = {k: torch.randn(v.shape, generator=g) * v.shape[1:].numel() ** -0.5
+                  for k, v in get_peft_model_state_dict(trainee).items()}
+    state = convert_state_dict_to_kohya({"unet." + k: v for k, v in peft_state.items()})
+    state = {k: (torch.tensor(LCM_ALPHA) if k.endswith(".alpha") else v).half() for k, v in state.items()}
+    modules = sorted({k.removesuffix(".lora_A.weight") for k in peft_state if k.endswith(".lora_A.weight")})
+    return state, modules
+
+
+def test_lcm_lora_merges_every_layer_kind_like_diffusers(models, original_file, tmp_path):
+    """A LoRA with the LCM-LoRA's layers and layout (convolutions with 3x3 downs, the resnets' time_emb_proj,
+    attention, feed-forward, proj_in/out, the samplers' convolutions) changes exactly those weights, each to
+    the weight diffusers' load_lora_weights + fuse_lora gives, and the LCM sampler then makes the image the
+    LCMScheduler makes."""
+    pytest.importorskip("peft")
+    from minildm.convert import unet_to_diffusers
+
+    pipe = reference_pipeline("StableDiffusionPipeline", models, tmp_path, "LCMScheduler")
+    state, modules = lcm_style_lora(pipe.unet)
+    assert {t for m in modules for t in LCM_LORA_TARGETS if m.endswith("." + t)} == set(LCM_LORA_TARGETS)
+    downs = {k.removesuffix(".lora_down.weight"): v for k, v in state.items() if k.endswith(".lora_down.weight")}
+    assert {tuple(v.shape[2:]) for v in downs.values()} == {(), (1, 1), (3, 3)}
+    assert {tuple(v.shape[2:]) for k, v in state.items() if k.endswith(".lora_up.weight")} == {(), (1, 1)}
+    assert any(name.endswith("_time_emb_proj") for name in downs) and len(downs) == len(modules)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path))
+
+    ours = load_original(original_file)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_steps=4, guidance_scale=1.5, latents=latents, sampler="lcm", seed=5, output_type="latent")
+    as_denoisers(ours.unet, pipe.unet)
+    plain = ours.generate("a cat in a hat", **kw)
+    assert ours.load_lora(path) == len(modules)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=1.0)
+
+    # every adapted weight, and nothing else, changed: each to diffusers' fused weight
+    ours_key = unet_to_diffusers({k: k for k in before}, ours.unet.cfg)   # diffusers key -> minildm key
+    adapted = {ours_key[m + ".weight"]: m for m in modules}
+    after = ours.unet.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == set(adapted)
+    for key, module in adapted.items():
+        torch.testing.assert_close(after[key], pipe.unet.get_submodule(module).get_base_layer().weight.detach(),
+                                   atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+    z = ours.generate("a cat in a hat", **kw)
+    with torch.no_grad():
+        z_ref = pipe("a cat in a hat", num_inference_steps=4, guidance_scale=1.5, height=SIZE, width=SIZE,
+                     latents=latents, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert_close_to_reference(z, z_ref, "LCM-LoRA")
+    assert (z - plain).abs().max().item() > 1e-2  # the LoRA does change the image
+
+
 def test_loras_add_up_and_scale_zero_changes_nothing(models, original_file, tmp_path):
     """Merging at scale 0 leaves every weight as it was; two merges at 0.5 equal one at 1."""
     pytest.importorskip("diffusers")

@@ -59,7 +59,7 @@ def test_help_lists_every_flag(workdir):
     assert result.returncode == 0
     for flag in ("--ckpt", "--steps", "--sampler", "--guidance", "--negative", "--seed", "--n", "--height",
                  "--width", "--init-image", "--strength", "--mask", "--out", "--device", "--dtype",
-                 "--save-intermediates"):
+                 "--save-intermediates", "--taesd"):
         assert flag in result.stdout
 
 
@@ -157,6 +157,10 @@ def test_no_checkpoint_says_how_to_get_one(workdir, monkeypatch, tmp_path):
     (["--width", "0"], "--width 0: must be a positive multiple of 8"),
     (["--strength", "1.5", "--init-image", "init.png"], "--strength 1.5: must be at least 0 and at most 1"),
     (["--steps", "0"], "--steps 0: must be from 1 to 1000"),
+    (["--steps", "51", "--sampler", "lcm"], "--steps 51: must be from 1 to 50"),
+    (["--karras"], "--karras works with --sampler euler, euler_a, heun, lms, dpmpp_2m, not the default sampler"),
+    (["--taesd", "init.png"], "--taesd 'init.png': must be a folder"),
+    (["--taesd", "."], "--taesd .: . holds neither taesd_decoder.pth"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
 ])
 def test_bad_inputs_give_one_clear_line(workdir, monkeypatch, args, words):
@@ -270,3 +274,26 @@ def test_a_runs_guidance_interval_is_the_default(workdir, monkeypatch):
     (run_dir / "config.json").write_text("{}")
     none, none_settings = image("gi-none")
     assert none_settings["guidance_interval"] is None and np.array_equal(none, every)
+
+
+def test_lcm_defaults_and_the_tiny_decoder_from_the_command_line(workdir, monkeypatch, tmp_path):
+    """--sampler lcm alone means 4 steps at guidance 1 (the LCM-LoRA's way); --taesd decodes with a TAESD
+    folder and the PNG says so; an LCM-distilled model samples with lcm, 4 steps, guidance 8.5 by default."""
+    from diffusers import AutoencoderTiny
+
+    monkeypatch.chdir(workdir)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    main(["a tree", "--sampler", "lcm", "--seed", "1", "--out", "lcm", "--overwrite", "--taesd", str(tmp_path / "taesd")])
+    settings = json.loads(Image.open(workdir / "lcm" / "a-tree-1.png").text["minildm"])
+    assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 1.0)
+    assert settings["taesd"] == str(tmp_path / "taesd")
+    main(["a tree", "--seed", "1", "--out", "plain", "--overwrite", "--steps", "2"])
+    settings = json.loads(Image.open(workdir / "plain" / "a-tree-1.png").text["minildm"])
+    assert (settings["sampler"], settings["guidance"]) == ("ddim", 7.5) and "taesd" not in settings
+    from test_ldm import lcm_distilled_folder
+
+    folder, _ = lcm_distilled_folder(tiny_models(seed=1), tmp_path)
+    main(["a tree", "--seed", "1", "--out", "distilled", "--overwrite", "--ckpt", folder])
+    settings = json.loads(Image.open(workdir / "distilled" / "a-tree-1.png").text["minildm"])
+    assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 8.5)

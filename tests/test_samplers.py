@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minildm.samplers import (
-    SAMPLERS, cfg_denoiser, ddim_timesteps, dpm_solver_grid, init_noise_scale, lms_coefficients, noise_level,
-    sample_ddim, sigma_grid,
+    SAMPLERS, cfg_denoiser, ddim_timesteps, dpm_solver_grid, init_noise_scale, lcm_boundary_scalings, lcm_timesteps,
+    lms_coefficients, noise_level, sample_ddim, sample_lcm, sigma_grid,
 )
 from minildm.schedule import NoiseSchedule
 
@@ -222,6 +222,48 @@ def test_sigma_grid_matches_diffusers():
 # ---------------------------------------------------------------------------- analytic results
 
 
+@pytest.mark.parametrize("num_steps", range(1, 9))
+def test_lcm_matches_diffusers(num_steps):
+    """LCM (1 to 8 steps) matches diffusers' LCMScheduler built from SD v1.5's scheduler config, as the
+    LCM-LoRA is used: the timesteps, every step's z_t with the same injected noise, and the result."""
+    sched = sd15_scheduler("LCMScheduler")
+    z = start_noise()
+    ref = run_diffusers(sched, num_steps, z, torch.Generator().manual_seed(11))
+    ours = run_ours("lcm", num_steps, z, torch.Generator().manual_seed(11))
+    assert torch.equal(lcm_timesteps(NoiseSchedule.sd(), num_steps), sched.timesteps)
+    assert_same_path(ours, ref, ATOL)
+
+
+def test_lcm_timesteps_and_boundary_condition():
+    """The distillation's grid (k = 20) picked from the top; c_skip = 1, c_out = 0 at t = 0; 1..50 steps."""
+    schedule = NoiseSchedule.sd()
+    assert lcm_timesteps(schedule, 4).tolist() == [999, 759, 499, 259]
+    assert lcm_timesteps(schedule, 1).tolist() == [999]
+    assert lcm_timesteps(schedule, 50).tolist() == list(range(999, 0, -20))
+    assert lcm_boundary_scalings(0) == (1.0, 0.0)
+    c_skip, c_out = lcm_boundary_scalings(19)
+    assert c_skip < 1e-5 and 1 - c_out < 1e-5
+    for bad in (0, 51):
+        with pytest.raises(ValueError, match="an LCM run takes 1 to 50 steps"):
+            sample_lcm(smooth_eps, start_noise(), schedule, bad)
+
+
+def test_lcm_with_a_perfect_consistency_model_returns_its_sample():
+    """Given a model whose x0 prediction is always the same image, every LCM step returns that image:
+    the noise each step adds is undone by the next prediction, so any number of steps gives it exactly."""
+    schedule = NoiseSchedule.sd()
+    target = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+
+    def eps_fn(z_t, t):  # the eps that makes x0_pred = target at this z_t
+        a = schedule.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1)
+        return (z_t - a.sqrt() * target) / (1 - a).sqrt()
+
+    for n in (1, 2, 4, 8):
+        out = sample_lcm(eps_fn, start_noise(), schedule, n, generator=torch.Generator().manual_seed(0))
+        c_skip, _ = lcm_boundary_scalings(int(lcm_timesteps(schedule, n)[-1]))
+        assert torch.allclose(out, target, atol=1e-4 + 10 * c_skip), report(out, target)
+
+
 def gaussian_eps(mu, s, schedule):
     """The exact eps predictor for data N(mu, s^2): E[eps | z_t] is linear in z_t."""
     def eps_fn(z_t, t):
@@ -236,7 +278,12 @@ def gaussian_eps(mu, s, schedule):
     return eps_fn
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# LCM returns the mean of what z_t could become at each step: right for a consistency model, which
+# predicts one sample, but with this exact *denoiser* the spread shrinks (its own test is above)
+DENOISING_SAMPLERS = sorted(set(SAMPLERS) - {"lcm"})
+
+
+@pytest.mark.parametrize("name", DENOISING_SAMPLERS)
 def test_samplers_recover_gaussian_data(name):
     """With the exact denoiser for Gaussian data, every sampler returns the data's mean and spread."""
     schedule = NoiseSchedule.sd()
@@ -324,6 +371,7 @@ def test_noise_level_values():
     assert noise_level("ddpm", schedule, 1000) == schedule.alphas_cumprod[999].item()
     assert noise_level("ddpm", schedule, 50) == schedule.alphas_cumprod[981].item()
     assert math.isclose(noise_level("euler", schedule, 30), schedule.alphas_cumprod[999].item(), rel_tol=1e-5)
+    assert noise_level("lcm", schedule, 4, first_step=2) == schedule.alphas_cumprod[499].item()
     with pytest.raises(ValueError):
         noise_level("nope", schedule, 10)
 

@@ -39,6 +39,7 @@ class LatentDiffusion(nn.Module):
         self.schedule = schedule if schedule is not None else NoiseSchedule.sd()
         self.scale_factor = float(scale_factor if scale_factor is not None else vae.cfg.scale_factor)
         self.vae_tile_size = None  # latent tile size for decoding large images piece by piece
+        self.tiny_decoder = None   # a TAESD (minildm.taesd) that decodes in the VAE's place when loaded
 
     # ----- devices and memory options -------------------------------------------------------------
 
@@ -121,9 +122,25 @@ class LatentDiffusion(nn.Module):
             z = z + posterior.std * eps.to(z)
         return to_diffusion_latents(z.float(), self.scale_factor)
 
+    def load_taesd(self, path) -> None:
+        """Decode with the tiny autoencoder in folder `path` (minildm.taesd) instead of the VAE: a small
+        fraction of the VAE decoder's time, with pictures close to but not the VAE's."""
+        from ..taesd import load_taesd
+
+        taesd = load_taesd(path, device=self.device)
+        zc, f = self.vae.cfg.z_channels, self.downsample_factor
+        if (taesd.cfg.latent_channels, taesd.cfg.downsample_factor) != (zc, f):
+            raise convert.CheckpointError(
+                f"{path} decodes {taesd.cfg.latent_channels}-channel latents at 1/{taesd.cfg.downsample_factor} "
+                f"size (SD v1's); this model's VAE makes {zc}-channel latents at 1/{f}")
+        self.tiny_decoder = taesd
+
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents z (B, zc, h, w) -> images x (B, 3, H, W) in [-1, 1] (clamped)."""
+        """Scaled latents z (B, zc, h, w) -> images x (B, 3, H, W) in [-1, 1] (clamped); by the tiny
+        decoder when one is loaded (it reads the scaled latents as they are)."""
+        if self.tiny_decoder is not None:
+            return self.tiny_decoder.decode(z.to(self.device, torch.float32)).float().clamp(-1, 1)
         z = from_diffusion_latents(z, self.scale_factor).to(self.device, self.vae_dtype)
         if self.vae_tile_size is not None and max(z.shape[-2:]) > self.vae_tile_size:
             x = self._decode_tiled(z, self.vae_tile_size)
@@ -156,9 +173,22 @@ class LatentDiffusion(nn.Module):
 
     # ----- sampling -------------------------------------------------------------------------------
 
-    def _unet(self, z_t, t, context):
+    def _unet(self, z_t, t, context, **kw):
         """The UNet in its own dtype; the samplers keep z_t in float32."""
-        return self.unet(z_t.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.unet(z_t.to(self.dtype), t, context.to(self.dtype), **kw).float()
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the UNet was distilled with the guidance scale as an input (an LCM): then one call per
+        step gives the guided prediction and there is no negative prompt."""
+        return self.unet.cfg.guidance_embed_dim is not None
+
+    def _denoiser(self, model, context, uncond_context, guidance_scale, guidance_interval):
+        """The eps_fn the sampler runs: classifier-free guidance, or for an LCM the scale as an input."""
+        if self.takes_guidance:
+            w = torch.full((context.shape[0],), float(guidance_scale), device=context.device)
+            return lambda z_t, t: model(z_t, t, context, guidance=w)
+        return samplers.cfg_denoiser(model, context, uncond_context, guidance_scale, guidance_interval)
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "",
@@ -241,7 +271,7 @@ class LatentDiffusion(nn.Module):
                                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                                        generator=generator, callback=callback, model=model, **sampler_options)
         else:
-            eps_fn = samplers.cfg_denoiser(model, context, uncond_context, guidance_scale, guidance_interval)
+            eps_fn = self._denoiser(model, context, uncond_context, guidance_scale, guidance_interval)
             a = samplers.noise_level(sampler, self.schedule, num_steps, first_step, **sampler_options)
             z = math.sqrt(a) * z0 + math.sqrt(1 - a) * noise               # q_sample at abar = a
             blend = mask is not None and not self.is_inpainting_model
@@ -279,9 +309,9 @@ class LatentDiffusion(nn.Module):
 
     def _with_inpainting_channels(self, extra: torch.Tensor):
         """The UNet with `extra` (B, 1 + zc, h, w) appended to every z_t (repeated for guidance's 2B rows)."""
-        def model(z_t, t, context):
+        def model(z_t, t, context, **kw):
             repeats = z_t.shape[0] // extra.shape[0]
-            return self._unet(torch.cat([z_t, extra.repeat(repeats, 1, 1, 1).to(z_t)], dim=1), t, context)
+            return self._unet(torch.cat([z_t, extra.repeat(repeats, 1, 1, 1).to(z_t)], dim=1), t, context, **kw)
         return model
 
     @torch.no_grad()
@@ -297,8 +327,7 @@ class LatentDiffusion(nn.Module):
         guidance_interval: the timesteps that are guided (None: all). model:
         the noise predictor (z_t, t, context) -> eps, the UNet by default.
         """
-        eps_fn = samplers.cfg_denoiser(model or self._unet, context, uncond_context, guidance_scale,
-                                       guidance_interval)
+        eps_fn = self._denoiser(model or self._unet, context, uncond_context, guidance_scale, guidance_interval)
         scale = samplers.init_noise_scale(sampler, self.schedule, num_steps, **sampler_options)
         z = noise.to(self.device, torch.float32) * scale
         return self._run_sampler(sampler, eps_fn, z, num_steps, 0, generator, callback, sampler_options)
