@@ -127,7 +127,7 @@ class LatentDiffusion(nn.Module):
         fraction of the VAE decoder's time, with pictures close to but not the VAE's."""
         from ..taesd import load_taesd
 
-        taesd = load_taesd(path, device=self.device)
+        taesd = load_taesd(path, device=self.device, dtype=self.dtype)
         zc, f = self.vae.cfg.z_channels, self.downsample_factor
         if (taesd.cfg.latent_channels, taesd.cfg.downsample_factor) != (zc, f):
             raise convert.CheckpointError(
@@ -140,7 +140,8 @@ class LatentDiffusion(nn.Module):
         """Scaled latents z (B, zc, h, w) -> images x (B, 3, H, W) in [-1, 1] (clamped); by the tiny
         decoder when one is loaded (it reads the scaled latents as they are)."""
         if self.tiny_decoder is not None:
-            return self.tiny_decoder.decode(z.to(self.device, torch.float32)).float().clamp(-1, 1)
+            dtype = next(self.tiny_decoder.parameters()).dtype
+            return self.tiny_decoder.decode(z.to(self.device, dtype)).float().clamp(-1, 1)
         z = from_diffusion_latents(z, self.scale_factor).to(self.device, self.vae_dtype)
         if self.vae_tile_size is not None and max(z.shape[-2:]) > self.vae_tile_size:
             x = self._decode_tiled(z, self.vae_tile_size)
