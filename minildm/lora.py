@@ -40,14 +40,22 @@ class LoraLayer:
     up: torch.Tensor          # B (out, r[, 1, 1])
     alpha: float | None       # None: alpha = r
 
-    def delta(self, shape) -> torch.Tensor:
-        """scale-free alpha / r * B A, shaped like the weight it is added to."""
+    def check(self, shape) -> None:
+        """Raise ValueError unless B A fits a weight of this shape (without computing it)."""
+        out, rank, inner = self.up.shape[0], self.down.shape[0], self.down[0].numel()
+        if self.up.shape[1] != rank or out * inner != torch.Size(shape).numel():
+            raise ValueError(f"shape ({out}, {inner}) (rank {rank} down, {self.up.shape[1]} up)")
+
+    def add_to(self, weight: torch.Tensor, scale: float) -> None:
+        """weight += scale * alpha / r * B A, in place (in float32 for a weight of lower precision)."""
         rank = self.down.shape[0]
         alpha = rank if self.alpha is None else self.alpha
-        product = self.up.flatten(1) @ self.down.flatten(1)                 # (out, in * kh * kw)
-        if product.numel() != torch.Size(shape).numel():
-            raise ValueError(f"shape {tuple(product.shape)}")
-        return (product * (alpha / rank)).reshape(shape)
+        up, down = self.up.flatten(1).to(weight.device), self.down.flatten(1).to(weight.device)
+        w = weight if weight.dtype == torch.float32 else weight.float()
+        # (out, in * kh * kw) += (out, r) @ (r, in * kh * kw), with no temporary as large as the weight
+        w.view(w.shape[0], -1).addmm_(up, down, alpha=scale * alpha / rank)
+        if w is not weight:
+            weight.copy_(w.to(weight.dtype))
 
 
 # ---------------------------------------------------------------------------- names
@@ -140,11 +148,13 @@ def merge_lora(unet, text_encoder, path, scale: float = 1.0) -> int:
     for layer in layers:
         weight = models[layer.part].get_parameter(layer.key)
         try:
-            delta = layer.delta(weight.shape).to(weight.device)
+            layer.check(weight.shape)
         except ValueError as e:
             raise convert.CheckpointError(f"{path} was made for another model: its {layer.key} delta has "
                                           f"{e}, the weight is {tuple(weight.shape)}") from None
-        updates.append((weight, delta))
-    for weight, delta in updates:
-        weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+        updates.append((layer, weight))
+    # In place, one layer at a time: a LoRA on every layer (the LCM-LoRA) has deltas as large as the
+    # model, and gigabytes of fresh memory for them would take longer than the products themselves.
+    for layer, weight in updates:
+        layer.add_to(weight, scale)
     return len(updates)
