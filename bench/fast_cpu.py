@@ -20,8 +20,10 @@ command of the fast path, `python -m minildm.sample ... --dtype bfloat16 --taesd
 whole, from the shell's point of view.
 
     flock ../heavy.lock python bench/fast_cpu.py --sizes 512 256           # all cases, both sides
+    flock ../heavy.lock python bench/fast_cpu.py --cases cde --repeat 2    # the fast cases, twice each
     python bench/fast_cpu.py --preset tiny --sizes 64                      # check the script in seconds
     python bench/fast_cpu.py --fidelity runs/cpu60h                        # bfloat16 on a trained CIFAR run
+    python bench/fast_cpu.py --components                                  # the UNet, VAE and TAESD apart
 
 Files go to --work (default /tmp/minildm-fast-cpu): 2.1 GB of checkpoint, never commit them.
 """
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,6 +191,55 @@ def psnr(a, b):
     return 10 * math.log10(1 / max(float(((a - b) ** 2).mean()), 1e-20))
 
 
+# ---------------------------------------------------------------------------------------- the parts
+
+
+def components(repeat=2):
+    """One SD v1.5-sized UNet call (batch 1, 64x64 latents), VAE decode and TAESD decode, each in float32,
+    with bfloat16 weights and (UNet, VAE) under bfloat16 autocast with float32 weights: the fastest of
+    `repeat` timed runs after a warm-up, and the relative difference of the output from float32."""
+    import copy
+
+    from minildm.taesd import TAESDConfig, TinyAutoencoder
+    from minildm.unet import UNet, UNetConfig
+    from minildm.vae import AutoencoderKL, VAEConfig
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    torch.manual_seed(0)
+    z, context, t = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768), torch.tensor([500.0])
+    print(f"| part (SD v1.5 sizes, 512x512) | float32 (s) | bfloat16 weights (s) | bfloat16 autocast (s) | "
+          f"relative difference from float32 | ({torch.get_num_threads()} threads) |\n|---|---|---|---|---|---|")
+    parts = (("UNet call, batch 1", lambda: UNet(UNetConfig.sd15()), lambda m, x: m(x, t, context.to(x.dtype))),
+             ("VAE decode", lambda: AutoencoderKL(VAEConfig.sd()), lambda m, x: m.decode(x)),
+             ("TAESD decode", lambda: TinyAutoencoder(TAESDConfig.sd()), lambda m, x: m.decode(x)))
+    with torch.no_grad():
+        for name, build, run in parts:
+            model = build().eval()
+            for p in model.parameters():  # zero-initialised output layers get weights too
+                if p.dim() > 1 and p.abs().max() == 0:
+                    p.normal_(0, p[0].numel() ** -0.5)
+            ref = run(model, z)
+            t32 = timed(lambda: run(model, z))
+            cells = ["n/a", "n/a"]
+            if name != "TAESD decode":
+                with torch.autocast("cpu", torch.bfloat16):
+                    cells[1] = f"{timed(lambda: run(model, z)):.2f}"
+            model = copy.deepcopy(model).to(torch.bfloat16)
+            out = run(model, z.bfloat16()).float()
+            cells[0] = f"{timed(lambda: run(model, z.bfloat16())):.2f}"
+            rel = (out - ref).norm() / ref.norm()
+            print(f"| {name} | {t32:.2f} | {cells[0]} | {cells[1]} | {rel:.2%} | |", flush=True)
+            del model
+
+
 # ---------------------------------------------------------------------------------------- bfloat16 on a CIFAR run
 
 
@@ -231,9 +283,11 @@ def main():
     p.add_argument("--cases", default="abcde", help="which of the cases a-e to run")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256], help="image sizes")
     p.add_argument("--preset", default="sd15", choices=("sd15", "tiny"), help="tiny checks the script in seconds")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every case and side (medians are reported)")
     p.add_argument("--work", default="/tmp/minildm-fast-cpu", help="where the random files go")
     p.add_argument("--fidelity", metavar="RUN", help="instead: bfloat16 against float32 on a trained CIFAR run")
     p.add_argument("--n", type=int, default=100, help="images for --fidelity")
+    p.add_argument("--components", action="store_true", help="instead: time the UNet, VAE and TAESD apart")
     p.add_argument("--side", choices=("minildm", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -241,28 +295,36 @@ def main():
     args = p.parse_args()
     if args.fidelity:
         return fidelity(args.fidelity, args.n)
+    if args.components:
+        return components()
     paths = files(args.work, args.preset)
     if args.side:
         return run_side(args.side, args.case, args.size, paths, args.preset, args.out)
 
-    results, images = {}, {}
-    for size in args.sizes:
-        for i, case in enumerate(args.cases):
-            for side in (("minildm", "diffusers") if i % 2 == 0 else ("diffusers", "minildm")):
-                out = os.path.join(args.work, f"{side}-{case}-{size}")
-                subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--case", case,
-                                "--size", str(size), "--out", out, "--preset", args.preset, "--work", args.work],
-                               check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-                with open(out + ".json") as f:
-                    results[side, case, size] = json.load(f)
-                images[side, case, size] = torch.load(out + ".pt")
-                print(json.dumps(results[side, case, size]), flush=True)
+    runs, images = {}, {}
+    for r in range(args.repeat):
+        for size in args.sizes:
+            for i, case in enumerate(args.cases):  # which side goes first alternates with case and repeat
+                for side in (("minildm", "diffusers") if (i + r) % 2 == 0 else ("diffusers", "minildm")):
+                    out = os.path.join(args.work, f"{side}-{case}-{size}")
+                    subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--case", case,
+                                    "--size", str(size), "--out", out, "--preset", args.preset, "--work", args.work],
+                                   check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                    with open(out + ".json") as f:
+                        runs.setdefault((side, case, size), []).append(json.load(f))
+                    images[side, case, size] = torch.load(out + ".pt")
+                    print(json.dumps(runs[side, case, size][-1]), flush=True)
+    results = {key: dict(load_s=statistics.median(run["load_s"] for run in rs),
+                         image_s=[statistics.median(times) for times in zip(*(run["image_s"] for run in rs))],
+                         peak_rss_gb=max(run["peak_rss_gb"] for run in rs), threads=rs[0]["threads"])
+               for key, rs in runs.items()}
     # (the tiny preset's file would need its YAML on the command line: the command is timed at SD v1.5's size)
-    commands = {size: time_command(paths, size, args.work) for size in args.sizes} if args.preset == "sd15" else {}
+    commands = ({size: statistics.median(time_command(paths, size, args.work) for _ in range(args.repeat))
+                 for size in args.sizes} if args.preset == "sd15" else {})
 
     threads = results["minildm", args.cases[0], args.sizes[0]]["threads"]
-    print(f"\n{args.preset}, prompt {PROMPT!r}, {threads} threads; seconds per image (sampling and decoding; "
-          "for c-e the second image, the first in brackets), loading apart")
+    print(f"\n{args.preset}, prompt {PROMPT!r}, {threads} threads, median of {args.repeat}; seconds per image "
+          "(sampling and decoding; for c-e the second image, the first in brackets), loading apart")
     print("| size | case | minildm (s) | diffusers (s) | ratio | load minildm / diffusers (s) | "
           "peak RSS minildm / diffusers (GB) | images: max abs difference |")
     print("|---|---|---|---|---|---|---|---|")
@@ -276,11 +338,12 @@ def main():
                   f"{ours['load_s']:.1f} / {ref['load_s']:.1f} | {ours['peak_rss_gb']:.2f} / {ref['peak_rss_gb']:.2f} | "
                   f"{diff:.2g} |")
     for size in args.sizes:
-        line = f"{size}px: the whole fast-path command (e) {commands[size]:.1f} s" if commands else f"{size}px"
+        line = f"{size}px:" + (f" the whole fast-path command (e) {commands[size]:.1f} s;" if commands else "")
+        if "c" in args.cases and "e" in args.cases:
+            line += (f" (e) against diffusers' float32 at the same sampler and steps (c): "
+                     f"{results['diffusers', 'c', size]['image_s'][-1] / results['minildm', 'e', size]['image_s'][-1]:.2f}x faster;")
         if "a" in args.cases and "e" in args.cases:
-            line += (f"; (e) against diffusers' float32 at the same sampler and steps (c): "
-                     f"{results['diffusers', 'c', size]['image_s'][-1] / results['minildm', 'e', size]['image_s'][-1]:.2f}x "
-                     f"faster; against the defaults (a): "
+            line += (f" against the defaults (a): "
                      f"{results['minildm', 'a', size]['image_s'][-1] / results['minildm', 'e', size]['image_s'][-1]:.0f}x")
         print(line)
         if "c" in args.cases and "d" in args.cases:

@@ -3,13 +3,14 @@
 The package follows the data flow of a latent diffusion model, one concept per module:
 
     schedule.py   the noise schedule and the forward process
-    samplers.py   DDPM, DDIM, PLMS and the k-diffusion samplers; classifier-free guidance
+    samplers.py   DDPM, DDIM, PLMS, the k-diffusion samplers and LCM; classifier-free guidance
     toy.py        a 2-D diffusion model that trains in seconds
     unet.py       the conditional UNet that predicts noise
     tokenizer.py  the CLIP byte-pair-encoding tokenizer
     clip_text.py  the CLIP text transformer that turns tokens into a context
     vae.py        the KL autoencoder between pixels and latents
     vae_loss.py   the losses that train it
+    taesd.py      TAESD, a tiny, fast, approximate autoencoder for SD v1's latents
     convert/      the only package that knows checkpoint key names
     ldm/          the composed model: text -> context, noise -> latents -> image
     data/         data sets: CIFAR-10, a folder of images, generated shapes

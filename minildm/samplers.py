@@ -15,7 +15,7 @@ Every sampler is a plain function with one signature (k-diffusion style):
     callback(info)               called once per step with a dict: step, num_steps, t, z_t, x0_pred,
                                  eps_pred (z_t always in the variance-preserving scale)
 
-Two families live here.
+Two families live here, and one sampler for distilled models.
 
 * Discrete-time samplers (DDPM, DDIM, PLMS) walk a subsequence of the integer training timesteps and
   work on z_t directly. They follow the original Stable Diffusion (CompVis) code: DDIM and PLMS use
@@ -27,6 +27,9 @@ Two families live here.
   x = z_t / sqrt(abar_t) = x0 + sigma eps (Karras et al. 2022). DDIM with eta = 0 is Euler's method
   on this ODE. They walk a decreasing sequence of sigmas ending at 0, placed like diffusers'
   schedulers do (timesteps evenly spaced from T-1 to 0, or Karras spacing): see sigma_grid.
+* LCM (latent consistency) samples models distilled to jump from z_t straight to a clean latent (an
+  LCM, or SD with the LCM-LoRA merged): 1 to 8 steps on the distillation's grid of every 20th timestep,
+  each predicting the endpoint and noising it afresh to the next timestep, as diffusers' LCMScheduler.
 
 A text-to-image run starts from pure noise scaled by init_noise_scale(): 1 for the samplers that work
 on z_t, and for Euler, Euler ancestral, Heun and LMS the scale that puts x at sigma_max * noise, which

@@ -232,6 +232,32 @@ def test_lerp_is_not_slerp():
     assert r.status == "fail"
 
 
+def test_lcm_exercises_catch_the_usual_mistakes():
+    """Chapter 10: a grid spread over the wrong count, a boundary condition without the timestep scaling,
+    and a loop that re-noises along its own prediction (DDIM's way) instead of fresh noise, each fail."""
+    import torch
+
+    from minildm.samplers import lcm_boundary_scalings, lcm_timesteps
+    from minildm.schedule import NoiseSchedule
+
+    ref = check.CHAPTERS["10"].reference()
+    r = _run("10", lcm_timesteps=lambda n, *_: [999 - i * (1000 // n) for i in range(n)])["lcm_timesteps"]
+    assert r.status == "fail" and "lcm_timesteps(3)" in r.message
+    unscaled = lambda t: (0.25 / (t**2 + 0.25), t / (t**2 + 0.25) ** 0.5)
+    assert _run("10", boundary_scalings=unscaled)["boundary_scalings"].status == "fail"
+
+    def ddim_like(eps_fn, z, abar, timesteps, noises):
+        for i, t in enumerate(timesteps):
+            eps = eps_fn(z, torch.full((z.shape[0],), float(t)))
+            c_skip, c_out = lcm_boundary_scalings(t)
+            x0 = c_out * (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt() + c_skip * z
+            if i == len(timesteps) - 1:
+                return x0
+            z = abar[timesteps[i + 1]].sqrt() * x0 + (1 - abar[timesteps[i + 1]]).sqrt() * eps
+    assert _run("10", lcm_sample=ddim_like)["lcm_sample"].status == "fail"
+    assert ref.lcm_timesteps(4) == lcm_timesteps(NoiseSchedule.sd(), 4).tolist() == [999, 759, 499, 259]
+
+
 def test_break_it_wrong_and_missing_answers():
     """A wrong prediction fails without revealing the answer; a missing one is TODO."""
     results = _run("09", SNR_RATIO_UNSCALED=1 / 0.18215, EMA_INIT_SHARE=None, NO_GUIDANCE_CHOICE="a")

@@ -315,6 +315,29 @@ def test_lcm_distilled_model_from_its_diffusers_folder_matches_diffusers(models,
         ours.unet(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 77, 32))
 
 
+def test_lcm_dreamshaper_sized_unet_has_diffusers_parameter_count():
+    """At full size (on the meta device): the UNet config.json of an LCM-distilled SD v1.5 (SD v1.5's, with
+    time_cond_proj_dim 256, as SimianLuo/LCM_Dreamshaper_v7's) read by minildm gives a UNet with exactly
+    diffusers' parameter count: SD v1.5's 859,520,964 and the 256 x 320 guidance projection."""
+    from diffusers import UNet2DConditionModel
+
+    from minildm.unet import UNetConfig
+
+    config = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+              "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+              "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+              "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+              "out_channels": 4, "sample_size": 96, "time_cond_proj_dim": 256,
+              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        ours = UNet(convert.unet_config_from_diffusers(config))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert ours.cfg == dataclasses.replace(UNetConfig.sd15(), guidance_embed_dim=256)
+    assert count(ours) == count(theirs) == 859_520_964 + 256 * 320
+
+
 def tiny_taesd_folder(root):
     """A diffusers AutoencoderTiny with random weights, two resolutions like the tiny VAE (factor 2), saved
     by diffusers: the layout of madebyollin/taesd's diffusers folder at test size."""
@@ -661,6 +684,26 @@ def test_float16_weights_generate_close_to_float32(models, tmp_path):
     diff = (image32 - image16).abs()
     assert image16.dtype == torch.float32 and torch.isfinite(image16).all()
     assert diff.max() < 0.05, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_bfloat16_fast_path_stays_close_to_float32(original_file, tmp_path):
+    """The fast path in bfloat16 (LCM, 4 steps, TAESD in the model's dtype): float32 results out, the
+    sampler's state kept in float32, and the image within bfloat16's reach of the float32 one. (How close
+    on a trained model is measured, not asserted here: bench/fast_cpu.py --fidelity, bench/RESULTS.md.)"""
+    folder, _ = tiny_taesd_folder(tmp_path)
+    kw = dict(num_steps=4, seed=3, height=SIZE, width=SIZE, guidance_scale=1.0, sampler="lcm")
+    images, states = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_original(original_file, dtype=dtype)
+        as_denoisers(model.unet)
+        model.load_taesd(folder)
+        assert next(model.tiny_decoder.parameters()).dtype == dtype
+        seen = []
+        images[dtype] = model.generate("a red cat", callback=lambda info: seen.append(info["z_t"].dtype), **kw)
+        states[dtype] = set(seen)
+    assert images[torch.bfloat16].dtype == torch.float32 and states[torch.bfloat16] == {torch.float32}
+    diff = (images[torch.float32] - images[torch.bfloat16]).abs()
+    assert 0 < diff.max() < 0.05, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
 def test_ema_only_ckpt_loads(models, tmp_path):

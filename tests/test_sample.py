@@ -297,3 +297,17 @@ def test_lcm_defaults_and_the_tiny_decoder_from_the_command_line(workdir, monkey
     main(["a tree", "--seed", "1", "--out", "distilled", "--overwrite", "--ckpt", folder])
     settings = json.loads(Image.open(workdir / "distilled" / "a-tree-1.png").text["minildm"])
     assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 8.5)
+
+
+def test_auto_dtype_is_bfloat16_only_for_sd_sized_models_on_cpus_that_multiply_it(monkeypatch):
+    """--dtype auto on the CPU: bfloat16 for a model of SD's size where the CPU has bfloat16 in hardware;
+    float32 for the small models, and everywhere bfloat16 would be emulated."""
+    from types import SimpleNamespace
+
+    from minildm import cli, plumbing
+
+    sd_sized, small = SimpleNamespace(default_size=512), SimpleNamespace(default_size=32)
+    monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: True)
+    assert cli.cpu_prefers_bfloat16(sd_sized) and not cli.cpu_prefers_bfloat16(small)
+    monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: False)
+    assert not cli.cpu_prefers_bfloat16(sd_sized)
