@@ -24,6 +24,7 @@ whole, from the shell's point of view.
     python bench/fast_cpu.py --preset tiny --sizes 64                      # check the script in seconds
     python bench/fast_cpu.py --fidelity runs/cpu60h                        # bfloat16 on a trained CIFAR run
     python bench/fast_cpu.py --components                                  # the UNet, VAE and TAESD apart
+    python bench/fast_cpu.py --profile                                     # inside one bfloat16 UNet call
 
 Files go to --work (default /tmp/minildm-fast-cpu): 2.1 GB of checkpoint, never commit them.
 """
@@ -46,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from minildm.lora import LCM_LORA_TARGETS  # noqa: E402  (the modules the LCM-LoRA adapts)
 import sd_pipeline  # noqa: E402  (bench/sd_pipeline.py: the random SD v1.5 file and diffusers' config folder)
 
 PROMPT = "a cat in a hat"
@@ -59,9 +61,7 @@ CASES = {  # name: (sampler, steps, guidance, karras, lora, dtype, taesd)
 DIFFUSERS_SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler",
                         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
                         "lcm": ("LCMScheduler", {})}
-# What the LCM-LoRA's training script adapts (peft target_modules); peft matches the ends of module names.
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
 
 
 # ---------------------------------------------------------------------------------------- the files
@@ -240,13 +240,37 @@ def components(repeat=2):
             del model
 
 
+def profile():
+    """Where one SD v1.5-sized UNet call (batch 1, 64x64 latents, bfloat16 weights) spends its time:
+    torch.profiler's self CPU time per operator, after a warm-up call."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from minildm.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig.sd15()).eval().to(torch.bfloat16)
+    z, context = torch.randn(1, 4, 64, 64).bfloat16(), torch.randn(1, 77, 768).bfloat16()
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        unet(z, t, context)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            unet(z, t, context)
+            wall = time.perf_counter() - start
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"one bfloat16 UNet call, batch 1, 64x64 latents: {wall:.2f} s wall, {torch.get_num_threads()} threads")
+    print("| operator | share of self CPU time | calls |\n|---|---|---|")
+    for e in events[:8]:
+        print(f"| {e.key} | {e.self_cpu_time_total / total:.0%} | {e.count} |")
+
+
 # ---------------------------------------------------------------------------------------- bfloat16 on a CIFAR run
 
 
 def fidelity(run, n):
     """minildm's bfloat16 sampling against float32 on a trained run: the same seeds and settings (the run's
-    defaults, DDIM 50), the latents' relative difference, the images' PSNR and how often the judge of
-    `python -m minildm.evaluate` names the same class for both images."""
+    defaults, DDIM 50), the latents' relative difference and the images' PSNR."""
     from minildm.cli import default_guidance_interval, load_model
 
     prompts = [f"a photo of a {c}" for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -288,6 +312,7 @@ def main():
     p.add_argument("--fidelity", metavar="RUN", help="instead: bfloat16 against float32 on a trained CIFAR run")
     p.add_argument("--n", type=int, default=100, help="images for --fidelity")
     p.add_argument("--components", action="store_true", help="instead: time the UNet, VAE and TAESD apart")
+    p.add_argument("--profile", action="store_true", help="instead: where one bfloat16 UNet call spends its time")
     p.add_argument("--side", choices=("minildm", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -297,6 +322,8 @@ def main():
         return fidelity(args.fidelity, args.n)
     if args.components:
         return components()
+    if args.profile:
+        return profile()
     paths = files(args.work, args.preset)
     if args.side:
         return run_side(args.side, args.case, args.size, paths, args.preset, args.out)

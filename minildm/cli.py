@@ -237,7 +237,9 @@ def default_guidance_interval(path: str):
 
 def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: bool = True, config=None):
     """(LatentDiffusion, checkpoint path) for a command line, every problem a one-line error.
-    config: the original inference YAML of an original-layout file that is not SD v1-sized."""
+    config: the original inference YAML of an original-layout file that is not SD v1-sized.
+    dtype_name "auto" on the CPU: bfloat16 where cpu_prefers_bfloat16 says so, decided once the sizes
+    are read and before any weight is built, else float32."""
     path = find_checkpoint(ckpt, runs_dir)
     check_readable_file("--config", config)
     device, dtype = resolve_device(device_name, dtype_name)
@@ -247,20 +249,21 @@ def load_model(ckpt, runs_dir: str, device_name: str, dtype_name: str, use_ema: 
     from .convert import CheckpointError
     from .ldm import load_stable_diffusion
 
+    if dtype_name == "auto" and device.type == "cpu":
+        def dtype(unet_config):
+            return torch.bfloat16 if cpu_prefers_bfloat16(unet_config) else torch.float32
     try:
-        model = load_stable_diffusion(path, device=device, dtype=dtype, use_ema=use_ema, config=config)
+        return load_stable_diffusion(path, device=device, dtype=dtype, use_ema=use_ema, config=config), path
     except CheckpointError as e:
         fail(str(e))
-    if dtype_name == "auto" and device.type == "cpu" and cpu_prefers_bfloat16(model):
-        model.to(torch.bfloat16)
-    return model, path
 
 
-def cpu_prefers_bfloat16(model) -> bool:
-    """Whether --dtype auto samples this model in bfloat16 on this CPU: a model of SD's size (seconds per
-    UNet call in float32, half that in bfloat16) on a CPU that multiplies bfloat16 in hardware. The images
-    stay faithful (bench/RESULTS.md: 50 dB PSNR from float32 on a trained run); the small CIFAR-sized
-    models sample in seconds anyway and stay in float32, where evaluations are exact."""
+def cpu_prefers_bfloat16(unet_config) -> bool:
+    """Whether --dtype auto samples a model with this UNetConfig in bfloat16 on this CPU: a model of SD's
+    width (5 s per UNet call at 512x512 in float32, about 3 s in bfloat16 on two cores) on a CPU that
+    multiplies bfloat16 in hardware. Its images stay close to float32's (bench/RESULTS.md: 54 dB PSNR at
+    SD v1.5's size on random weights, 50 dB on the trained CIFAR run); the small CIFAR-sized models sample
+    in seconds anyway and stay in float32, where evaluations are exact."""
     from .plumbing import cpu_has_bfloat16
 
-    return model.default_size >= 512 and cpu_has_bfloat16()
+    return unet_config.model_channels >= 320 and cpu_has_bfloat16()

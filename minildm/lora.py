@@ -30,6 +30,17 @@ import torch
 from . import convert
 
 
+# The LCM-LoRA for SD v1.5 (latent-consistency/lcm-lora-sdv1-5, pytorch_lora_weights.safetensors, 135 MB) was
+# trained with train_lcm_distill_lora_sd_wds.py (luosiallen/latent-consistency-model; diffusers'
+# examples/consistency_distillation): a peft LoraConfig on the UNet alone, at the modules below, r = 64
+# (--lora_rank=64 in its README) and no lora_alpha, so peft's default 8. The file is in the kohya layout with
+# diffusers' module names, lora_unet_<module path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
+# (as the script's get_module_kohya_state_dict writes it), float16; peft gives a 3x3 convolution a 3x3 down
+# and every convolution a 1x1 up. For SD v1.5 that is 278 layers, 67.25M numbers, 134.5 MB: the file's size.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
 @dataclass
 class LoraLayer:
     """One layer's delta: which model part, its key in minildm's (original) layout, down, up, alpha."""
@@ -43,17 +54,19 @@ class LoraLayer:
     def check(self, shape) -> None:
         """Raise ValueError unless B A fits a weight of this shape (without computing it)."""
         out, rank, inner = self.up.shape[0], self.down.shape[0], self.down[0].numel()
-        if self.up.shape[1] != rank or out * inner != torch.Size(shape).numel():
-            raise ValueError(f"shape ({out}, {inner}) (rank {rank} down, {self.up.shape[1]} up)")
+        if self.up[0].numel() != rank or out * inner != torch.Size(shape).numel():
+            raise ValueError(f"shape ({out}, {inner}) (a rank-{rank} down matrix, an up matrix {tuple(self.up.shape)})")
 
     def add_to(self, weight: torch.Tensor, scale: float) -> None:
         """weight += scale * alpha / r * B A, in place (in float32 for a weight of lower precision)."""
         rank = self.down.shape[0]
         alpha = rank if self.alpha is None else self.alpha
-        up, down = self.up.flatten(1).to(weight.device), self.down.flatten(1).to(weight.device)
-        w = weight if weight.dtype == torch.float32 else weight.float()
-        # (out, in * kh * kw) += (out, r) @ (r, in * kh * kw), with no temporary as large as the weight
-        w.view(w.shape[0], -1).addmm_(up, down, alpha=scale * alpha / rank)
+        w = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        up, down = self.up.flatten(1).to(w), self.down.flatten(1).to(w)
+        if w.is_contiguous():  # (out, in * kh * kw) += (out, r) @ (r, in * kh * kw), no weight-sized temporary
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=scale * alpha / rank)
+        else:
+            w.add_((up @ down).view(w.shape), alpha=scale * alpha / rank)
         if w is not weight:
             weight.copy_(w.to(weight.dtype))
 

@@ -193,8 +193,10 @@ def sampling_defaults(args, model) -> list[str]:
     if args.guidance is None:
         args.guidance = 8.5 if model.takes_guidance else 1.0 if lcm else 7.5
     if model.takes_guidance:
+        ignored = [flag for flag, given in (("--negative", args.negative), ("--guidance-interval", args.guidance_interval))
+                   if given]
         notes.append(f"an LCM-distilled model: guidance {args.guidance:g} is an input of the UNet, one call per "
-                     f"step{'; --negative has no effect' if args.negative else ''}")
+                     f"step{'; ' + ' and '.join(ignored) + ' have no effect' if ignored else ''}")
         if not lcm:
             notes.append(f"note: this model was distilled for --sampler lcm; {args.sampler} will look worse")
     elif args.negative and args.guidance == 1:
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
                              config=args.config)
     notes = [f"loaded {ckpt} in {time.time() - started:.1f} s"]          # printed once every check passed
     if args.dtype == "auto" and model.dtype == torch.bfloat16 and model.device.type == "cpu":
-        notes.append("bfloat16: this CPU multiplies it in hardware, twice as fast as float32 and close to its "
+        notes.append("bfloat16: this CPU multiplies it in hardware, about 1.5x float32's speed and close to its "
                      "image (--dtype float32 for the float32 image, the one that equals diffusers')")
     if args.guidance_interval is None:
         args.guidance_interval = default_guidance_interval(ckpt)
@@ -264,7 +266,8 @@ def main(argv=None) -> int:
             model.load_taesd(args.taesd)
         except ValueError as e:  # CheckpointError included
             fail(f"--taesd {args.taesd}: {e}")
-        notes.append(f"decoding with the tiny autoencoder in {args.taesd}")
+        notes.append(f"decoding with the tiny autoencoder in {args.taesd}"
+                     + (" (--vae-tiling applies to the VAE only)" if args.vae_tiling else ""))
     if model.is_inpainting_model:
         if not (args.init_image and args.mask):
             fail(f"{ckpt} is an inpainting model: give the image with --init-image and what to repaint with --mask",
@@ -290,6 +293,9 @@ def main(argv=None) -> int:
                          "is not compared with diffusers (every other sampler is)")
         if args.mask:
             mask = to_tensor(mask_image.resize((width, height)))
+        if 0 < strength and int(args.steps * strength) == 0:
+            notes.append(f"note: --strength {strength:g} of {args.steps} steps runs no step, so the image comes back "
+                         f"as the VAE reconstructs it; raise --strength to at least {1 / args.steps:g} or --steps")
     else:
         height = args.height or model.default_size
         width = args.width or model.default_size

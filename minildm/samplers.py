@@ -393,6 +393,9 @@ def lcm_timesteps(schedule: NoiseSchedule, num_steps: int, original_steps: int =
     """
     if not 1 <= num_steps <= original_steps:
         raise ValueError(f"an LCM run takes 1 to {original_steps} steps (the distillation's grid), got {num_steps}")
+    if schedule.num_timesteps % original_steps:
+        raise ValueError(f"LCM's grid needs a schedule of a multiple of {original_steps} timesteps, "
+                         f"not {schedule.num_timesteps}")
     k = schedule.num_timesteps // original_steps
     grid = torch.arange(original_steps, 0, -1) * k - 1                 # T - 1, T - 1 - k, ..., k - 1
     return grid[torch.arange(num_steps) * original_steps // num_steps]

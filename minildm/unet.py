@@ -443,9 +443,9 @@ class UNet(nn.Module):
                 guidance: Optional[torch.Tensor] = None):
         """Predict the noise in z_t (B, C, h, w) at timesteps t ((B,) or a scalar) given context (B, L, D).
 
-        `y` (B,) long: class labels, only for a config with `num_classes`. `guidance` (B,): the
-        guidance scale w, only for an LCM-distilled config (`guidance_embed_dim`), whose one call
-        already gives the guided prediction.
+        `y` (B,) long: class labels, only for a config with `num_classes`. `guidance` ((B,) or a
+        scalar): the guidance scale w, only for an LCM-distilled config (`guidance_embed_dim`), whose
+        one call already gives the guided prediction.
         """
         B = z_t.shape[0]
         t = torch.as_tensor(t, device=z_t.device)
@@ -454,7 +454,8 @@ class UNet(nn.Module):
         if self.cfg.guidance_embed_dim is not None:
             if guidance is None:
                 raise ValueError("this UNet was distilled with the guidance scale as an input (an LCM): pass guidance")
-            w_emb = guidance_embedding(guidance.to(z_t.device), self.cfg.guidance_embed_dim)
+            guidance = torch.as_tensor(guidance, dtype=torch.float32, device=z_t.device)
+            w_emb = guidance_embedding(guidance.expand(B) if guidance.ndim == 0 else guidance, self.cfg.guidance_embed_dim)
             t_emb = t_emb + self.guidance_embed(w_emb.to(self.guidance_embed.weight.dtype)).float()
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.cfg.num_classes is not None:

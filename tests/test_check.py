@@ -241,7 +241,7 @@ def test_lcm_exercises_catch_the_usual_mistakes():
     from minildm.schedule import NoiseSchedule
 
     ref = check.CHAPTERS["10"].reference()
-    r = _run("10", lcm_timesteps=lambda n, *_: [999 - i * (1000 // n) for i in range(n)])["lcm_timesteps"]
+    r = _run("10", lcm_timesteps=lambda n: [999 - i * (1000 // n) for i in range(n)])["lcm_timesteps"]
     assert r.status == "fail" and "lcm_timesteps(3)" in r.message
     unscaled = lambda t: (0.25 / (t**2 + 0.25), t / (t**2 + 0.25) ** 0.5)
     assert _run("10", boundary_scalings=unscaled)["boundary_scalings"].status == "fail"

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minildm import convert
+from minildm.lora import LCM_LORA_TARGETS
 from test_ldm import (SIZE, as_denoisers, assert_close_to_reference, diffusers_parts, load_original, models,  # noqa: F401
                       original_file, reference_pipeline, write_tokenizer_folder)
 from test_sample import cli_error, run, workdir  # noqa: F401
@@ -69,15 +70,8 @@ def test_lora_matches_diffusers_fuse_lora(models, original_file, tmp_path, layou
     assert (z - plain).abs().max().item() > 1e-2  # the LoRA does change the image
 
 
-# The LCM-LoRA for SD v1.5 (latent-consistency/lcm-lora-sdv1-5, pytorch_lora_weights.safetensors, 135 MB) was
-# trained with train_lcm_distill_lora_sd_wds.py (luosiallen/latent-consistency-model; diffusers'
-# examples/consistency_distillation): a peft LoraConfig on the UNet alone, at the modules below, r = 64
-# (--lora_rank=64 in its README) and no lora_alpha, so peft's default 8. The file is in the kohya layout with
-# diffusers' module names, lora_unet_<module path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
-# (as the script's get_module_kohya_state_dict writes it), float16; peft gives a 3x3 convolution a 3x3 down
-# and every convolution a 1x1 up. For SD v1.5 that is 278 layers, 67.25M numbers, 134.5 MB: the file's size.
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# The LCM-LoRA's layers and file layout: minildm.lora.LCM_LORA_TARGETS and the comment above it.
+
 LCM_RANK, LCM_ALPHA = 8, 1.0  # alpha / r = 1/8, as the real file's 8 / 64
 
 
@@ -208,3 +202,25 @@ def test_command_line_lora(workdir, monkeypatch, tmp_path):  # noqa: F811
     assert "layers merged at scale 0.5" in result.stderr
     message = cli_error(workdir, monkeypatch, "a cat", "--lora", "style.safetensors:strong")
     assert message.startswith("--lora 'style.safetensors:strong': SCALE")
+
+
+def test_merging_into_bfloat16_weights_matches_merging_in_float32(models, original_file, tmp_path):
+    """A model loaded in bfloat16 gets the LoRA added in float32 and rounded once: its weights are the
+    float32 merge to within bfloat16's rounding (the weights were rounded once before the merge too)."""
+    pytest.importorskip("diffusers")
+    unet, _, text, _ = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    path = tmp_path / "lora.safetensors"
+    save_file({k: v.contiguous() for k, v in random_lora(unet, text, "kohya").items()}, str(path))
+    merged, changed = {}, 0
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_original(original_file, dtype=dtype)
+        before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        model.load_lora(path)
+        merged[dtype] = model.unet.state_dict()
+    for key, w32 in merged[torch.float32].items():
+        w16 = merged[torch.bfloat16][key]
+        assert w16.dtype == torch.bfloat16
+        # two roundings to bfloat16 (8 significant bits) of numbers up to the largest weight's size
+        assert (w16.float() - w32).abs().max() <= 2**-7 * w32.abs().max(), key
+        changed += not torch.equal(w16, before[key])
+    assert changed > 20

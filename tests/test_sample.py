@@ -299,15 +299,29 @@ def test_lcm_defaults_and_the_tiny_decoder_from_the_command_line(workdir, monkey
     assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 8.5)
 
 
-def test_auto_dtype_is_bfloat16_only_for_sd_sized_models_on_cpus_that_multiply_it(monkeypatch):
-    """--dtype auto on the CPU: bfloat16 for a model of SD's size where the CPU has bfloat16 in hardware;
-    float32 for the small models, and everywhere bfloat16 would be emulated."""
-    from types import SimpleNamespace
-
+def test_auto_dtype_is_bfloat16_only_for_sd_sized_models_on_cpus_that_multiply_it(workdir, monkeypatch, tmp_path):
+    """--dtype auto on the CPU loads a model of SD's width (320 channels) straight into bfloat16 where the
+    CPU has bfloat16 in hardware, and keeps the small models, and every model where bfloat16 would be
+    emulated, in float32; sample says which it chose."""
     from minildm import cli, plumbing
+    from minildm.clip_text import CLIPTextConfig, CLIPTextModel
+    from minildm.unet import UNet, UNetConfig
+    from minildm.vae import AutoencoderKL, VAEConfig
 
-    sd_sized, small = SimpleNamespace(default_size=512), SimpleNamespace(default_size=32)
+    wide = UNetConfig(model_channels=320, channel_mult=(1,), num_res_blocks=1, attention_levels=(), num_heads=8,
+                      context_dim=32, norm_groups=32)
+    path = tmp_path / "wide" / "model.safetensors"
+    convert.save_checkpoint(path, unet=UNet(wide), vae=AutoencoderKL(VAEConfig.tiny()),
+                            text_encoder=CLIPTextModel(CLIPTextConfig.tiny()), schedule=NoiseSchedule.sd(),
+                            scale_factor=0.5)
+    small = workdir / "runs" / "tiny" / "model.safetensors"
+    for hardware in (True, False):
+        monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: hardware)
+        assert cli.load_model(str(path), "runs", "cpu", "auto")[0].dtype == (torch.bfloat16 if hardware else torch.float32)
+        assert cli.load_model(str(small), "runs", "cpu", "auto")[0].dtype == torch.float32
+        assert cli.load_model(str(path), "runs", "cpu", "float32")[0].dtype == torch.float32
     monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: True)
-    assert cli.cpu_prefers_bfloat16(sd_sized) and not cli.cpu_prefers_bfloat16(small)
-    monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: False)
-    assert not cli.cpu_prefers_bfloat16(sd_sized)
+    monkeypatch.chdir(workdir)
+    main(["a tree", "--ckpt", str(path), "--steps", "1", "--height", "64", "--width", "64", "--seed", "0",
+          "--out", "wide", "--overwrite"])
+    assert json.loads(Image.open(workdir / "wide" / "a-tree-0.png").text["minildm"])["dtype"] == "bfloat16"

@@ -6,13 +6,13 @@ from the lesson's equations; the checks run yours beside them.
 import torch
 
 
-def lcm_timesteps(num_steps: int, num_timesteps: int = 1000, original_steps: int = 50) -> list:
-    """The timesteps of an LCM run of `num_steps` steps, highest first, as Python ints.
+def lcm_timesteps(num_steps: int) -> list:
+    """The timesteps of an LCM run of `num_steps` steps on SD's 1000, highest first, as Python ints.
 
-    The distillation only trained on a grid of `original_steps` timesteps, every k-th one
-    (k = num_timesteps // original_steps), the highest being num_timesteps - 1 and the lowest k - 1.
-    Counted from the top of that grid, step i (0-based) takes the grid position num_steps spreads evenly
-    over original_steps, rounded down (lesson 10, "Where it steps"). 4 steps: [999, 759, 499, 259].
+    The distillation only trained on a grid of 50 timesteps, every k-th one (k = 1000 // 50), the highest
+    being 999 and the lowest k - 1. Counted from the top of that grid, step i (0-based) takes the grid
+    position that num_steps steps spread evenly over 50, rounded down (lesson 10, "Where it steps").
+    4 steps: [999, 759, 499, 259].
     """
     raise NotImplementedError
 

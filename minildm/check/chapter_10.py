@@ -88,8 +88,7 @@ def reference_10():
             a_next = alphas_cumprod[timesteps[i + 1]]
             z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * noises[i]
 
-    return SimpleNamespace(lcm_timesteps=lambda n, num_timesteps=1000, original_steps=50:
-                           lcm_timesteps(NoiseSchedule.sd(), n, original_steps).tolist(),
+    return SimpleNamespace(lcm_timesteps=lambda n: lcm_timesteps(NoiseSchedule.sd(), n).tolist(),
                            boundary_scalings=lcm_boundary_scalings, lcm_sample=lcm_sample)
 
 

@@ -47,7 +47,8 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
     file's sizes are read from its tensors' shapes; what shapes cannot tell (the UNet's head count, the
     latent scale factor) is SD v1's for a model of SD v1's size, else it comes from `config`, the
     original inference YAML the model was trained with (which must agree with the weights), or from
-    explicit configs. dtype: float32, or float16 on CUDA.
+    explicit configs. dtype: float32, float16 on CUDA, bfloat16; or a function of the UNetConfig that
+    returns one, called once the sizes are known (the command lines' --dtype auto).
     Raises convert.CheckpointError when the file cannot be used, saying what it seems to be.
     """
     try:
@@ -102,6 +103,8 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
         schedule = schedule or NoiseSchedule.sd()
         _check_schedule(schedule, ckpt.buffers)
 
+    if callable(dtype):
+        dtype = dtype(unet_config)
     unet = _build("UNet", UNet, unet_config, ckpt.unet_state(use_ema), dtype, device)
     vae = _build("VAE", AutoencoderKL, vae_config, ckpt.vae, dtype, device)
     text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder_state(use_ema), dtype, device)

@@ -43,7 +43,8 @@ def build_parser():
     p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                   help="weights' dtype (auto: float16 on CUDA)")
+                   help="weights' dtype (auto: float16 on CUDA; on the CPU bfloat16 for SD-sized models where "
+                        "the CPU multiplies it in hardware, else float32)")
     p.add_argument("--overwrite", action="store_true", help="replace files of the same name (default: a new name)")
     return p
 
