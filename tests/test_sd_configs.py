@@ -78,6 +78,7 @@ def test_unet_preset_matches_diffusers_reading_of_the_yaml():
         "dropout": 0.0,  # inference: no dropout
         "num_classes": d.get("num_class_embeds"),
         "pooled_context": d["class_embed_type"] is not None,
+        "guidance_embed_dim": d.get("time_cond_proj_dim"),  # SD v1 has no guidance input (only LCMs do)
     }
     assert set(expected) == field_names(UNetConfig)
     assert d["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
