@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -186,9 +185,11 @@ def time_command(paths, size, work):
     return time.perf_counter() - start
 
 
-def psnr(a, b):
-    """Peak signal-to-noise ratio of images in [0, 1]."""
-    return 10 * math.log10(1 / max(float(((a - b) ** 2).mean()), 1e-20))
+def psnr(a, b) -> torch.Tensor:
+    """PSNR (dB) of each image of a against b (B,), pixels in [0, 1]: steps.image_psnr, which takes [-1, 1]."""
+    from minildm.steps import image_psnr
+
+    return image_psnr(a * 2 - 1, b * 2 - 1)
 
 
 # ---------------------------------------------------------------------------------------- the parts
@@ -295,7 +296,7 @@ def fidelity(run, n):
     for name in ("bfloat16", "bfloat16, VAE float32"):
         z, x, t = out[name]
         rel = ((z - z32).flatten(1).norm(dim=1) / z32.flatten(1).norm(dim=1))
-        p = torch.tensor([psnr(a, b) for a, b in zip(x, x32)])
+        p = psnr(x, x32)
         print(f"| {name} | {rel.median():.4f}, {rel.max():.4f} | {p.median():.1f} dB, {p.min():.1f} dB | {t:.1f} |")
 
 
@@ -375,7 +376,7 @@ def main():
         print(line)
         if "c" in args.cases and "d" in args.cases:
             a, b = images["minildm", "c", size], images["minildm", "d", size]
-            print(f"{size}px: minildm bfloat16 (d) against its float32 (c): PSNR {psnr(a, b):.1f} dB, "
+            print(f"{size}px: minildm bfloat16 (d) against its float32 (c): PSNR {psnr(a, b).item():.1f} dB, "
                   f"max abs difference {(a - b).abs().max():.2g}")
 
 

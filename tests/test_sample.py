@@ -279,20 +279,17 @@ def test_a_runs_guidance_interval_is_the_default(workdir, monkeypatch):
 def test_lcm_defaults_and_the_tiny_decoder_from_the_command_line(workdir, monkeypatch, tmp_path):
     """--sampler lcm alone means 4 steps at guidance 1 (the LCM-LoRA's way); --taesd decodes with a TAESD
     folder and the PNG says so; an LCM-distilled model samples with lcm, 4 steps, guidance 8.5 by default."""
-    from diffusers import AutoencoderTiny
+    from test_ldm import lcm_distilled_folder, tiny_taesd_folder
 
     monkeypatch.chdir(workdir)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
-    main(["a tree", "--sampler", "lcm", "--seed", "1", "--out", "lcm", "--overwrite", "--taesd", str(tmp_path / "taesd")])
+    taesd, _ = tiny_taesd_folder(tmp_path)
+    main(["a tree", "--sampler", "lcm", "--seed", "1", "--out", "lcm", "--overwrite", "--taesd", taesd])
     settings = json.loads(Image.open(workdir / "lcm" / "a-tree-1.png").text["minildm"])
     assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 1.0)
     assert settings["taesd"] == str(tmp_path / "taesd")
     main(["a tree", "--seed", "1", "--out", "plain", "--overwrite", "--steps", "2"])
     settings = json.loads(Image.open(workdir / "plain" / "a-tree-1.png").text["minildm"])
     assert (settings["sampler"], settings["guidance"]) == ("ddim", 7.5) and "taesd" not in settings
-    from test_ldm import lcm_distilled_folder
-
     folder, _ = lcm_distilled_folder(tiny_models(seed=1), tmp_path)
     main(["a tree", "--seed", "1", "--out", "distilled", "--overwrite", "--ckpt", folder])
     settings = json.loads(Image.open(workdir / "distilled" / "a-tree-1.png").text["minildm"])
