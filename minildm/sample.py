@@ -16,7 +16,6 @@ one level of 255 at most).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -25,6 +24,7 @@ import time
 
 import torch
 
+from .pngtext import save_png
 from .cli import (USAGE, Parser, check_float, check_guidance_interval, check_int, check_readable_file, check_seed,
                   check_writable_dir, default_guidance_interval, fail, free_path, load_model, slug, usage)
 from .samplers import LCM_ORIGINAL_STEPS, SAMPLERS
@@ -122,23 +122,6 @@ def to_pil(x: torch.Tensor):
     from PIL import Image
 
     return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def save_png(image, path: str, settings: dict):
-    """Write a PNG with `settings` in its text metadata, atomically (a temporary file renamed over it)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("minildm", json.dumps(settings))
-    for k, v in settings.items():
-        info.add_text(k, str(v))
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        image.save(tmp, pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_flags(args) -> None:

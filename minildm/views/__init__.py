@@ -26,7 +26,7 @@ In files: core.py (the pieces), inside.py (views 1 and 2), compare.py (views 3 a
 command line, `python -m minildm.views`).
 """
 
-from .core import (slerp, lerp, blend, to_hwc_uint8, latent_to_image, image_strip, image_grid, show_image, save_gif, layer_resolution, aggregate_attention, cross_attention_modules, CrossAttentionRecorder, latent_shape, make_noise, encode, generate_from)  # noqa: F401
-from .inside import (Filmstrip, denoising_filmstrip, evenly_spaced, plot_filmstrip, AttentionMaps, prompt_tokens, attention_maps_view, plot_token_maps, plot_layer_maps)  # noqa: F401
+from .core import (slerp, lerp, blend, to_hwc_uint8, latent_to_image, decode_preview, image_strip, image_grid, show_image, save_gif, layer_resolution, aggregate_attention, cross_attention_modules, CrossAttentionRecorder, latent_shape, make_noise, encode, generate_from)  # noqa: F401
+from .inside import (Filmstrip, denoising_filmstrip, keep_steps, filmstrip_from_steps, evenly_spaced, plot_filmstrip, AttentionMaps, prompt_tokens, attention_maps_view, plot_token_maps, plot_layer_maps)  # noqa: F401
 from .compare import (Strip, plot_strip, _strip, prompt_interpolation, seed_interpolation, prompt_blend, context_arithmetic, Gallery, DEFAULT_SAMPLERS, sampler_gallery, plot_gallery)  # noqa: F401
 from .cli import VIEWS, build_parser, main  # noqa: F401

@@ -81,16 +81,17 @@ def prompt_blend(ldm, prompts, weight_rows, *, seed: int = 0, **kwargs) -> Strip
                   seed=seed, **kwargs)
 
 
-def context_arithmetic(ldm, prompt_a: str, prompt_b: str, prompt_c: str, *, seed: int = 0,
+def context_arithmetic(ldm, prompt_a: str, prompt_b: str, prompt_c: str, *, seed: int = 0, weight: float = 1.0,
                        **kwargs) -> Strip:
-    """a, b, c and the context a - b + c, all from the same noise."""
+    """a, b, c and the context a + weight (c - b) (a - b + c at weight 1), all from the same noise."""
     height, width = kwargs.pop("height", None), kwargs.pop("width", None)
     ca, cb, cc = encode(ldm, [prompt_a, prompt_b, prompt_c]).split(1)
-    contexts = torch.cat([ca, cb, cc, ca - cb + cc])
+    contexts = torch.cat([ca, cb, cc, ca + weight * (cc - cb)])
     noise = make_noise(ldm, [seed] * 4, height, width)
-    labels = [prompt_a, prompt_b, prompt_c, "a - b + c"]
-    return _strip(ldm, contexts, noise, labels, f'"{prompt_a}" - "{prompt_b}" + "{prompt_c}"',
-                  seed=seed, **kwargs)
+    formula = "a - b + c" if weight == 1 else f"a + {weight:g} (c - b)"
+    labels = [prompt_a, prompt_b, prompt_c, formula]
+    return _strip(ldm, contexts, noise, labels, f'"{prompt_a}" - "{prompt_b}" + "{prompt_c}"'
+                  + ("" if weight == 1 else f" at weight {weight:g}"), seed=seed, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

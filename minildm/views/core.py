@@ -75,6 +75,21 @@ def latent_to_image(z: torch.Tensor, size=None) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def decode_preview(ldm, z: torch.Tensor, max_latent_side: int = 32) -> np.ndarray:
+    """A quick look at latents (B, C, h, w): the first one decoded (by TAESD when the model has it loaded)
+    from a copy shrunk to at most `max_latent_side` latent pixels a side (256 px for SD), as uint8
+    (H', W', 3). Shrinking first is what makes a live preview cheap: the decoder's cost grows with the
+    area, and a preview does not need SD's full 512 px."""
+    z = z[:1].float()
+    h, w = z.shape[-2:]
+    scale = min(1.0, max_latent_side / max(h, w))
+    if scale < 1:
+        z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                          align_corners=False, antialias=True)
+    return to_hwc_uint8(ldm.decode_latents(z.to(ldm.device)))[0]
+
+
 def image_strip(images, gap: int = 2) -> np.ndarray:
     """uint8 images (H, W, 3) side by side with white gaps, as one uint8 array."""
     images = list(images)

@@ -41,31 +41,46 @@ def denoising_filmstrip(ldm, prompt: str, *, num_steps: int = 20, sampler: str =
     """
     noise = make_noise(ldm, [seed], height, width)
     caught = []
-
-    def callback(info):
-        if info["step"] % every == 0 or info["step"] == info["num_steps"] - 1:
-            caught.append({k: info[k] for k in ("step", "t", "z_t", "x0_pred", "eps_pred")})
-
     context = encode(ldm, [prompt])
     x = generate_from(ldm, context, noise, guidance_scale=guidance_scale, sampler=sampler,
-                      num_steps=num_steps, seed=seed, callback=callback)
-    size = x.shape[-2:]
-    noisy, x0s, epss, ts = [], [], [], []
-    for c in caught:
-        noisy.append(to_hwc_uint8(ldm.decode_latents(c["z_t"].float()[:1]))[0])
-        x0s.append(to_hwc_uint8(ldm.decode_latents(c["x0_pred"].float()[:1]))[0])
-        epss.append(to_hwc_uint8(latent_to_image(c["eps_pred"][:1], size))[0])
-        t = c["t"]
-        ts.append(float(t.flatten()[0]) if torch.is_tensor(t) else float(t))
-    strip = Filmstrip(steps=[c["step"] for c in caught], timesteps=ts, noisy=noisy, x0_pred=x0s,
-                      eps_pred=epss, image=to_hwc_uint8(x)[0])
-    strip.frames = [image_strip([a, b, c]) for a, b, c in zip(noisy, x0s, epss)] + \
-                   [image_strip([strip.image, strip.image, np.full_like(strip.image, 255)])]
+                      num_steps=num_steps, seed=seed, callback=keep_steps(caught, every))
+    strip = filmstrip_from_steps(ldm, caught, x, title=f'"{prompt}" - {sampler}, {num_steps} steps, '
+                                                       f'guidance {guidance_scale}', max_columns=max_columns)
     if gif_path is not None:
         save_gif(strip.frames, gif_path, scale=gif_scale)
         strip.gif_path = str(gif_path)
-    strip.figure = plot_filmstrip(strip, title=f'"{prompt}" - {sampler}, {num_steps} steps, '
-                                               f'guidance {guidance_scale}', max_columns=max_columns)
+    return strip
+
+
+def keep_steps(caught: list, every: int = 1):
+    """A sampler callback that appends to `caught` the first image's step, t, z_t, x0_pred and eps_pred
+    at every `every`-th step and the last (on the CPU, so a long run on a GPU does not fill its memory)."""
+    def callback(info):
+        if info["step"] % every == 0 or info["step"] == info["num_steps"] - 1:
+            t = info["t"]
+            caught.append({"step": info["step"], "t": float(t.flatten()[0]) if torch.is_tensor(t) else float(t),
+                           **{k: info[k][:1].detach().float().cpu() for k in ("z_t", "x0_pred", "eps_pred")}})
+    return callback
+
+
+@torch.no_grad()
+def filmstrip_from_steps(ldm, caught: list, x: torch.Tensor, *, title: str = "", max_columns: int = 8,
+                         shown_only: bool = False) -> Filmstrip:
+    """The filmstrip of a generation already made: `caught` from `keep_steps`, `x` its final image(s)
+    in [-1, 1]. `shown_only` decodes only the steps the figure shows (no GIF frames): what a page
+    wants from SD's VAE on a CPU, where each decode takes seconds."""
+    if shown_only:
+        caught = [caught[i] for i in evenly_spaced(len(caught), max_columns)]
+    size = x.shape[-2:]
+    decode = lambda z: to_hwc_uint8(ldm.decode_latents(z.to(ldm.device)))[0]  # noqa: E731
+    noisy = [decode(c["z_t"]) for c in caught]
+    x0s = [decode(c["x0_pred"]) for c in caught]
+    epss = [to_hwc_uint8(latent_to_image(c["eps_pred"], size))[0] for c in caught]
+    strip = Filmstrip(steps=[c["step"] for c in caught], timesteps=[c["t"] for c in caught], noisy=noisy,
+                      x0_pred=x0s, eps_pred=epss, image=to_hwc_uint8(x)[0])
+    strip.frames = [image_strip([a, b, c]) for a, b, c in zip(noisy, x0s, epss)] + \
+                   [image_strip([strip.image, strip.image, np.full_like(strip.image, 255)])]
+    strip.figure = plot_filmstrip(strip, title=title, max_columns=max_columns)
     return strip
 
 

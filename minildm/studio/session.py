@@ -1,0 +1,441 @@
+"""What the studio page does, without the page: find models, generate with a live preview and a stop,
+keep a history, and run the course's views on the last image.
+
+Everything here is plain Python over the library the command lines use (`cli.load_model`,
+`LatentDiffusion.generate`, `minildm.views`, `pngtext`), so the tests reach every number the page shows
+without a browser, and `page.py` only lays it out.
+
+    Studio(ckpts, runs_dir)            the models on offer: training runs (newest first), then --ckpt files
+      .use(name)                       load one (the last one stays loaded; switching frees it)
+      .defaults()                      sampler, steps, guidance, size limits of the loaded model
+      .generate(request)               a generator of Events: a preview per step, then each image saved
+      .stop()                          end the running generation at its next step
+      .filmstrip() / .attention(...) / .compare(...) / .arithmetic(...)    the views, on the last image
+
+One image at a time: a lock is held while a model runs, and the page queues its events behind it.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .. import views
+from ..cli import CommandError, default_guidance_interval, find_checkpoint, load_model, slug
+from ..pngtext import save_png
+from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS
+
+KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
+PREVIEW_SHARE = 0.10   # at most this share of the sampling time goes to decoding previews
+MAX_IMAGES = 16        # images per press of Generate
+
+
+@dataclass
+class Request:
+    """One press of Generate: the settings of `python -m minildm.sample` that the page offers."""
+
+    prompt: str = ""
+    negative: str = ""
+    sampler: str | None = None          # None: the model's default (ddim; lcm for LCM-distilled models)
+    karras: bool = False
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = -1                      # -1: a random seed
+    width: int | None = None            # None: the model's own size (or the init image's)
+    height: int | None = None
+    count: int = 1                      # images, seeds seed .. seed + count - 1
+    init_image: str | None = None       # a file: image to image
+    strength: float | None = None
+    mask: str | None = None             # a file, white = repaint
+
+
+@dataclass
+class Event:
+    """What the generation reports: kind "step" (a preview), "image" (one saved), "stopped" or "done"."""
+
+    kind: str
+    index: int = 0                      # which image of the request
+    step: int = 0
+    num_steps: int = 0
+    preview: np.ndarray | None = None   # uint8 (H, W, 3)
+    preview_kind: str = ""              # "decoded" or "latent" (the latent's first channels as colours)
+    path: str | None = None
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Stopped(Exception):
+    """Raised inside the sampler's callback to end a run at a step."""
+
+
+class PreviewBudget:
+    """Decides, step by step, whether to decode a preview: only while the decoding done so far plus one
+    more stays within PREVIEW_SHARE of the sampling time, so the preview never slows sampling by more
+    than that share. `cost` is the measured seconds of one preview decode."""
+
+    def __init__(self, cost: float, share: float = PREVIEW_SHARE):
+        self.cost, self.share = cost, share
+        self.spent = 0.0
+
+    def allows(self, sampling_seconds: float) -> bool:
+        return self.spent + self.cost <= self.share * sampling_seconds
+
+    def record(self, seconds: float) -> None:
+        self.spent += seconds
+        self.cost = seconds
+
+
+class Studio:
+    def __init__(self, ckpts=(), runs_dir: str = "runs", *, taesd: str | None = None, device: str = "auto",
+                 dtype: str = "auto", out: str = "studio-outputs"):
+        self.ckpts, self.runs_dir, self.taesd = list(ckpts), runs_dir, taesd
+        self.device, self.dtype, self.out = device, dtype, out
+        self.model = None
+        self.model_name = None
+        self.ckpt_path = None
+        self.preview_cost = 0.0
+        self.history = []               # (path, settings), newest first
+        self.last = None                # the last finished image: settings and its filmstrip steps
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # ----- models ---------------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """Training runs in runs_dir, newest first, then every --ckpt as given."""
+        found = glob.glob(os.path.join(self.runs_dir, "*", "model.safetensors"))
+        runs = [os.path.dirname(p) for p in sorted(found, key=os.path.getmtime, reverse=True)]
+        return runs + [c for c in self.ckpts if c not in runs]
+
+    def use(self, name: str):
+        """Load `name` (a run folder or a checkpoint) unless it is the loaded one; ValueError with one
+        line when it cannot be loaded. Returns the model."""
+        if name == self.model_name and self.model is not None:
+            return self.model
+        with self.lock:
+            self.model = None                                   # free the old weights before the new ones
+            try:
+                path = find_checkpoint(name, self.runs_dir)
+                model, path = load_model(path, self.runs_dir, self.device, self.dtype)
+                if self.taesd:
+                    model.load_taesd(self.taesd)
+            except CommandError as e:
+                self.model_name = None
+                raise ValueError(e.message) from None
+            except ValueError as e:
+                self.model_name = None
+                raise ValueError(f"--taesd {self.taesd}: {e}") from None
+            self.model, self.model_name, self.ckpt_path = model, name, path
+            self.preview_cost = self._time_preview()
+        return model
+
+    def _time_preview(self) -> float:
+        """Seconds of one preview decode at the model's own size (timed once, on zeros)."""
+        model = self.model
+        f = model.downsample_factor
+        z = torch.zeros(1, model.vae.cfg.z_channels, model.default_size // f, model.default_size // f)
+        views.decode_preview(model, z)
+        start = time.perf_counter()
+        views.decode_preview(model, z)
+        return time.perf_counter() - start
+
+    def defaults(self) -> dict:
+        """What the page's controls should say for the loaded model."""
+        model = self.model
+        lcm = model.takes_guidance
+        return {"sampler": "lcm" if lcm else "ddim", "steps": 4 if lcm else 50,
+                "guidance": 8.5 if lcm else 7.5, "size": model.default_size, "size_step": math.lcm(8, model.size_multiple),
+                "max_size": 4 * model.default_size, "inpainting_model": model.is_inpainting_model,
+                "takes_guidance": lcm, "decoder": "TAESD" if model.tiny_decoder is not None else "VAE",
+                "guidance_interval": default_guidance_interval(self.ckpt_path), "dtype": str(model.dtype)[6:]}
+
+    def describe(self) -> str:
+        """One line about the loaded model, for the page."""
+        d = self.defaults()
+        kind = ("an inpainting model (9-channel UNet)" if d["inpainting_model"] else
+                "an LCM-distilled model" if d["takes_guidance"] else "a text-to-image model")
+        interval = d["guidance_interval"]
+        guided = (f"; guidance at timesteps {interval[0]:g}-{interval[1]:g} (this run's default)" if interval else "")
+        return (f"{self.ckpt_path}: {kind}, {d['size']}x{d['size']} px, {d['dtype']}, previews by the "
+                f"{d['decoder']} ({self.preview_cost * 1000:.0f} ms each){guided}")
+
+    # ----- generating -----------------------------------------------------------------------------
+
+    def check(self, r: Request) -> Request:
+        """The request with the model's defaults filled in, or ValueError naming the bad field."""
+        model = self.model
+        if model is None:
+            raise ValueError("no model loaded: pick one in the Model list")
+        d = self.defaults()
+        r = Request(**asdict(r))
+        r.sampler = r.sampler or d["sampler"]
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"Sampler {r.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if r.karras and r.sampler not in KARRAS_SAMPLERS:
+            raise ValueError(f"Karras sigmas work with {', '.join(KARRAS_SAMPLERS)}, not {r.sampler}")
+        r.steps = r.steps if r.steps is not None else (4 if r.sampler == "lcm" else d["steps"])
+        top = LCM_ORIGINAL_STEPS if r.sampler == "lcm" else model.schedule.num_timesteps
+        if not (isinstance(r.steps, int) and 1 <= r.steps <= top):
+            raise ValueError(f"Steps {r.steps}: must be a whole number from 1 to {top}")
+        r.guidance = r.guidance if r.guidance is not None else (1.0 if r.sampler == "lcm" and not d["takes_guidance"]
+                                                                else d["guidance"])
+        if not (math.isfinite(r.guidance) and 0 <= r.guidance <= 100):
+            raise ValueError(f"Guidance {r.guidance}: must be a number from 0 to 100")
+        if not (isinstance(r.count, int) and 1 <= r.count <= MAX_IMAGES):
+            raise ValueError(f"Images {r.count}: must be a whole number from 1 to {MAX_IMAGES}")
+        if r.seed is None or r.seed < 0:
+            r.seed = random.SystemRandom().randrange(2**31)
+        if not (isinstance(r.seed, int) and r.seed + r.count <= 2**63):
+            raise ValueError(f"Seed {r.seed}: must be a whole number from 0 (or -1 for a random one)")
+        if r.mask and not r.init_image:
+            raise ValueError("a mask needs an image to paint it on: upload one under Image to image")
+        if d["inpainting_model"] and not (r.init_image and r.mask):
+            raise ValueError("this is an inpainting model: upload an image and paint what to repaint")
+        if r.init_image is None:
+            r.strength = None
+        elif r.strength is None:
+            r.strength = 1.0 if d["inpainting_model"] else 0.75
+        if r.strength is not None and not 0 <= r.strength <= 1:
+            raise ValueError(f"Strength {r.strength}: must be from 0 to 1")
+        m, limit = d["size_step"], d["max_size"]
+        for name in ("width", "height"):
+            value = getattr(r, name)
+            if value is not None and not (isinstance(value, int) and m <= value <= limit and value % m == 0):
+                raise ValueError(f"{name.capitalize()} {value}: must be a multiple of {m} from {m} to {limit} "
+                                 f"for this model")
+        return r
+
+    def read_images(self, r: Request):
+        """(init, mask) tensors for the request: init (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) in [0, 1],
+        resized to the request's size (default: the init image's, rounded down to the size step);
+        ValueError for a file that is not an image."""
+        from PIL import Image, UnidentifiedImageError
+
+        from ..sample import to_tensor
+
+        if r.init_image is None:
+            return None, None
+
+        def read(path, mode, what):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    return im.convert(mode)
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise ValueError(f"the {what} is not an image that can be read ({type(e).__name__})") from None
+
+        image = read(r.init_image, "RGB", "uploaded image")
+        m = self.defaults()["size_step"]
+        width = r.width or image.size[0] // m * m
+        height = r.height or image.size[1] // m * m
+        if width < m or height < m:
+            raise ValueError(f"the uploaded image is {image.size[0]}x{image.size[1]}: too small for this model "
+                             f"(at least {m}x{m} pixels)")
+        r.width, r.height = width, height
+        init = to_tensor(image.resize((width, height))) * 2 - 1
+        mask = None
+        if r.mask is not None:
+            mask_image = read(r.mask, "L", "mask")
+            if mask_image.size != image.size:
+                raise ValueError(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the image "
+                                 f"{image.size[0]}x{image.size[1]}: they must be the same size")
+            mask = to_tensor(mask_image.resize((width, height)))
+            if mask.max() == 0:
+                raise ValueError("the mask is empty: paint over the part of the image to repaint")
+        return init, mask
+
+    def settings(self, r: Request, seed: int) -> dict:
+        """The PNG's settings: the keys `python -m minildm.sample` writes."""
+        s = {"prompt": r.prompt, "negative": r.negative, "seed": seed, "steps": r.steps, "sampler": r.sampler,
+             "karras": r.karras, "guidance": r.guidance,
+             "guidance_interval": list(self._interval()) if self._interval() else None,
+             "height": r.height, "width": r.width, "checkpoint": os.path.abspath(self.ckpt_path), "ema": True,
+             "dtype": str(self.model.dtype)[6:]}
+        if self.model.tiny_decoder is not None:
+            s["taesd"] = os.path.abspath(self.taesd)
+        if r.init_image is not None:
+            s.update(init_image=os.path.abspath(r.init_image), strength=r.strength)
+        if r.mask is not None:
+            s["mask"] = os.path.abspath(r.mask)
+        return s
+
+    def _interval(self):
+        return default_guidance_interval(self.ckpt_path)
+
+    def stop(self) -> None:
+        """End the running generation at its next step (what is finished is kept)."""
+        self._stop.set()
+
+    def generate(self, r: Request):
+        """Make the request's images one by one, each from its own seed (image i: seed + i, as
+        `python -m minildm.sample --n` numbers them, and equal to it); yields Events while it runs."""
+        r = self.check(r)
+        init, mask = self.read_images(r)
+        model = self.model
+        r.width = r.width or model.default_size
+        r.height = r.height or model.default_size
+        model.check_size(r.height, r.width)
+        os.makedirs(self.out, exist_ok=True)
+        self._stop.clear()
+        events = queue.Queue()
+        worker = threading.Thread(target=self._run, args=(r, init, mask, events), daemon=True)
+        worker.start()
+        while True:
+            event = events.get()
+            if isinstance(event, BaseException):
+                worker.join()
+                raise event
+            yield event
+            if event.kind in ("done", "stopped"):
+                worker.join()
+                return
+
+    def _run(self, r: Request, init, mask, events: queue.Queue) -> None:
+        try:
+            with self.lock:
+                self._generate(r, init, mask, events)
+        except BaseException as e:      # reported to the page's side of the queue, never lost in a thread
+            events.put(e)
+
+    def _generate(self, r: Request, init, mask, events: queue.Queue) -> None:
+        model = self.model
+        budget = PreviewBudget(self.preview_cost)
+        steps_run = r.steps if init is None else int(r.steps * r.strength)
+        started = time.perf_counter()
+        for index in range(r.count):
+            seed = r.seed + index
+            caught, state = [], {"decoded": False}
+            keep = views.keep_steps(caught)
+            begun = time.perf_counter()
+
+            def callback(info, index=index, caught=caught, state=state, keep=keep, begun=begun):
+                keep(info)
+                if self._stop.is_set():
+                    raise Stopped(info["step"])
+                sampling = time.perf_counter() - begun - budget.spent
+                preview, kind = None, ""
+                if budget.allows(sampling):
+                    tic = time.perf_counter()
+                    preview, kind = views.decode_preview(model, info["x0_pred"]), "decoded"
+                    budget.record(time.perf_counter() - tic)
+                    state["decoded"] = True
+                elif not state["decoded"]:
+                    preview, kind = views.to_hwc_uint8(views.latent_to_image(info["x0_pred"][:1]))[0], "latent"
+                state["preview"] = preview if preview is not None else state.get("preview")
+                events.put(Event("step", index, info["step"] + 1, info["num_steps"], preview, kind,
+                                 seconds=time.perf_counter() - started))
+
+            settings = self.settings(r, seed)
+            try:
+                x = model.generate(r.prompt, negative_prompt=r.negative, num_steps=r.steps, sampler=r.sampler,
+                                   guidance_scale=r.guidance, guidance_interval=self._interval(),
+                                   height=r.height, width=r.width, seeds=[seed], init_image=init,
+                                   strength=r.strength if init is not None else 0.8, mask=mask, callback=callback,
+                                   **({"karras": True} if r.karras else {}))
+            except Stopped as e:
+                step = e.args[0]
+                settings["stopped_at_step"] = step
+                events.put(Event("stopped", index, step, steps_run, state.get("preview"), settings=settings,
+                                 seconds=time.perf_counter() - started))
+                return
+            path = self._save(x[0], settings)
+            self.last = {"settings": settings, "caught": caught, "x": x[:1].cpu(), "path": path}
+            events.put(Event("image", index, steps_run, steps_run, views.to_hwc_uint8(x[0] * 2 - 1), path=path,
+                             settings=settings, seconds=time.perf_counter() - started))
+        events.put(Event("done", r.count, seconds=time.perf_counter() - started))
+
+    def _save(self, x: torch.Tensor, settings: dict) -> str:
+        from ..cli import free_path
+        from ..sample import to_pil
+
+        path = free_path(os.path.join(self.out, f"{slug(settings['prompt'])}-{settings['seed']}.png"))
+        save_png(to_pil(x), path, settings)
+        self.history.insert(0, (path, settings))
+        return path
+
+    def request_from(self, settings: dict) -> Request:
+        """A Request that re-makes an image from its saved settings (the fields a Request has)."""
+        keys = {k: settings[k] for k in ("prompt", "negative", "sampler", "karras", "steps", "guidance", "seed",
+                                         "width", "height", "strength") if settings.get(k) is not None}
+        if settings.get("init_image") and os.path.isfile(settings["init_image"]):
+            keys["init_image"] = settings["init_image"]
+            if settings.get("mask") and os.path.isfile(settings["mask"]):
+                keys["mask"] = settings["mask"]
+        else:
+            keys.pop("strength", None)
+        return Request(**keys)
+
+    # ----- the views, on the last image -----------------------------------------------------------
+
+    def _last_settings(self) -> dict:
+        if self.last is None:
+            raise ValueError("make an image first: the views look inside the last image generated")
+        return self.last["settings"]
+
+    def filmstrip(self, max_columns: int = 8):
+        """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made."""
+        s = self._last_settings()
+        with self.lock, torch.no_grad():
+            return views.filmstrip_from_steps(
+                self.model, self.last["caught"], self.last["x"].to(self.model.device) * 2 - 1, max_columns=max_columns,
+                shown_only=True, title=f'"{s["prompt"]}", {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
+
+    def attention(self):
+        """Cross-attention maps of the last image's prompt and seed (views.attention_maps_view), regenerated
+        while recording (text-to-image, every step guided)."""
+        s = self._last_settings()
+        if not s["prompt"].strip():
+            raise ValueError("the last image has no prompt: attention maps show where each word of a prompt looks")
+        with self.lock:
+            return views.attention_maps_view(self.model, s["prompt"], num_steps=s["steps"], sampler=s["sampler"],
+                                             guidance_scale=s["guidance"], seed=s["seed"], height=s["height"],
+                                             width=s["width"])
+
+    def compare(self, samplers_: list, scales: list):
+        """The last image's prompt and seed under each sampler (rows) and guidance scale (columns):
+        uint8 images by (sampler, scale)."""
+        s = self._last_settings()
+        if not samplers_ or not scales:
+            raise ValueError("pick at least one sampler and one guidance scale")
+        bad = [n for n in samplers_ if n not in SAMPLERS]
+        if bad:
+            raise ValueError(f"unknown sampler {bad[0]!r}")
+        if len(samplers_) * len(scales) > 24:
+            raise ValueError(f"{len(samplers_)} samplers x {len(scales)} scales is {len(samplers_) * len(scales)} "
+                             "images: at most 24")
+        for w in scales:
+            if not (math.isfinite(w) and 0 <= w <= 100):
+                raise ValueError(f"guidance scale {w:g}: must be from 0 to 100")
+        images = {}
+        with self.lock, torch.no_grad():
+            noise = views.make_noise(self.model, [s["seed"]], s["height"], s["width"])
+            context = views.encode(self.model, [s["prompt"]])
+            uncond = self.model.encode_prompt([s["negative"]])
+            for name in samplers_:
+                for w in scales:
+                    steps = min(s["steps"], LCM_ORIGINAL_STEPS) if name == "lcm" else s["steps"]
+                    x = views.generate_from(self.model, context, noise, uncond_context=uncond, guidance_scale=w,
+                                            sampler=name, num_steps=steps, seed=s["seed"])
+                    images[(name, w)] = views.to_hwc_uint8(x)[0]
+        return images
+
+    def arithmetic(self, prompt_a: str, prompt_b: str, prompt_c: str, weight: float = 1.0):
+        """views.context_arithmetic at the last image's seed, steps and sampler (or the model's defaults)."""
+        if not all(p.strip() for p in (prompt_a, prompt_b, prompt_c)):
+            raise ValueError("give all three prompts: A, and B to take away, C to add")
+        if not (math.isfinite(weight) and -10 <= weight <= 10):
+            raise ValueError(f"weight {weight:g}: must be from -10 to 10")
+        s = self.last["settings"] if self.last else {"seed": 0, **self.check(Request()).__dict__}
+        with self.lock:
+            return views.context_arithmetic(self.model, prompt_a, prompt_b, prompt_c, seed=s["seed"], weight=weight,
+                                            sampler=s["sampler"], num_steps=s["steps"],
+                                            guidance_scale=s["guidance"], height=s.get("height"),
+                                            width=s.get("width"))
