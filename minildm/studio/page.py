@@ -115,11 +115,11 @@ def build(studio: Studio):
                         height = gr.Number(d["size"], label="Height", precision=0, elem_id="height",
                                            step=d["size_step"])
                         count = gr.Number(1, label=f"Images (1-{MAX_IMAGES})", precision=0, elem_id="count")
-                    with gr.Accordion("Image to image and inpainting", open=False):
+                    with gr.Accordion("Image to image and inpainting", open=False, elem_id="image-to-image"):
                         gr.Markdown("Upload an image to start from it; paint over it to repaint only there "
                                     "(inpainting). " + lesson_link("07_stable_diffusion.md", "Lesson 07"),
                                     elem_classes="note")
-                        init = gr.ImageEditor(label="Start image (paint the part to repaint)", type="filepath",
+                        init = readable_image_editor("uploaded image", label="Start image (paint the part to repaint)", type="filepath",
                                               format="png", elem_id="init", sources=["upload", "clipboard"],
                                               layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                         strength = gr.Slider(0, 1, 0.75, step=0.05, label="Strength (0 keeps the image, 1 ignores it)",
@@ -128,7 +128,7 @@ def build(studio: Studio):
                             "Inpainting here: " + ("the model's own 9-channel inpainting UNet." if d["inpainting_model"]
                                                    else "latent blending (the kept part is put back at every step)."),
                             elem_id="inpaint-note", elem_classes="note")
-                    with gr.Accordion("Settings from an image", open=False):
+                    with gr.Accordion("Settings from an image", open=False, elem_id="settings-from-image"):
                         dropped = gr.File(label="Drop a PNG made by minildm or AUTOMATIC1111 to restore its settings",
                                           file_types=[".png"], elem_id="dropped")
                 with gr.Column(scale=1):
@@ -351,6 +351,24 @@ def build(studio: Studio):
                            api_name="arithmetic", concurrency_id="model")
         page.run_event = run_event
     return page
+
+
+def readable_image_editor(what: str, **kwargs):
+    """A gr.ImageEditor whose upload that cannot be decoded is a one-line message (Gradio's own is a long
+    'Could not preprocess input component ...'). `is_template` tells Gradio to draw it as its base class."""
+    import gradio as gr
+
+    class ReadableImageEditor(gr.ImageEditor):
+        is_template = True
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception as e:  # noqa: BLE001  (PIL's errors for a damaged file are of many kinds)
+                raise gr.Error(f"the {what} is not an image that can be read ({type(e).__name__})",
+                               print_exception=False) from None
+
+    return ReadableImageEditor(**kwargs)
 
 
 def whole(value, name: str):

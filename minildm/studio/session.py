@@ -123,7 +123,8 @@ class Studio:
         with self.lock:
             self.model = None                                   # free the old weights before the new ones
             try:
-                path = find_checkpoint(name, self.runs_dir)
+                run_file = os.path.join(name, "model.safetensors")
+                path = run_file if os.path.isfile(run_file) else find_checkpoint(name, self.runs_dir)
                 model, path = load_model(path, self.runs_dir, self.device, self.dtype)
                 if self.taesd:
                     model.load_taesd(self.taesd)
