@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
 SAMPLE, TRAIN, VIEWS, EVALUATE, CHECK = ("minildm.sample",), ("minildm.train",), ("minildm.views",), \
     ("minildm.evaluate",), ("minildm.check",)
+STUDIO = ("minildm.studio",)
 TINY_TRAIN = ["--dataset", "shapes", "--preset", "tiny", "--max-steps", "1"]
 
 
@@ -148,6 +149,15 @@ ROWS = [
     (VIEWS, ["filmstrip", "x", "--steps", "0"], "--steps 0"),
     (VIEWS, ["filmstrip", "x", "--guidance", "nan"], "--guidance nan"),
     (VIEWS, ["filmstrip", "x", "--size", "12"], "--size 12"),
+    # the studio: its flags, and a model it cannot load, refused before the page starts
+    (STUDIO, ["--port", "0"], "--port 0: must be from 1 to 65535"),
+    (STUDIO, ["--port", "70000"], "--port 70000"),
+    (STUDIO, ["--taesd", "notes.txt"], "--taesd notes.txt: must be a folder"),
+    (STUDIO, ["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: not found"),
+    (STUDIO, ["--runs-dir", "empty_folder"], "no model to offer: no run in empty_folder/"),
+    (STUDIO, ["--out", "notes.txt"], "notes.txt is a file, not a folder"),
+    (STUDIO, ["--dtype", "float8"], "--dtype"),
+    (STUDIO, ["--runs-dir", "empty_folder", "--ckpt", "x.ckpt"], "is not a checkpoint"),
     (VIEWS, ["filmstrip", "x", "--seed", "-1"], "--seed -1"),
     (VIEWS, ["filmstrip", "x", "--out", "notes.txt"], "--out"),
     (VIEWS, ["filmstrip", "x", "--ckpt", "x.ckpt"], "x.ckpt is not a checkpoint"),

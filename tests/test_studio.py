@@ -377,6 +377,9 @@ def test_in_the_browser_the_views_render(browser_page):
         browser_page.click(button)
         browser_page.wait_for_function(f"() => {{ const i = document.querySelector('{panel} img');"
                                        " return i && i.complete && i.naturalWidth > 200; }", timeout=60000)
+    href = browser_page.locator("#tab-inside a", has_text="Lesson 08").first.get_attribute("href")
+    lesson = browser_page.evaluate("async (href) => (await fetch(href)).text()", href)
+    assert lesson.startswith("# 08 ")
     browser_page.click("#tab-generate-button")
 
 

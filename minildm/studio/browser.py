@@ -25,13 +25,13 @@ def chromium_path() -> str | None:
 
 
 @contextlib.contextmanager
-def studio_server(*args: str, port: int, cwd=None, timeout: float = 120.0):
+def studio_server(*args: str, port: int, cwd=None, timeout: float = 120.0, log=None):
     """`python -m minildm.studio ARGS --port PORT` in a subprocess, until its page answers; yields its URL
-    and the process (whose output goes to studio-server.log in cwd)."""
+    and the process (whose output goes to `log`, default studio-server.log in cwd)."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    log = open(os.path.join(cwd or ".", "studio-server.log"), "w")
+    log = open(log or os.path.join(cwd or ".", "studio-server.log"), "w")
     process = subprocess.Popen([sys.executable, "-m", "minildm.studio", *args, "--port", str(port)], cwd=cwd, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..cli import USAGE, Parser, check_choice, check_int, check_writable_dir, fail
+from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_writable_dir, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +58,14 @@ def main(argv=None) -> int:
     if not models:
         fail(f"no model to offer: no run in {args.runs_dir}/ and no --ckpt. Train one with `python -m minildm.train "
              "--dataset cifar`, or pass --ckpt with Stable Diffusion v1 weights", USAGE)
-    print(f"loading {models[0]} ...", file=sys.stderr)
+    print(f"loading {models[0]} ...", flush=True)
     try:
         studio.use(models[0])
     except ValueError as e:
+        if isinstance(e.__cause__, CommandError):           # load_model printed its line already
+            raise e.__cause__ from None
         fail(str(e))
-    print(studio.describe(), file=sys.stderr)
+    print(studio.describe(), flush=True)
     page = build(studio)
     page.queue(default_concurrency_limit=1)
     host = "0.0.0.0" if args.listen else "127.0.0.1"

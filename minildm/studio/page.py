@@ -172,8 +172,8 @@ def build(studio: Studio):
                                                         elem_id="compare-samplers")
                     compare_scales = gr.Textbox("1, 3, 7.5", label="Guidance scales", elem_id="compare-scales")
                 compare_button = gr.Button("Compare", elem_id="compare-button")
-                compare_out = gr.Gallery(label="Samplers x guidance", elem_id="compare", columns=3, format="png",
-                                         allow_preview=False)
+                compare_out = gr.Gallery(label="Samplers x guidance", elem_id="compare", columns=6, format="png",
+                                         allow_preview=False, height="auto")
             with gr.Accordion("Arithmetic on prompts", open=True):
                 gr.Markdown("The text encoder turns a prompt into a context; contexts can be added. This draws "
                             "A, B, C and A + weight x (C - B) from the same noise: \"a photo of a cat\" - \"cat\" + "
@@ -186,8 +186,8 @@ def build(studio: Studio):
                     prompt_c = gr.Textbox("dog", label="C (add)", elem_id="prompt-c")
                     weight = gr.Number(1.0, label="weight", elem_id="weight")
                 arith_button = gr.Button("Draw A, B, C and A + weight (C - B)", elem_id="arithmetic-button")
-                arith_out = gr.Gallery(label="Arithmetic", elem_id="arithmetic", columns=4, format="png",
-                                       allow_preview=False)
+                arith_out = gr.Gallery(label="Arithmetic", elem_id="arithmetic", columns=6, format="png",
+                                       allow_preview=False, height="auto")
 
         fields = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, init, strength]
         picked = gr.State(None)

@@ -128,9 +128,9 @@ class Studio:
                 model, path = load_model(path, self.runs_dir, self.device, self.dtype)
                 if self.taesd:
                     model.load_taesd(self.taesd)
-            except CommandError as e:
+            except CommandError as e:                           # its line is already on the terminal
                 self.model_name = None
-                raise ValueError(e.message) from None
+                raise ValueError(e.message) from e
             except ValueError as e:
                 self.model_name = None
                 raise ValueError(f"--taesd {self.taesd}: {e}") from None
