@@ -421,3 +421,43 @@ def test_in_the_browser_dropping_a_png_restores_its_settings(browser_page, workd
                                    timeout=30000)
     assert browser_page.locator("#seed input").input_value() == "77"
     assert browser_page.locator("#steps input").input_value() == "9"
+
+
+def test_lora_files_and_taesd_go_into_the_models_they_fit(workdir, monkeypatch, tmp_path):
+    """--lora and --taesd: merged into / loaded for the tiny run they fit, the image equals `sample --lora
+    --taesd`; a model with other latents (8 channels) is used without TAESD and the page says so."""
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel as HFTextModel
+
+    from minildm.clip_text import CLIPTextModel
+    from minildm.unet import UNet, UNetConfig
+    from minildm.vae import AutoencoderKL, VAEConfig
+    from reference_configs import diffusers_unet_config, transformers_text_config
+    from test_ldm import tiny_taesd_folder
+    from test_lora import random_lora
+
+    unet, _, text = tiny_models()
+    lora = tmp_path / "style.safetensors"
+    save_file({k: v.contiguous() for k, v in random_lora(UNet2DConditionModel(**diffusers_unet_config(unet.cfg)),
+                                                         HFTextModel(transformers_text_config(text.cfg)),
+                                                         "kohya").items()}, str(lora))
+    taesd, _ = tiny_taesd_folder(tmp_path)
+    studio = Studio([], str(workdir / "runs"), taesd=taesd, loras=[(str(lora), 0.5)], out=str(tmp_path / "out"),
+                    dtype="float32")
+    studio.use(str(workdir / "runs" / "tiny"))
+    assert "1 LoRA file(s) merged, decoded by the TAESD" in studio.describe()
+    path = [e for e in run(studio, Request(prompt="a cat", steps=3, seed=4)) if e.kind == "image"][0].path
+    reference = sampled(workdir, monkeypatch, "ref-addons", "a cat", "--steps", "3", "--seed", "4",
+                        "--lora", f"{lora}:0.5", "--taesd", taesd)
+    assert np.array_equal(pixels(path), pixels(reference))
+    assert read_settings(path) == read_settings(reference)
+
+    torch.manual_seed(3)
+    cfg = UNetConfig(**dict(unet.cfg.__dict__, in_channels=8, out_channels=8))
+    convert.save_checkpoint(tmp_path / "eight" / "model.safetensors", unet=UNet(cfg),
+                            vae=AutoencoderKL(VAEConfig(**dict(VAEConfig.tiny().__dict__, z_channels=8))),
+                            text_encoder=CLIPTextModel(text.cfg), schedule=NoiseSchedule.sd(), scale_factor=0.5)
+    studio.use(str(tmp_path / "eight"))
+    assert "TAESD left out" in studio.describe() and "decoded by the VAE" in studio.describe()

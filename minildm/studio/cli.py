@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_writable_dir, fail
+from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_readable_file, check_writable_dir, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taesd", default=None, metavar="FOLDER",
                    help="decode with the tiny autoencoder TAESD (a diffusers AutoencoderTiny folder, or one with "
                         "taesd_decoder.pth): images and previews in a fraction of the VAE's time")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA for SD v1 (kohya or diffusers layout) into every SD v1 model the page loads, "
+                        "times SCALE (default 1); e.g. the LCM-LoRA, then pick the lcm sampler")
     p.add_argument("--out", default="studio-outputs", help="folder for the images made (PNG with their settings)")
     p.add_argument("--port", type=int, default=7860, help="port of the page")
     p.add_argument("--listen", action="store_true",
@@ -39,6 +42,12 @@ def main(argv=None) -> int:
     if args.taesd is not None and not os.path.isdir(args.taesd):
         fail(f"--taesd {args.taesd}: must be a folder (a diffusers AutoencoderTiny folder, or one with "
              "taesd_decoder.pth)", USAGE)
+    from ..sample import lora_scale, split_file_option
+
+    args.lora = [(path, lora_scale(path, scale)) for path, scale in
+                 (split_file_option("--lora", value, "SCALE") for value in args.lora)]
+    for path, _ in args.lora:
+        check_readable_file("--lora", path)
     for path in args.ckpt:
         if not os.path.exists(path) and not os.path.isdir(os.path.join(args.runs_dir, path)):
             fail(f"--ckpt {path}: not found", USAGE)
@@ -53,7 +62,8 @@ def main(argv=None) -> int:
     from .page import CSS, LESSONS, build
     from .session import Studio
 
-    studio = Studio(args.ckpt, args.runs_dir, taesd=args.taesd, device=args.device, dtype=args.dtype, out=args.out)
+    studio = Studio(args.ckpt, args.runs_dir, taesd=args.taesd, loras=args.lora, device=args.device, dtype=args.dtype,
+                    out=args.out)
     models = studio.models()
     if not models:
         fail(f"no model to offer: no run in {args.runs_dir}/ and no --ckpt. Train one with `python -m minildm.train "

@@ -267,6 +267,15 @@ def build(studio: Studio):
             return (studio.describe(), dd["sampler"], dd["steps"], dd["guidance"], gr.update(value=dd["size"],
                     step=dd["size_step"]), gr.update(value=dd["size"], step=dd["size_step"]), note)
 
+        def sampler_defaults(name, steps_):
+            """The LCM sampler wants few steps and its own guidance; leaving it restores the usual ones."""
+            dd = studio.defaults()
+            if name == "lcm":
+                return 4, dd["guidance"] if dd["takes_guidance"] else 1.0
+            if steps_ is not None and steps_ <= 8 and not dd["takes_guidance"]:
+                return 50, 7.5
+            return gr.update(), gr.update()
+
         def rescan_models():
             return gr.update(choices=studio.models(), value=studio.model_name)
 
@@ -333,6 +342,7 @@ def build(studio: Studio):
         model.change(guarded(switch), model, [about, sampler, steps, guidance, width, height, inpaint_note],
                      api_name="use_model", concurrency_id="model")
         rescan.click(guarded(rescan_models), None, model, api_name="models")
+        sampler.input(guarded(sampler_defaults), [sampler, steps], [steps, guidance], api_name=False, queue=False)
         run_event = generate.click(guarded_stream(run), fields, [status, output, gallery], api_name="generate",
                                    concurrency_id="model", concurrency_limit=1)
         stop.click(lambda: studio.stop(), None, None, api_name="stop", queue=False)

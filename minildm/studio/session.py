@@ -94,13 +94,16 @@ class PreviewBudget:
 
 
 class Studio:
-    def __init__(self, ckpts=(), runs_dir: str = "runs", *, taesd: str | None = None, device: str = "auto",
+    def __init__(self, ckpts=(), runs_dir: str = "runs", *, taesd: str | None = None, loras=(), device: str = "auto",
                  dtype: str = "auto", out: str = "studio-outputs"):
-        self.ckpts, self.runs_dir, self.taesd = list(ckpts), runs_dir, taesd
+        """taesd: a TAESD folder every SD-sized model decodes with; loras: (file, scale) pairs merged into
+        every SD-sized model when it is loaded (the small CIFAR-sized runs are left as trained)."""
+        self.ckpts, self.runs_dir, self.taesd, self.loras = list(ckpts), runs_dir, taesd, list(loras)
         self.device, self.dtype, self.out = device, dtype, out
         self.model = None
         self.model_name = None
         self.ckpt_path = None
+        self.skipped = []               # the add-ons (LoRA files, TAESD) that do not fit the loaded model
         self.preview_cost = 0.0
         self.history = []               # (path, settings), newest first
         self.last = None                # the last finished image: settings and its filmstrip steps
@@ -126,17 +129,39 @@ class Studio:
                 run_file = os.path.join(name, "model.safetensors")
                 path = run_file if os.path.isfile(run_file) else find_checkpoint(name, self.runs_dir)
                 model, path = load_model(path, self.runs_dir, self.device, self.dtype)
-                if self.taesd:
-                    model.load_taesd(self.taesd)
+                model, self.skipped = self._add_ons(model, path)
             except CommandError as e:                           # its line is already on the terminal
                 self.model_name = None
                 raise ValueError(e.message) from e
-            except ValueError as e:
+            except ValueError:
                 self.model_name = None
-                raise ValueError(f"--taesd {self.taesd}: {e}") from None
+                raise
             self.model, self.model_name, self.ckpt_path = model, name, path
             self.preview_cost = self._time_preview()
         return model
+
+    def _add_ons(self, model, path):
+        """Merge the LoRA files and load TAESD into `model` where they fit: a Stable Diffusion-sized model
+        they do not fit is an error, a small run is used without them (returned as the list of what
+        was left out, which the page shows)."""
+        sd_sized, skipped = model.default_size >= 512, []
+        for file, scale in self.loras:
+            try:
+                model.load_lora(file, scale)
+            except ValueError as e:
+                if sd_sized:
+                    raise ValueError(f"--lora {file}: {e}") from None
+                model, _ = load_model(path, self.runs_dir, self.device, self.dtype)     # no half-merged weights
+                skipped.append("the LoRA files")
+                break
+        if self.taesd:
+            try:
+                model.load_taesd(self.taesd)
+            except ValueError as e:
+                if sd_sized:
+                    raise ValueError(f"--taesd {self.taesd}: {e}") from None
+                skipped.append("TAESD")
+        return model, skipped
 
     def _time_preview(self) -> float:
         """Seconds of one preview decode at the model's own size (timed once, on zeros)."""
@@ -165,8 +190,11 @@ class Studio:
                 "an LCM-distilled model" if d["takes_guidance"] else "a text-to-image model")
         interval = d["guidance_interval"]
         guided = (f"; guidance at timesteps {interval[0]:g}-{interval[1]:g} (this run's default)" if interval else "")
-        return (f"{self.ckpt_path}: {kind}, {d['size']}x{d['size']} px, {d['dtype']}, previews by the "
-                f"{d['decoder']} ({self.preview_cost * 1000:.0f} ms each){guided}")
+        loras = (f", {len(self.loras)} LoRA file(s) merged" if self.loras and "the LoRA files" not in self.skipped
+                 else "")
+        skipped = f" ({' and '.join(self.skipped)} left out: made for another model)" if self.skipped else ""
+        return (f"{self.ckpt_path}: {kind}, {d['size']}x{d['size']} px, {d['dtype']}{loras}, decoded by the "
+                f"{d['decoder']}, previews {self.preview_cost * 1000:.0f} ms each{guided}{skipped}")
 
     # ----- generating -----------------------------------------------------------------------------
 
@@ -260,6 +288,8 @@ class Studio:
              "guidance_interval": list(self._interval()) if self._interval() else None,
              "height": r.height, "width": r.width, "checkpoint": os.path.abspath(self.ckpt_path), "ema": True,
              "dtype": str(self.model.dtype)[6:]}
+        if self.loras and "the LoRA files" not in self.skipped:
+            s["loras"] = [[os.path.abspath(path), scale] for path, scale in self.loras]
         if self.model.tiny_decoder is not None:
             s["taesd"] = os.path.abspath(self.taesd)
         if r.init_image is not None:
