@@ -161,16 +161,19 @@ def test_stop_ends_the_run_at_the_next_step_and_keeps_what_was_finished(studio):
 
 
 def test_the_preview_budget_keeps_decoding_within_its_share():
-    """PreviewBudget allows a decode only while decoding so far plus one more fits in 10% of sampling."""
-    budget = PreviewBudget(cost=1.0)
+    """PreviewBudget allows a decode only while what the preview took so far plus one more decode fits in
+    10% of the sampling time."""
+    budget = PreviewBudget(cost=1.0, share=0.1)
     decoded, sampling = 0, 0.0
-    for _ in range(100):                        # steps of 2 s each, decodes of 1 s each
+    for _ in range(100):                        # steps of 2 s each; a callback costs 0.01 s, 1 s more to decode
         sampling += 2.0
         if budget.allows(sampling):
-            budget.record(1.0)
+            budget.record(1.01, 1.0)
             decoded += 1
-        assert budget.spent <= 0.1 * sampling
-    assert decoded == 20                        # 200 s of sampling buys 20 s of previews, no more
+        else:
+            budget.record(0.01)
+        assert budget.spent <= 0.1 * sampling + 0.01    # over by one callback's own time at most
+    assert decoded == 19                        # 200 s of sampling buys 20 s: 19 decodes and 100 callbacks
     assert PreviewBudget(cost=0.001).allows(0.05)
 
 

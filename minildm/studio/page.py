@@ -9,6 +9,7 @@ the Studio and its answer into components; a ValueError becomes a one-line messa
 from __future__ import annotations
 
 import os
+import time
 import traceback
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..pngtext import read_settings
 
 LESSONS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "lessons")
 MEAN = "mean of all layers"
+UPDATE_SECONDS = 0.1    # the page's progress and preview change at most this often
 
 CSS = """
 #status progress { width: 100%; height: 0.8em; }
@@ -210,12 +212,17 @@ def build(studio: Studio):
             images = []
             made = None
             yield progress_html("Starting..."), gr.update(), gr.update()
+            shown, preview = 0.0, None
             for event in studio.generate(r):
                 if event.kind == "step":
+                    preview = event.preview if event.preview is not None else preview
+                    if time.perf_counter() - shown < UPDATE_SECONDS and event.step > 1:
+                        continue                    # the page needs no more than a few pictures a second
                     text = (f"Image {event.index + 1} of {r.count}: step {event.step} of {event.num_steps}, "
                             f"{event.seconds:.1f} s")
-                    preview = event.preview if event.preview is not None else gr.update()
-                    yield progress_html(text, event.step, event.num_steps), preview, gr.update()
+                    yield (progress_html(text, event.step, event.num_steps),
+                           preview if preview is not None else gr.update(), gr.update())
+                    shown, preview = time.perf_counter(), None
                 elif event.kind == "image":
                     images.append(event.path)
                     made = event.path

@@ -12,7 +12,11 @@ without a browser, and `page.py` only lays it out.
       .stop()                          end the running generation at its next step
       .filmstrip() / .attention(...) / .compare(...) / .arithmetic(...)    the views, on the last image
 
-One image at a time: a lock is held while a model runs, and the page queues its events behind it.
+One thread does all the model's work (loading, sampling, the views), one job at a time, so the page's
+requests queue behind it. It is one thread for a reason beyond order: PyTorch's CPU kernels run on an
+OpenMP team per calling thread, and once two threads have teams there are more OpenMP threads than
+cores, the teams stop spin-waiting and a small model's many short kernels take about twice as long
+(bench/RESULTS.md). The command line's main thread never runs a kernel.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from ..pngtext import save_png
 from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS
 
 KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
-PREVIEW_SHARE = 0.10   # at most this share of the sampling time goes to decoding previews
+PREVIEW_SHARE = 0.05   # at most this share of the sampling time goes to the preview (the rest of the
+                       # studio's work, saving the PNG and passing events, adds about 1-2%: bench/studio.py)
 MAX_IMAGES = 16        # images per press of Generate
 
 
@@ -77,9 +82,10 @@ class Stopped(Exception):
 
 
 class PreviewBudget:
-    """Decides, step by step, whether to decode a preview: only while the decoding done so far plus one
-    more stays within PREVIEW_SHARE of the sampling time, so the preview never slows sampling by more
-    than that share. `cost` is the measured seconds of one preview decode."""
+    """Decides, step by step, whether to decode a preview: only while the time the preview has taken so
+    far (`spent`: the whole callback, keeping the filmstrip's steps and reporting included) plus one more
+    decode (`cost`, as last measured) stays within PREVIEW_SHARE of the sampling time, so watching never
+    slows sampling by more than that share."""
 
     def __init__(self, cost: float, share: float = PREVIEW_SHARE):
         self.cost, self.share = cost, share
@@ -88,9 +94,11 @@ class PreviewBudget:
     def allows(self, sampling_seconds: float) -> bool:
         return self.spent + self.cost <= self.share * sampling_seconds
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, decode_seconds: float | None = None) -> None:
+        """One callback took `seconds`, of which `decode_seconds` decoding (None: it decoded nothing)."""
         self.spent += seconds
-        self.cost = seconds
+        if decode_seconds is not None:
+            self.cost = decode_seconds
 
 
 class Studio:
@@ -107,8 +115,33 @@ class Studio:
         self.preview_cost = 0.0
         self.history = []               # (path, settings), newest first
         self.last = None                # the last finished image: settings and its filmstrip steps
-        self.lock = threading.Lock()
         self._stop = threading.Event()
+        self._jobs = queue.Queue()
+        self._model_thread = threading.Thread(target=self._work, name="minildm-model", daemon=True)
+        self._model_thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            job()
+
+    def on_model_thread(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) run by the model's thread after the jobs before it; its result or its exception."""
+        if threading.current_thread() is self._model_thread:
+            return fn(*args, **kwargs)
+        done, box = threading.Event(), {}
+
+        def job():
+            try:
+                box["result"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+                box["error"] = e
+            done.set()
+        self._jobs.put(job)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     # ----- models ---------------------------------------------------------------------------------
 
@@ -123,21 +156,23 @@ class Studio:
         line when it cannot be loaded. Returns the model."""
         if name == self.model_name and self.model is not None:
             return self.model
-        with self.lock:
-            self.model = None                                   # free the old weights before the new ones
-            try:
-                run_file = os.path.join(name, "model.safetensors")
-                path = run_file if os.path.isfile(run_file) else find_checkpoint(name, self.runs_dir)
-                model, path = load_model(path, self.runs_dir, self.device, self.dtype)
-                model, self.skipped = self._add_ons(model, path)
-            except CommandError as e:                           # its line is already on the terminal
-                self.model_name = None
-                raise ValueError(e.message) from e
-            except ValueError:
-                self.model_name = None
-                raise
-            self.model, self.model_name, self.ckpt_path = model, name, path
-            self.preview_cost = self._time_preview()
+        return self.on_model_thread(self._use, name)
+
+    def _use(self, name: str):
+        self.model = None                                   # free the old weights before the new ones
+        try:
+            run_file = os.path.join(name, "model.safetensors")
+            path = run_file if os.path.isfile(run_file) else find_checkpoint(name, self.runs_dir)
+            model, path = load_model(path, self.runs_dir, self.device, self.dtype)
+            model, self.skipped = self._add_ons(model, path)
+        except CommandError as e:                           # its line is already on the terminal
+            self.model_name = None
+            raise ValueError(e.message) from e
+        except ValueError:
+            self.model_name = None
+            raise
+        self.model, self.model_name, self.ckpt_path = model, name, path
+        self.preview_cost = self._time_preview()
         return model
 
     def _add_ons(self, model, path):
@@ -309,60 +344,56 @@ class Studio:
         """Make the request's images one by one, each from its own seed (image i: seed + i, as
         `python -m minildm.sample --n` numbers them, and equal to it); yields Events while it runs."""
         r = self.check(r)
-        init, mask = self.read_images(r)
-        model = self.model
-        r.width = r.width or model.default_size
-        r.height = r.height or model.default_size
-        model.check_size(r.height, r.width)
-        os.makedirs(self.out, exist_ok=True)
         self._stop.clear()
         events = queue.Queue()
-        worker = threading.Thread(target=self._run, args=(r, init, mask, events), daemon=True)
-        worker.start()
+        self._jobs.put(lambda: self._run(r, events))
         while True:
             event = events.get()
             if isinstance(event, BaseException):
-                worker.join()
                 raise event
             yield event
             if event.kind in ("done", "stopped"):
-                worker.join()
                 return
 
-    def _run(self, r: Request, init, mask, events: queue.Queue) -> None:
+    def _run(self, r: Request, events: queue.Queue) -> None:
         try:
-            with self.lock:
-                self._generate(r, init, mask, events)
-        except BaseException as e:      # reported to the page's side of the queue, never lost in a thread
+            init, mask = self.read_images(r)
+            r.width = r.width or self.model.default_size
+            r.height = r.height or self.model.default_size
+            self.model.check_size(r.height, r.width)
+            os.makedirs(self.out, exist_ok=True)
+            self._generate(r, init, mask, events)
+        except BaseException as e:  # noqa: BLE001  (reported to the page's side of the queue)
             events.put(e)
 
     def _generate(self, r: Request, init, mask, events: queue.Queue) -> None:
         model = self.model
-        budget = PreviewBudget(self.preview_cost)
+        cost = self.preview_cost
         steps_run = r.steps if init is None else int(r.steps * r.strength)
         started = time.perf_counter()
         for index in range(r.count):
             seed = r.seed + index
             caught, state = [], {"decoded": False}
             keep = views.keep_steps(caught)
+            budget = PreviewBudget(cost)
             begun = time.perf_counter()
 
-            def callback(info, index=index, caught=caught, state=state, keep=keep, begun=begun):
-                keep(info)
+            def callback(info, index=index, state=state, keep=keep, begun=begun, budget=budget):
+                entered = time.perf_counter()
                 if self._stop.is_set():
                     raise Stopped(info["step"])
-                sampling = time.perf_counter() - begun - budget.spent
-                preview, kind = None, ""
-                if budget.allows(sampling):
-                    tic = time.perf_counter()
+                keep(info)
+                preview, kind, decoding = None, "", None
+                if budget.allows(entered - begun - budget.spent):
                     preview, kind = views.decode_preview(model, info["x0_pred"]), "decoded"
-                    budget.record(time.perf_counter() - tic)
+                    decoding = time.perf_counter() - entered
                     state["decoded"] = True
                 elif not state["decoded"]:
                     preview, kind = views.to_hwc_uint8(views.latent_to_image(info["x0_pred"][:1]))[0], "latent"
                 state["preview"] = preview if preview is not None else state.get("preview")
                 events.put(Event("step", index, info["step"] + 1, info["num_steps"], preview, kind,
                                  seconds=time.perf_counter() - started))
+                budget.record(time.perf_counter() - entered, decoding)
 
             settings = self.settings(r, seed)
             try:
@@ -377,6 +408,7 @@ class Studio:
                 events.put(Event("stopped", index, step, steps_run, state.get("preview"), settings=settings,
                                  seconds=time.perf_counter() - started))
                 return
+            cost = budget.cost                      # the next image's budget starts from the last measured decode
             path = self._save(x[0], settings)
             self.last = {"settings": settings, "caught": caught, "x": x[:1].cpu(), "path": path}
             events.put(Event("image", index, steps_run, steps_run, views.to_hwc_uint8(x[0] * 2 - 1), path=path,
@@ -414,10 +446,10 @@ class Studio:
     def filmstrip(self, max_columns: int = 8):
         """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made."""
         s = self._last_settings()
-        with self.lock, torch.no_grad():
-            return views.filmstrip_from_steps(
-                self.model, self.last["caught"], self.last["x"].to(self.model.device) * 2 - 1, max_columns=max_columns,
-                shown_only=True, title=f'"{s["prompt"]}", {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
+        return self.on_model_thread(views.filmstrip_from_steps,
+                                    self.model, self.last["caught"], self.last["x"] * 2 - 1, max_columns=max_columns,
+                                    shown_only=True,
+                                    title=f'"{s["prompt"]}", {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
 
     def attention(self):
         """Cross-attention maps of the last image's prompt and seed (views.attention_maps_view), regenerated
@@ -425,10 +457,9 @@ class Studio:
         s = self._last_settings()
         if not s["prompt"].strip():
             raise ValueError("the last image has no prompt: attention maps show where each word of a prompt looks")
-        with self.lock:
-            return views.attention_maps_view(self.model, s["prompt"], num_steps=s["steps"], sampler=s["sampler"],
-                                             guidance_scale=s["guidance"], seed=s["seed"], height=s["height"],
-                                             width=s["width"])
+        return self.on_model_thread(views.attention_maps_view, self.model, s["prompt"], num_steps=s["steps"],
+                                    sampler=s["sampler"], guidance_scale=s["guidance"], seed=s["seed"],
+                                    height=s["height"], width=s["width"])
 
     def compare(self, samplers_: list, scales: list):
         """The last image's prompt and seed under each sampler (rows) and guidance scale (columns):
@@ -445,17 +476,20 @@ class Studio:
         for w in scales:
             if not (math.isfinite(w) and 0 <= w <= 100):
                 raise ValueError(f"guidance scale {w:g}: must be from 0 to 100")
+        return self.on_model_thread(self._compare, s, samplers_, scales)
+
+    @torch.no_grad()
+    def _compare(self, s, samplers_, scales):
         images = {}
-        with self.lock, torch.no_grad():
-            noise = views.make_noise(self.model, [s["seed"]], s["height"], s["width"])
-            context = views.encode(self.model, [s["prompt"]])
-            uncond = self.model.encode_prompt([s["negative"]])
-            for name in samplers_:
-                for w in scales:
-                    steps = min(s["steps"], LCM_ORIGINAL_STEPS) if name == "lcm" else s["steps"]
-                    x = views.generate_from(self.model, context, noise, uncond_context=uncond, guidance_scale=w,
-                                            sampler=name, num_steps=steps, seed=s["seed"])
-                    images[(name, w)] = views.to_hwc_uint8(x)[0]
+        noise = views.make_noise(self.model, [s["seed"]], s["height"], s["width"])
+        context = views.encode(self.model, [s["prompt"]])
+        uncond = self.model.encode_prompt([s["negative"]])
+        for name in samplers_:
+            for w in scales:
+                steps = min(s["steps"], LCM_ORIGINAL_STEPS) if name == "lcm" else s["steps"]
+                x = views.generate_from(self.model, context, noise, uncond_context=uncond, guidance_scale=w,
+                                        sampler=name, num_steps=steps, seed=s["seed"])
+                images[(name, w)] = views.to_hwc_uint8(x)[0]
         return images
 
     def arithmetic(self, prompt_a: str, prompt_b: str, prompt_c: str, weight: float = 1.0):
@@ -465,8 +499,6 @@ class Studio:
         if not (math.isfinite(weight) and -10 <= weight <= 10):
             raise ValueError(f"weight {weight:g}: must be from -10 to 10")
         s = self.last["settings"] if self.last else {"seed": 0, **self.check(Request()).__dict__}
-        with self.lock:
-            return views.context_arithmetic(self.model, prompt_a, prompt_b, prompt_c, seed=s["seed"], weight=weight,
-                                            sampler=s["sampler"], num_steps=s["steps"],
-                                            guidance_scale=s["guidance"], height=s.get("height"),
-                                            width=s.get("width"))
+        return self.on_model_thread(views.context_arithmetic, self.model, prompt_a, prompt_b, prompt_c, seed=s["seed"],
+                                    weight=weight, sampler=s["sampler"], num_steps=s["steps"],
+                                    guidance_scale=s["guidance"], height=s.get("height"), width=s.get("width"))
