@@ -89,11 +89,11 @@ def generate(page, prompt: str, timeout: float = 120.0, **numbers) -> str:
     page.locator("#prompt textarea").fill(prompt)
     for elem_id, value in numbers.items():
         set_number(page, elem_id, value)
-    before = page.locator("#status-text").inner_text()
+    before = int(page.locator("#status-text").get_attribute("data-run"))
     page.click("#generate")
     page.wait_for_function(
         "([before]) => { const s = document.querySelector('#status-text');"
-        " return s && s.innerText !== before && /^(Done|Stopped)/.test(s.innerText); }",
+        " return s && Number(s.dataset.run) > before && /^(Done|Stopped)/.test(s.innerText); }",
         arg=[before], timeout=timeout * 1000)
     return page.locator("#status-text").inner_text()
 

@@ -45,9 +45,11 @@ def figure_image(fig) -> np.ndarray:
     return image
 
 
-def progress_html(text: str, done: int = 0, total: int = 0) -> str:
+def progress_html(text: str, done: int = 0, total: int = 0, run: int = 0) -> str:
+    """The status: a progress bar and one line; data-run numbers the presses of Generate, so a script can
+    tell this run's "Done" from the last one's."""
     bar = f'<progress value="{done}" max="{total}"></progress>' if total else ""
-    return f'{bar}<div id="status-text">{text}</div>'
+    return f'{bar}<div id="status-text" data-run="{run}">{text}</div>'
 
 
 def build(studio: Studio):
@@ -208,10 +210,14 @@ def build(studio: Studio):
         def run(*values):
             yield from stream(request(*values))
 
+        runs = [0]
+
         def stream(r: Request):
             images = []
             made = None
-            yield progress_html("Starting..."), gr.update(), gr.update()
+            runs[0] += 1
+            status = lambda text, done=0, total=0: progress_html(text, done, total, runs[0])  # noqa: E731
+            yield status("Starting..."), gr.update(), gr.update()
             shown, preview = 0.0, None
             for event in studio.generate(r):
                 if event.kind == "step":
@@ -220,20 +226,20 @@ def build(studio: Studio):
                         continue                    # the page needs no more than a few pictures a second
                     text = (f"Image {event.index + 1} of {r.count}: step {event.step} of {event.num_steps}, "
                             f"{event.seconds:.1f} s")
-                    yield (progress_html(text, event.step, event.num_steps),
+                    yield (status(text, event.step, event.num_steps),
                            preview if preview is not None else gr.update(), gr.update())
                     shown, preview = time.perf_counter(), None
                 elif event.kind == "image":
                     images.append(event.path)
                     made = event.path
-                    yield (progress_html(f"Saved {event.path} (seed {event.settings['seed']}), {event.seconds:.1f} s",
+                    yield (status(f"Saved {event.path} (seed {event.settings['seed']}), {event.seconds:.1f} s",
                                          event.step, event.num_steps), event.path, history())
                 elif event.kind == "stopped":
-                    yield (progress_html(f"Stopped at step {event.step} of {event.num_steps} of image "
+                    yield (status(f"Stopped at step {event.step} of {event.num_steps} of image "
                                          f"{event.index + 1}; kept {len(images)} finished image(s) and the last "
                                          "preview."), event.preview if made is None else made, history())
                 else:
-                    yield (progress_html(f"Done: {len(images)} image(s) in {event.seconds:.1f} s."), made, history())
+                    yield (status(f"Done: {len(images)} image(s) in {event.seconds:.1f} s."), made, history())
 
         def history():
             return [(path, f"{s['prompt'][:40]} (seed {s['seed']})") for path, s in studio.history]
