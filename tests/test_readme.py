@@ -30,5 +30,5 @@ def test_reference_libraries_are_installed():
     import importlib
 
     for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers", "scipy", "peft", "nbformat",
-                 "nbclient"):
+                 "nbclient", "gradio", "gradio_client", "playwright.sync_api"):
         importlib.import_module(name)

@@ -357,14 +357,14 @@ def build(studio: Studio):
         rescan.click(guarded(rescan_models), None, model, api_name="models")
         sampler.input(guarded(sampler_defaults), [sampler, steps], [steps, guidance], api_name=False, queue=False)
         run_event = generate.click(guarded_stream(run), fields, [status, output, gallery], api_name="generate",
-                                   concurrency_id="model", concurrency_limit=1)
+                                   concurrency_id="model", concurrency_limit=1, show_progress="hidden")
         stop.click(lambda: studio.stop(), None, None, api_name="stop", queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
         reuse_seed.click(guarded(last_seed), None, seed, api_name="last_seed", queue=False)
         dropped.upload(guarded(restore), dropped, fields, api_name="restore")
         gallery.select(guarded(pick), None, [picked] + fields, api_name=False)
         rerun.click(guarded_stream(run_again), picked, [status, output, gallery], api_name=False,
-                    concurrency_id="model")
+                    concurrency_id="model", show_progress="hidden")
         film_button.click(guarded(show_filmstrip), None, film, api_name="filmstrip", concurrency_id="model")
         attn_button.click(guarded(show_attention), None, [attn, layer], api_name="attention", concurrency_id="model")
         layer.change(guarded(show_layer), layer, attn, api_name="attention_layer")
