@@ -1,6 +1,7 @@
 """The studio: its session in plain Python (the same images as `python -m minildm.sample`, Stop, the
 preview's budget, one-line messages), every page event through Gradio's Python client, and the page in a
 real headless Chromium, as a person uses it."""
+import io
 import json
 import os
 import socket
@@ -145,8 +146,8 @@ def test_images_of_one_request_are_numbered_by_seed_and_previews_come_every_step
 
 
 def test_stop_ends_the_run_at_the_next_step_and_keeps_what_was_finished(studio):
-    """Stop during the second image: the first is saved, the run ends at the next step the model reaches,
-    the last one the page was shown."""
+    """Stop asked at the second image's third step: the run ends at the next step the model reaches (the
+    last one the page was shown), every image finished before it is saved, and the next run runs."""
     before = len(studio.history)
     events = []
     for event in studio.generate(Request(prompt="a truck", steps=30, seed=5, count=4)):
@@ -154,13 +155,44 @@ def test_stop_ends_the_run_at_the_next_step_and_keeps_what_was_finished(studio):
         if event.kind == "step" and event.index == 1 and event.step == 3:
             studio.stop()
     last = events[-1]       # the model's thread may have run a few more steps before it saw the request
-    assert last.kind == "stopped" and last.index == 1 and 3 <= last.step < 30
-    assert [e.step for e in events if e.kind == "step" and e.index == 1][-1] == last.step
+    finished = [e for e in events if e.kind == "image"]
+    assert last.kind == "stopped" and last.index == len(finished) >= 1 and last.step < 30
+    assert [e.step for e in events if e.kind == "step" and e.index == last.index][-1] == last.step
     assert last.settings["stopped_at_step"] == last.step and last.preview is not None
-    assert [e.kind for e in events].count("image") == 1
-    assert len(studio.history) == before + 1
+    assert len(studio.history) == before + len(finished)
     again = run(studio, Request(prompt="a truck", steps=2, seed=5))      # the next run is not stopped
     assert again[-1].kind == "done"
+
+
+def test_closing_the_generation_stops_it(studio):
+    """A caller that stops reading (a page closed) stops the run: the next request runs at once."""
+    events = studio.generate(Request(prompt="a truck", steps=1000, seed=5, count=16))
+    assert next(events).kind == "step"
+    events.close()
+    assert run(studio, Request(prompt="a truck", steps=2, seed=5))[-1].kind == "done"
+
+
+def test_image_to_image_counts_the_steps_it_runs(studio, workdir):
+    """At strength 0.5 of 8 steps the run has 4 steps, and its progress says 1 to 4 of 4."""
+    events = run(studio, Request(prompt="a red car", steps=8, seed=2, init_image=str(workdir / "init.png"),
+                                 strength=0.5))
+    assert [(e.step, e.num_steps) for e in events if e.kind == "step"] == [(k, 4) for k in range(1, 5)]
+
+
+def test_the_preview_is_decoded_as_the_budget_allows(studio, monkeypatch):
+    """A budget with room for everything decodes every step; a decoder that would take forever decodes
+    none, and the page gets the latent's colours instead."""
+    from minildm.studio import session
+
+    events = run(studio, Request(prompt="a boat", steps=6, seed=1))
+    assert {e.preview_kind for e in events if e.kind == "step"} <= {"decoded", "latent", ""}
+    monkeypatch.setattr(session, "PREVIEW_SHARE", 1e9)
+    events = run(studio, Request(prompt="a boat", steps=6, seed=1))
+    assert [e.preview_kind for e in events if e.kind == "step"] == ["decoded"] * 6
+    monkeypatch.setattr(session, "PREVIEW_SHARE", 0.05)
+    monkeypatch.setattr(studio, "preview_cost", 1e9)
+    events = run(studio, Request(prompt="a boat", steps=6, seed=1))
+    assert [e.preview_kind for e in events if e.kind == "step"] == ["latent"] * 6
 
 
 def test_the_preview_budget_keeps_decoding_within_its_share():
@@ -197,10 +229,20 @@ def test_bad_requests_are_one_line_naming_the_field(studio, workdir, fields, wor
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_views_of_the_last_image(studio):
+def test_the_views_of_the_last_image(workdir, tmp_path):
     """Filmstrip from the kept steps, attention maps per token, the comparison grid (whose own sampler and
-    scale give the last image again) and prompt arithmetic."""
+    scale give the last image again, the run's guidance interval included) and prompt arithmetic; a
+    model switch forgets the last image."""
+    import shutil
+
+    guided = tmp_path / "runs" / "guided"
+    guided.mkdir(parents=True)
+    shutil.copy(workdir / "runs" / "tiny" / "model.safetensors", guided / "model.safetensors")
+    (guided / "config.json").write_text(json.dumps({"guidance_interval": [0, 600]}))
+    studio = Studio([], str(tmp_path / "runs"), out=str(tmp_path / "out"), dtype="float32")
+    studio.use(str(guided))
     events = run(studio, Request(prompt="a green frog", sampler="ddim", steps=6, guidance=7.5, seed=9))
+    assert [e for e in events if e.kind == "image"][0].settings["guidance_interval"] == [0, 600]
     made = pixels([e for e in events if e.kind == "image"][0].path)
     strip = studio.filmstrip()
     assert strip.steps == list(range(6)) and len(strip.x0_pred) == 6
@@ -216,6 +258,11 @@ def test_the_views_of_the_last_image(studio):
     assert strip.labels[-1] == "a + 0.5 (c - b)" and len(strip.images) == 4
     with pytest.raises(ValueError, match="at most 24"):
         studio.compare(["ddim"] * 5, [1, 2, 3, 4, 5])
+    figure = studio.attention_figure(next(iter(maps.per_layer)))
+    assert figure.axes and figure.axes[0].get_title() == "image"
+    studio.use(str(workdir / "runs" / "tiny"))
+    with pytest.raises(ValueError, match="make an image first"):
+        studio.filmstrip()
 
 
 def test_a_saved_image_re_runs_from_its_settings(studio):
@@ -223,6 +270,9 @@ def test_a_saved_image_re_runs_from_its_settings(studio):
     path = [e for e in run(studio, Request(prompt="a deer", steps=4, seed=21)) if e.kind == "image"][0].path
     again = [e for e in run(studio, studio.request_from(read_settings(path))) if e.kind == "image"][0].path
     assert again != path and np.array_equal(pixels(again), pixels(path))
+    other = dict(read_settings(path), checkpoint="/elsewhere/model.safetensors")
+    with pytest.raises(ValueError, match="pick that model first"):
+        studio.request_from(other)
 
 
 # ----- every page event through Gradio's Python client --------------------------------------------
@@ -390,22 +440,56 @@ def test_in_the_browser_the_views_render(browser_page):
 
 
 def test_in_the_browser_stop_stops_and_keeps_what_was_made(browser_page):
-    """Stop during a long run: the status says where it stopped, and the server answers the next run."""
+    """Stop during the second image: the status says where it stopped and that the first was kept, the
+    gallery has it, and the server answers the next run."""
     from minildm.studio import browser
 
+    shown = browser_page.locator("#gallery img").count()
     browser_page.locator("#prompt textarea").fill("a ship at sea")
-    browser.set_number(browser_page, "steps", 1000)
-    browser.set_number(browser_page, "count", 4)
+    browser.set_number(browser_page, "steps", 300)
+    browser.set_number(browser_page, "count", 3)
     browser_page.click("#generate")
-    browser_page.wait_for_function("() => /step [0-9]+ of 1000/.test(document.querySelector('#status-text').innerText)",
+    browser_page.wait_for_function("() => /Image 2 of 3: step/.test(document.querySelector('#status-text').innerText)",
                                    timeout=60000)
     browser_page.click("#stop")
     browser_page.wait_for_function("() => document.querySelector('#status-text').innerText.startsWith('Stopped')",
                                    timeout=60000)
     text = browser_page.locator("#status-text").inner_text()
-    assert "of 1000 of image 1" in text, text
+    assert "of 300 of image 2; kept 1 finished image(s)" in text, text
+    browser_page.wait_for_function(f"() => document.querySelectorAll('#gallery img').length === {shown + 1}",
+                                   timeout=30000)
     browser.set_number(browser_page, "count", 1)
     assert browser.generate(browser_page, "a ship at sea", seed=1, steps=3).startswith("Done")
+
+
+def test_in_the_browser_a_gallery_image_runs_again(browser_page):
+    """Pick an image in the gallery: the form takes its settings; Run again makes the same picture."""
+    from minildm.studio import browser
+
+    browser.generate(browser_page, "a blue car", seed=31, steps=5)
+    first = browser.image_bytes(browser_page, "#output")
+    browser.generate(browser_page, "a red bird", seed=2, steps=4)
+    browser_page.locator("#gallery img").nth(1).click()
+    browser_page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a blue car'",
+                                   timeout=30000)
+    assert browser_page.locator("#seed input").input_value() == "31"
+    before = int(browser_page.locator("#status-text").get_attribute("data-run"))
+    browser_page.click("#rerun")
+    browser_page.wait_for_function(f"() => {{ const s = document.querySelector('#status-text');"
+                                   f" return Number(s.dataset.run) > {before} && s.innerText.startsWith('Done'); }}",
+                                   timeout=60000)
+    again = browser.image_bytes(browser_page, "#output")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(again))), np.asarray(Image.open(io.BytesIO(first))))
+
+
+def test_in_the_browser_the_lcm_sampler_sets_its_steps_and_guidance(browser_page):
+    """Choosing lcm puts 4 steps and guidance 1 in the form; going back to ddim restores 50 and 7.5."""
+    for name, steps, guidance in (("lcm", "4", "1"), ("ddim", "50", "7.5")):
+        browser_page.locator("#sampler input").fill(name)
+        browser_page.keyboard.press("Enter")
+        browser_page.wait_for_function(f"() => document.querySelector('#steps input').value === '{steps}'",
+                                       timeout=30000)
+        assert browser_page.locator("#guidance input").input_value() == guidance
 
 
 def test_in_the_browser_a_bad_value_shows_one_line(browser_page):

@@ -68,9 +68,10 @@ def main(argv=None) -> int:
     if not models:
         fail(f"no model to offer: no run in {args.runs_dir}/ and no --ckpt. Train one with `python -m minildm.train "
              "--dataset cifar`, or pass --ckpt with Stable Diffusion v1 weights", USAGE)
-    print(f"loading {models[0]} ...", flush=True)
+    first = args.ckpt[0] if args.ckpt else models[0]        # what you name comes first, else the newest run
+    print(f"loading {first} ...", flush=True)
     try:
-        studio.use(models[0])
+        studio.use(first)
     except ValueError as e:
         if isinstance(e.__cause__, CommandError):           # load_model printed its line already
             raise e.__cause__ from None

@@ -6,8 +6,8 @@ generation at a time, generators that stream previews, an image editor to paint 
 client for every event (each has an `api_name`). Each callback turns the page's values into a call on
 the Studio and its answer into components; a ValueError becomes a one-line message in the page.
 """
-from __future__ import annotations
 
+import functools
 import os
 import time
 import traceback
@@ -56,38 +56,42 @@ def build(studio: Studio):
     """The page (a gr.Blocks) for a Studio whose first model is already loaded."""
     import gradio as gr
 
+    def one_line(e: Exception) -> gr.Error:
+        """ValueError -> its message; anything else -> its type and first line (the traceback goes to the
+        server's terminal, never to the browser)."""
+        if isinstance(e, ValueError):
+            return gr.Error(str(e), print_exception=False)
+        traceback.print_exc()
+        return gr.Error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}", print_exception=False)
+
     def guarded(fn):
-        """Run a callback; ValueError -> its one line in the page; anything else -> one line too (and the
-        traceback on the server's terminal, never in the browser)."""
+        """A callback whose errors are one line in the page (functools.wraps keeps its signature, which
+        Gradio reads to hand it event data such as gr.SelectData)."""
+        @functools.wraps(fn)
         def call(*args):
             try:
                 return fn(*args)
             except gr.Error:
                 raise
-            except ValueError as e:
-                raise gr.Error(str(e), print_exception=False) from None
             except Exception as e:  # noqa: BLE001  (the server stays up; the user sees what failed)
-                traceback.print_exc()
-                raise gr.Error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}",
-                               print_exception=False) from None
-        call.__name__ = fn.__name__
+                raise one_line(e) from None
         return call
 
     def guarded_stream(fn):
+        """The same for a generating callback: the status line says it did not run, then the message."""
+        @functools.wraps(fn)
         def call(*args):
             try:
                 yield from fn(*args)
             except gr.Error:
                 raise
-            except ValueError as e:
-                raise gr.Error(str(e), print_exception=False) from None
             except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                raise gr.Error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}",
-                               print_exception=False) from None
-        call.__name__ = fn.__name__
+                error = one_line(e)
+                yield progress_html(f"Not run: {error.message}", run=runs[0]), gr.update(), gr.update()
+                raise error from None
         return call
 
+    runs = [0]      # presses of Generate so far (the status's data-run)
     d = studio.defaults()
     with gr.Blocks(title="minildm studio", analytics_enabled=False) as page:
         gr.Markdown("# minildm studio\nType a prompt and press **Generate**; the image forms in front of you. "
@@ -108,30 +112,29 @@ def build(studio: Studio):
                         karras = gr.Checkbox(False, label="Karras sigmas", elem_id="karras",
                                              info=", ".join(KARRAS_SAMPLERS))
                     with gr.Row():
-                        steps = gr.Number(d["steps"], label="Steps", precision=0, elem_id="steps")
+                        steps = gr.Number(d["steps"], label="Steps", elem_id="steps")
                         guidance = gr.Number(d["guidance"], label="Guidance scale (1 = none)", elem_id="guidance")
                     with gr.Row():
-                        seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
+                        seed = gr.Number(-1, label="Seed (-1: random)", elem_id="seed")
                         random_seed = gr.Button("Random", elem_id="random-seed", size="sm")
                         reuse_seed = gr.Button("Reuse last", elem_id="reuse-seed", size="sm")
                     with gr.Row():
-                        width = gr.Number(d["size"], label="Width", precision=0, elem_id="width", step=d["size_step"])
-                        height = gr.Number(d["size"], label="Height", precision=0, elem_id="height",
-                                           step=d["size_step"])
-                        count = gr.Number(1, label=f"Images (1-{MAX_IMAGES})", precision=0, elem_id="count")
+                        width = gr.Number(d["size"], label="Width", elem_id="width", step=d["size_step"])
+                        height = gr.Number(d["size"], label="Height", elem_id="height", step=d["size_step"])
+                        count = gr.Number(1, label=f"Images (1-{MAX_IMAGES})", elem_id="count")
                     with gr.Accordion("Image to image and inpainting", open=False, elem_id="image-to-image"):
-                        gr.Markdown("Upload an image to start from it; paint over it to repaint only there "
-                                    "(inpainting). " + lesson_link("07_stable_diffusion.md", "Lesson 07"),
-                                    elem_classes="note")
-                        init = readable_image_editor("uploaded image", label="Start image (paint the part to repaint)", type="filepath",
+                        gr.Markdown("Upload an image to start from it (at its own size, rounded down to a "
+                                    "multiple of 8: Width and Height are for text to image); paint over it to "
+                                    "repaint only there (inpainting). "
+                                    + lesson_link("07_stable_diffusion.md", "Lesson 07"), elem_classes="note")
+                        init = gr.ImageEditor(label="Start image (paint the part to repaint)", type="filepath",
                                               format="png", elem_id="init", sources=["upload", "clipboard"],
                                               layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                        refuse_unreadable(init, "uploaded image")
                         strength = gr.Slider(0, 1, 0.75, step=0.05, label="Strength (0 keeps the image, 1 ignores it)",
                                              elem_id="strength")
-                        inpaint_note = gr.Markdown(
-                            "Inpainting here: " + ("the model's own 9-channel inpainting UNet." if d["inpainting_model"]
-                                                   else "latent blending (the kept part is put back at every step)."),
-                            elem_id="inpaint-note", elem_classes="note")
+                        inpaint_note = gr.Markdown(studio.inpainting_note(), elem_id="inpaint-note",
+                                                   elem_classes="note")
                     with gr.Accordion("Settings from an image", open=False, elem_id="settings-from-image"):
                         dropped = gr.File(label="Drop a PNG made by minildm or AUTOMATIC1111 to restore its settings",
                                           file_types=[".png"], elem_id="dropped")
@@ -148,7 +151,8 @@ def build(studio: Studio):
                     rerun = gr.Button("Run the picked image again", elem_id="rerun")
 
         with gr.Tab("Look inside", elem_id="tab-inside"):
-            gr.Markdown("Each panel works on the last image made in *Generate*.")
+            gr.Markdown("Each panel works on the last image made in *Generate*, drawn again from its prompt and seed "
+                        "(from text alone, without Karras sigmas) where a panel needs to watch it being made.")
             with gr.Accordion("The image forming, step by step", open=True):
                 gr.Markdown("Top row: the noisy latent at each step, decoded; middle: the model's guess of the "
                             "finished image at that step (x0); bottom: the noise it predicts, as colours. The guess "
@@ -159,8 +163,8 @@ def build(studio: Studio):
                 film = gr.Image(label="Filmstrip", elem_id="filmstrip", interactive=False, format="png")
             with gr.Accordion("Where each word looks", open=True):
                 gr.Markdown("Cross-attention: for each token of the prompt, how strongly each part of the image "
-                            "attended to it, averaged over the steps (the image is regenerated with its seed while "
-                            "the maps are recorded). " + lesson_link("08_views.md", "Lesson 08") + "; the "
+                            "attended to it, averaged over the steps (the image is drawn again while the maps are "
+                            "recorded, without the negative prompt). " + lesson_link("08_views.md", "Lesson 08") + "; the "
                             "layers are lesson 03's.", elem_classes="note")
                 with gr.Row():
                     attn_button = gr.Button("Show the attention maps of the last image", elem_id="attention-button")
@@ -194,6 +198,9 @@ def build(studio: Studio):
                                        allow_preview=False, height="auto")
 
         fields = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, init, strength]
+        # What restoring settings fills in: never the image editor, which Gradio would rebuild for the
+        # session (as it rebuilds any component an event outputs to), losing refuse_unreadable's wrapper.
+        settable = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, strength]
         picked = gr.State(None)
 
         # ----- callbacks: page values -> Studio -> components ------------------------------------
@@ -203,14 +210,20 @@ def build(studio: Studio):
             init_image, mask = editor_files(init_)
             return Request(prompt=prompt_ or "", negative=negative_ or "", sampler=sampler_, karras=bool(karras_),
                            steps=whole(steps_, "Steps"), guidance=number(guidance_, "Guidance scale"),
-                           seed=whole(seed_, "Seed") if seed_ is not None else -1, width=whole(width_, "Width"),
-                           height=whole(height_, "Height"), count=whole(count_, "Images"), init_image=init_image,
-                           strength=float(strength_) if init_image else None, mask=mask)
+                           seed=whole(seed_, "Seed") if seed_ is not None else -1,
+                           width=None if init_image else whole(width_, "Width"),
+                           height=None if init_image else whole(height_, "Height"), count=whole(count_, "Images"),
+                           init_image=init_image, strength=float(strength_) if init_image else None, mask=mask)
+
+        def editor_files(value):
+            """The image editor's value -> (start image file, mask file or None)."""
+            if not value or not value.get("background"):
+                return None, None
+            layers = [p for p in (value.get("layers") or []) if p]
+            return value["background"], studio.mask_from_layers(value["background"], layers) if layers else None
 
         def run(*values):
             yield from stream(request(*values))
-
-        runs = [0]
 
         def stream(r: Request):
             images = []
@@ -233,78 +246,54 @@ def build(studio: Studio):
                     images.append(event.path)
                     made = event.path
                     yield (status(f"Saved {event.path} (seed {event.settings['seed']}), {event.seconds:.1f} s",
-                                         event.step, event.num_steps), event.path, history())
+                                  event.step, event.num_steps), event.path, history())
                 elif event.kind == "stopped":
-                    yield (status(f"Stopped at step {event.step} of {event.num_steps} of image "
-                                         f"{event.index + 1}; kept {len(images)} finished image(s) and the last "
-                                         "preview."), event.preview if made is None else made, history())
+                    yield (status(f"Stopped at step {event.step} of {event.num_steps} of image {event.index + 1}; "
+                                  f"kept {len(images)} finished image(s)" + ("" if made else " and the last preview")
+                                  + "."), event.preview if made is None else made, history())
                 else:
                     yield (status(f"Done: {len(images)} image(s) in {event.seconds:.1f} s."), made, history())
 
         def history():
             return [(path, f"{s['prompt'][:40]} (seed {s['seed']})") for path, s in studio.history]
 
-        def editor_files(value):
-            """The ImageEditor's value -> (start image file, mask file or None): the mask is where the brush
-            painted, i.e. where the composite differs from the background."""
-            if not value or not value.get("background"):
-                return None, None
-            background, composite = value["background"], value.get("composite")
-            layers = [p for p in (value.get("layers") or []) if p]
-            if not layers:
-                return background, None
-            from PIL import Image
-
-            try:
-                painted = np.zeros(Image.open(background).size[::-1], dtype=bool)
-                for path in layers:
-                    with Image.open(path) as layer_image:
-                        alpha = np.asarray(layer_image.convert("RGBA"))[..., 3]
-                    if alpha.shape != painted.shape:
-                        raise ValueError("the painted layer is not the image's size")
-                    painted |= alpha > 0
-            except (OSError, ValueError) as e:
-                raise ValueError(f"the painted mask cannot be read ({type(e).__name__})") from None
-            if not painted.any():
-                return background, None
-            mask_path = os.path.join(studio.out, "masks", f"mask-{abs(hash(composite or background))}.png")
-            os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-            Image.fromarray(painted.astype(np.uint8) * 255).save(mask_path)
-            return background, mask_path
+        def model_fields():
+            """What the page shows about the loaded model: the list, the line about it, the form's defaults."""
+            if studio.model is None:
+                return [gr.update(choices=studio.models(), value=None), studio.describe()] + [gr.update()] * 7
+            dd = studio.defaults()
+            size = gr.update(value=dd["size"], step=dd["size_step"])
+            return [gr.update(choices=studio.models(), value=studio.model_name), studio.describe(), dd["sampler"],
+                    dd["steps"], dd["guidance"], size, size, studio.inpainting_note(),
+                    1.0 if dd["inpainting_model"] else 0.75]
 
         def switch(name):
-            studio.use(name)
-            dd = studio.defaults()
-            note = ("Inpainting here: " + ("the model's own 9-channel inpainting UNet." if dd["inpainting_model"]
-                                           else "latent blending (the kept part is put back at every step)."))
-            return (studio.describe(), dd["sampler"], dd["steps"], dd["guidance"], gr.update(value=dd["size"],
-                    step=dd["size_step"]), gr.update(value=dd["size"], step=dd["size_step"]), note)
-
-        def sampler_defaults(name, steps_):
-            """The LCM sampler wants few steps and its own guidance; leaving it restores the usual ones."""
-            dd = studio.defaults()
-            if name == "lcm":
-                return 4, dd["guidance"] if dd["takes_guidance"] else 1.0
-            if steps_ is not None and steps_ <= 8 and not dd["takes_guidance"]:
-                return 50, 7.5
-            return gr.update(), gr.update()
+            try:
+                studio.use(name)
+            except ValueError as e:         # the old model is gone already: say so where the model is named
+                gr.Warning(str(e))
+            return model_fields()[1:]
 
         def rescan_models():
             return gr.update(choices=studio.models(), value=studio.model_name)
 
+        def sampler_changed(name, steps_, guidance_):
+            values = studio.sampler_defaults(name, number(steps_, "Steps"), number(guidance_, "Guidance scale"))
+            return values if values is not None else (gr.update(), gr.update())
+
         def restore(file):
             if file is None:
-                return [gr.update()] * len(fields)
+                return [gr.update()] * len(settable)
             return settings_updates(read_settings(file))
 
         def settings_updates(s: dict):
             keys = ["prompt", "negative", "sampler", "karras", "steps", "guidance", "seed", "width", "height"]
             values = [gr.update(value=s[k]) if s.get(k) is not None else gr.update() for k in keys]
-            return values + [gr.update(value=1), gr.update(), gr.update(value=s["strength"]) if s.get("strength")
-                             is not None else gr.update()]
+            return values + [gr.update(value=1), gr.update(value=s["strength"]) if s.get("strength") is not None
+                             else gr.update()]
 
         def pick(evt: gr.SelectData):
-            path, s = studio.history[evt.index]
+            _, s = studio.history_item(evt.index)
             return [s] + settings_updates(s)
 
         def run_again(s):
@@ -312,28 +301,18 @@ def build(studio: Studio):
                 raise ValueError("pick an image in the gallery first")
             yield from stream(studio.request_from(s))
 
-        def last_seed():
-            if not studio.history:
-                raise ValueError("no image made yet: there is no last seed")
-            return studio.history[0][1]["seed"]
-
         def show_filmstrip():
             return figure_image(studio.filmstrip().figure)
 
         def show_attention():
             maps = studio.attention()
-            studio.last_attention = maps
-            names = [MEAN] + list(maps.per_layer)
-            return figure_image(maps.figure), gr.update(choices=names, value=MEAN)
+            figure_image(maps.layer_figure)                 # closes it: the page shows one layer at a time
+            return figure_image(maps.figure), gr.update(choices=[MEAN] + list(maps.per_layer), value=MEAN)
 
         def show_layer(name):
-            from ..views import plot_token_maps
-
-            maps = getattr(studio, "last_attention", None)
-            if maps is None:
+            if studio.last_attention is None:
                 return gr.update()
-            chosen = maps.average if name == MEAN or name not in maps.per_layer else maps.per_layer[name]
-            return figure_image(plot_token_maps(maps.image, chosen, maps.tokens, title=name))
+            return figure_image(studio.attention_figure(None if name == MEAN else name))
 
         def show_compare(names, scales_text):
             try:
@@ -345,24 +324,33 @@ def build(studio: Studio):
 
         def show_arithmetic(a, b, c, w):
             strip = studio.arithmetic(a, b, c, number(w, "weight"))
-            import matplotlib.pyplot as plt
-
-            plt.close(strip.figure)
+            figure_image(strip.figure)
             return [(image, label) for image, label in zip(strip.images, strip.labels)]
 
         # ----- wiring; every event has an api_name, so gradio_client reaches it ----------------------
 
-        model.change(guarded(switch), model, [about, sampler, steps, guidance, width, height, inpaint_note],
-                     api_name="use_model", concurrency_id="model")
+        model_outputs = [about, sampler, steps, guidance, width, height, inpaint_note, strength]
+        model.input(guarded(switch), model, model_outputs, api_name="use_model", concurrency_id="model")
+        built_with = studio.model_name
+
+        def on_load():
+            """A page opened after the model was switched shows the loaded model, not the one it was built
+            with (and one opened before leaves what its user may already be typing alone)."""
+            if studio.model_name == built_with:
+                return [gr.update(choices=studio.models())] + [gr.update()] * len(model_outputs)
+            return model_fields()
+
+        page.load(on_load, None, [model] + model_outputs, api_name=False, queue=False)
         rescan.click(guarded(rescan_models), None, model, api_name="models")
-        sampler.input(guarded(sampler_defaults), [sampler, steps], [steps, guidance], api_name=False, queue=False)
-        run_event = generate.click(guarded_stream(run), fields, [status, output, gallery], api_name="generate",
-                                   concurrency_id="model", concurrency_limit=1, show_progress="hidden")
+        sampler.input(guarded(sampler_changed), [sampler, steps, guidance], [steps, guidance], api_name=False,
+                      queue=False)
+        generate.click(guarded_stream(run), fields, [status, output, gallery], api_name="generate",
+                       concurrency_id="model", concurrency_limit=1, show_progress="hidden")
         stop.click(lambda: studio.stop(), None, None, api_name="stop", queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
-        reuse_seed.click(guarded(last_seed), None, seed, api_name="last_seed", queue=False)
-        dropped.upload(guarded(restore), dropped, fields, api_name="restore")
-        gallery.select(guarded(pick), None, [picked] + fields, api_name=False)
+        reuse_seed.click(guarded(studio.last_seed), None, seed, api_name="last_seed", queue=False)
+        dropped.upload(guarded(restore), dropped, settable, api_name="restore")
+        gallery.select(guarded(pick), None, [picked] + settable, api_name=False)
         rerun.click(guarded_stream(run_again), picked, [status, output, gallery], api_name=False,
                     concurrency_id="model", show_progress="hidden")
         film_button.click(guarded(show_filmstrip), None, film, api_name="filmstrip", concurrency_id="model")
@@ -372,26 +360,23 @@ def build(studio: Studio):
                              api_name="compare", concurrency_id="model")
         arith_button.click(guarded(show_arithmetic), [prompt_a, prompt_b, prompt_c, weight], arith_out,
                            api_name="arithmetic", concurrency_id="model")
-        page.run_event = run_event
     return page
 
 
-def readable_image_editor(what: str, **kwargs):
-    """A gr.ImageEditor whose upload that cannot be decoded is a one-line message (Gradio's own is a long
-    'Could not preprocess input component ...'). `is_template` tells Gradio to draw it as its base class."""
+def refuse_unreadable(component, what: str) -> None:
+    """Make an upload that Gradio cannot decode a one-line message (Gradio's own is a long 'Could not
+    preprocess input component ...'): the component's preprocess, wrapped on the instance."""
     import gradio as gr
 
-    class ReadableImageEditor(gr.ImageEditor):
-        is_template = True
+    plain = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception as e:  # noqa: BLE001  (PIL's errors for a damaged file are of many kinds)
-                raise gr.Error(f"the {what} is not an image that can be read ({type(e).__name__})",
-                               print_exception=False) from None
-
-    return ReadableImageEditor(**kwargs)
+    def preprocess(payload):
+        try:
+            return plain(payload)
+        except Exception as e:  # noqa: BLE001  (PIL's errors for a damaged file are of many kinds)
+            raise gr.Error(f"the {what} is not an image that can be read ({type(e).__name__})",
+                           print_exception=False) from None
+    component.preprocess = preprocess
 
 
 def whole(value, name: str):

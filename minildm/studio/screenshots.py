@@ -39,10 +39,11 @@ def main(argv=None) -> int:
         port = s.getsockname()[1]
     flags = ["--runs-dir", args.runs_dir] + (["--ckpt", args.ckpt] if args.ckpt else [])
     with tempfile.TemporaryDirectory() as work:
-        with browser.studio_server(*flags, "--out", work, port=port, log=os.path.join(work, "server.log")) as (url, _), \
+        with browser.studio_server(*flags, "--out", work, port=port, log=os.path.join(work, "server.log"),
+                                   timeout=600) as (url, _), \
                 browser.browser_page(width=1280, height=1000) as page:
             page.goto(url)
-            browser.generate(page, args.prompt, seed=args.seed, count=4)
+            browser.generate(page, args.prompt, seed=args.seed, count=4, timeout=3600)
             os.makedirs(args.out, exist_ok=True)
             generate_png = os.path.join(args.out, "studio-generate.png")
             page.screenshot(path=generate_png, full_page=True)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
                                   ("#compare-button", "#compare"), ("#arithmetic-button", "#arithmetic")):
                 page.click(button)
                 page.wait_for_function(f"() => {{ const i = document.querySelector('{panel} img');"
-                                       " return i && i.complete && i.naturalWidth > 0; }", timeout=600000)
+                                       " return i && i.complete && i.naturalWidth > 0; }", timeout=3600000)
             inside_png = os.path.join(args.out, "studio-inside.png")
             page.screenshot(path=inside_png, full_page=True)
     print(generate_png)

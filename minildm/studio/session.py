@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import random
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,11 +36,12 @@ import torch
 from .. import views
 from ..cli import CommandError, default_guidance_interval, find_checkpoint, load_model, slug
 from ..pngtext import save_png
+from ..sample import KARRAS_SAMPLERS, to_pil, to_tensor
 from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS
 
-KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "lms", "dpmpp_2m")
 PREVIEW_SHARE = 0.05   # at most this share of the sampling time goes to the preview (the rest of the
-                       # studio's work, saving the PNG and passing events, adds about 1-2%: bench/studio.py)
+                       # studio's work, saving the PNG and passing events, added 4% on the CIFAR run:
+                       # bench/studio.py)
 MAX_IMAGES = 16        # images per press of Generate
 
 
@@ -87,8 +89,8 @@ class PreviewBudget:
     decode (`cost`, as last measured) stays within PREVIEW_SHARE of the sampling time, so watching never
     slows sampling by more than that share."""
 
-    def __init__(self, cost: float, share: float = PREVIEW_SHARE):
-        self.cost, self.share = cost, share
+    def __init__(self, cost: float, share: float | None = None):
+        self.cost, self.share = cost, PREVIEW_SHARE if share is None else share
         self.spent = 0.0
 
     def allows(self, sampling_seconds: float) -> bool:
@@ -115,6 +117,7 @@ class Studio:
         self.preview_cost = 0.0
         self.history = []               # (path, settings), newest first
         self.last = None                # the last finished image: settings and its filmstrip steps
+        self.last_attention = None      # the last attention maps (views.AttentionMaps)
         self._stop = threading.Event()
         self._jobs = queue.Queue()
         self._model_thread = threading.Thread(target=self._work, name="minildm-model", daemon=True)
@@ -154,12 +157,15 @@ class Studio:
     def use(self, name: str):
         """Load `name` (a run folder or a checkpoint) unless it is the loaded one; ValueError with one
         line when it cannot be loaded. Returns the model."""
+        if not name:
+            raise ValueError("pick a model in the Model list")
         if name == self.model_name and self.model is not None:
             return self.model
         return self.on_model_thread(self._use, name)
 
     def _use(self, name: str):
-        self.model = None                                   # free the old weights before the new ones
+        self.model, self.model_name = None, None            # free the old weights before the new ones
+        self.last = self.last_attention = None              # the views belong to the model that made them
         try:
             run_file = os.path.join(name, "model.safetensors")
             path = run_file if os.path.isfile(run_file) else find_checkpoint(name, self.runs_dir)
@@ -220,6 +226,8 @@ class Studio:
 
     def describe(self) -> str:
         """One line about the loaded model, for the page."""
+        if self.model is None:
+            return "No model loaded: pick one in the Model list."
         d = self.defaults()
         kind = ("an inpainting model (9-channel UNet)" if d["inpainting_model"] else
                 "an LCM-distilled model" if d["takes_guidance"] else "a text-to-image model")
@@ -232,6 +240,23 @@ class Studio:
                 f"{d['decoder']}, previews {self.preview_cost * 1000:.0f} ms each{guided}{skipped}")
 
     # ----- generating -----------------------------------------------------------------------------
+
+    def inpainting_note(self) -> str:
+        """How the loaded model inpaints, for the page."""
+        if self.model is not None and self.model.is_inpainting_model:
+            return "Inpainting here: the model's own 9-channel inpainting UNet (strength 1 by default)."
+        return "Inpainting here: latent blending (the kept part is put back at every step)."
+
+    def sampler_defaults(self, sampler: str, steps, guidance):
+        """(steps, guidance) the form should show after the sampler changes to `sampler`, or None to keep
+        them: LCM takes 4 steps and its own guidance (1 for the LCM-LoRA, the model's for an LCM-distilled
+        UNet); leaving LCM with its values untouched restores the model's usual ones."""
+        d = self.defaults()
+        if sampler == "lcm":
+            return 4, d["guidance"] if d["takes_guidance"] else 1.0
+        if not d["takes_guidance"] and steps == 4 and guidance == 1.0:
+            return d["steps"], d["guidance"]
+        return None
 
     def check(self, r: Request) -> Request:
         """The request with the model's defaults filled in, or ValueError naming the bad field."""
@@ -283,8 +308,6 @@ class Studio:
         ValueError for a file that is not an image."""
         from PIL import Image, UnidentifiedImageError
 
-        from ..sample import to_tensor
-
         if r.init_image is None:
             return None, None
 
@@ -303,6 +326,10 @@ class Studio:
         if width < m or height < m:
             raise ValueError(f"the uploaded image is {image.size[0]}x{image.size[1]}: too small for this model "
                              f"(at least {m}x{m} pixels)")
+        limit = self.defaults()["max_size"]
+        if max(width, height) > limit:
+            raise ValueError(f"the uploaded image is {image.size[0]}x{image.size[1]}: at most {limit} pixels a side "
+                             f"for this model (4x the {self.model.default_size} it was trained at); make it smaller")
         r.width, r.height = width, height
         init = to_tensor(image.resize((width, height))) * 2 - 1
         mask = None
@@ -341,23 +368,34 @@ class Studio:
         self._stop.set()
 
     def generate(self, r: Request):
-        """Make the request's images one by one, each from its own seed (image i: seed + i, as
-        `python -m minildm.sample --n` numbers them, and equal to it); yields Events while it runs."""
+        """Make the request's images one by one, each from its own seed (image i: seed + i, equal to
+        `python -m minildm.sample --n 1 --seed <seed + i>` with the same settings); yields Events while it
+        runs. Closing the generator early (a page closed, a client gone) stops the run."""
         r = self.check(r)
-        self._stop.clear()
         events = queue.Queue()
         self._jobs.put(lambda: self._run(r, events))
-        while True:
-            event = events.get()
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if event.kind in ("done", "stopped"):
-                return
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                if event.kind in ("done", "stopped"):
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.stop()
 
     def _run(self, r: Request, events: queue.Queue) -> None:
+        self._stop.clear()                  # a Stop ends the generation that is running when it is pressed
         try:
             init, mask = self.read_images(r)
+            r.init_image = self.keep_input(r.init_image, "image") if r.init_image else None
+            r.mask = self.keep_input(r.mask, "mask") if r.mask else None
             r.width = r.width or self.model.default_size
             r.height = r.height or self.model.default_size
             self.model.check_size(r.height, r.width)
@@ -370,6 +408,7 @@ class Studio:
         model = self.model
         cost = self.preview_cost
         steps_run = r.steps if init is None else int(r.steps * r.strength)
+        first_step = r.steps - steps_run    # img2img runs the last steps_run of the sampler's r.steps
         started = time.perf_counter()
         for index in range(r.count):
             seed = r.seed + index
@@ -380,8 +419,9 @@ class Studio:
 
             def callback(info, index=index, state=state, keep=keep, begun=begun, budget=budget):
                 entered = time.perf_counter()
+                done = info["step"] - first_step + 1            # steps of this run finished, 1 to steps_run
                 if self._stop.is_set():
-                    raise Stopped(info["step"])
+                    raise Stopped(done - 1)                     # the last step the page was shown
                 keep(info)
                 preview, kind, decoding = None, "", None
                 if budget.allows(entered - begun - budget.spent):
@@ -391,8 +431,7 @@ class Studio:
                 elif not state["decoded"]:
                     preview, kind = views.to_hwc_uint8(views.latent_to_image(info["x0_pred"][:1]))[0], "latent"
                 state["preview"] = preview if preview is not None else state.get("preview")
-                events.put(Event("step", index, info["step"] + 1, info["num_steps"], preview, kind,
-                                 seconds=time.perf_counter() - started))
+                events.put(Event("step", index, done, steps_run, preview, kind, seconds=time.perf_counter() - started))
                 budget.record(time.perf_counter() - entered, decoding)
 
             settings = self.settings(r, seed)
@@ -417,7 +456,6 @@ class Studio:
 
     def _save(self, x: torch.Tensor, settings: dict) -> str:
         from ..cli import free_path
-        from ..sample import to_pil
 
         path = free_path(os.path.join(self.out, f"{slug(settings['prompt'])}-{settings['seed']}.png"))
         save_png(to_pil(x), path, settings)
@@ -425,23 +463,86 @@ class Studio:
         return path
 
     def request_from(self, settings: dict) -> Request:
-        """A Request that re-makes an image from its saved settings (the fields a Request has)."""
+        """A Request that re-makes an image from its saved settings (the fields a Request has); ValueError
+        when it needs what is not here: another model, or a start image that is gone."""
+        made_with = settings.get("checkpoint")
+        if made_with and self.ckpt_path and os.path.abspath(made_with) != os.path.abspath(self.ckpt_path):
+            raise ValueError(f"this image was made with {made_with}: pick that model first")
         keys = {k: settings[k] for k in ("prompt", "negative", "sampler", "karras", "steps", "guidance", "seed",
                                          "width", "height", "strength") if settings.get(k) is not None}
-        if settings.get("init_image") and os.path.isfile(settings["init_image"]):
-            keys["init_image"] = settings["init_image"]
-            if settings.get("mask") and os.path.isfile(settings["mask"]):
-                keys["mask"] = settings["mask"]
-        else:
+        for name in ("init_image", "mask"):
+            if settings.get(name):
+                if not os.path.isfile(settings[name]):
+                    raise ValueError(f"this image started from {settings[name]}, which is gone: upload it again")
+                keys[name] = settings[name]
+        if "init_image" not in keys:
             keys.pop("strength", None)
         return Request(**keys)
+
+    def keep_input(self, path: str, kind: str) -> str:
+        """A copy of an uploaded file in the output folder (inputs/<kind>-<content hash>.png), so the
+        settings of the images made from it name a file that stays."""
+        import hashlib
+        import shutil
+
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        kept = os.path.join(os.path.abspath(self.out), "inputs", f"{kind}-{digest}{os.path.splitext(path)[1] or '.png'}")
+        if not os.path.exists(kept):
+            os.makedirs(os.path.dirname(kept), exist_ok=True)
+            shutil.copyfile(path, kept)
+        return kept
+
+    def mask_from_layers(self, background: str, layers) -> str | None:
+        """The image editor's painted layers (RGBA files the size of the background) -> a mask file,
+        white where any layer has paint, kept in the output folder; None when nothing was painted."""
+        from PIL import Image
+
+        try:
+            with Image.open(background) as image:
+                painted = np.zeros(image.size[::-1], dtype=bool)
+            for path in layers:
+                with Image.open(path) as layer:
+                    alpha = np.asarray(layer.convert("RGBA"))[..., 3]
+                if alpha.shape != painted.shape:
+                    raise ValueError("the painted layer is not the image's size")
+                painted |= alpha > 0
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the painted mask cannot be read ({type(e).__name__})") from None
+        if not painted.any():
+            return None
+        os.makedirs(self.out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(suffix=".png", dir=self.out, delete=False) as f:
+            Image.fromarray(painted.astype(np.uint8) * 255).save(f, format="PNG")
+        try:
+            return self.keep_input(f.name, "mask")
+        finally:
+            os.remove(f.name)
+
+    def history_item(self, index: int):
+        """(path, settings) of the index-th image of the gallery (newest first)."""
+        if not 0 <= index < len(self.history):
+            raise ValueError("that image is no longer in the gallery")
+        return self.history[index]
+
+    def last_seed(self) -> int:
+        if not self.history:
+            raise ValueError("no image made yet: there is no last seed")
+        return self.history[0][1]["seed"]
 
     # ----- the views, on the last image -----------------------------------------------------------
 
     def _last_settings(self) -> dict:
+        self._text_to_image_model()
         if self.last is None:
             raise ValueError("make an image first: the views look inside the last image generated")
         return self.last["settings"]
+
+    def _text_to_image_model(self) -> None:
+        if self.model is None:
+            raise ValueError("no model loaded: pick one in the Model list")
+        if self.model.is_inpainting_model:
+            raise ValueError("the views draw from text alone, which an inpainting model cannot: pick another model")
 
     def filmstrip(self, max_columns: int = 8):
         """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made."""
@@ -453,18 +554,29 @@ class Studio:
 
     def attention(self):
         """Cross-attention maps of the last image's prompt and seed (views.attention_maps_view), regenerated
-        while recording (text-to-image, every step guided)."""
+        from text while recording (no negative prompt, no Karras sigmas); kept for attention_figure."""
         s = self._last_settings()
         if not s["prompt"].strip():
             raise ValueError("the last image has no prompt: attention maps show where each word of a prompt looks")
-        return self.on_model_thread(views.attention_maps_view, self.model, s["prompt"], num_steps=s["steps"],
+        maps = self.on_model_thread(views.attention_maps_view, self.model, s["prompt"], num_steps=s["steps"],
                                     sampler=s["sampler"], guidance_scale=s["guidance"], seed=s["seed"],
-                                    height=s["height"], width=s["width"])
+                                    height=s["height"], width=s["width"], guidance_interval=self._interval())
+        self.last_attention = maps
+        return maps
+
+    def attention_figure(self, layer: str | None = None):
+        """The last attention maps' figure: each token over the image, for one layer or (None, or a name
+        it does not have) the mean of all layers."""
+        maps = self.last_attention
+        if maps is None:
+            raise ValueError("show the attention maps first")
+        chosen = maps.per_layer.get(layer, maps.average) if layer else maps.average
+        title = layer if layer in maps.per_layer else "mean of all layers"
+        return self.on_model_thread(views.plot_token_maps, maps.image, chosen, maps.tokens, title=title)
 
     def compare(self, samplers_: list, scales: list):
         """The last image's prompt and seed under each sampler (rows) and guidance scale (columns):
         uint8 images by (sampler, scale)."""
-        s = self._last_settings()
         if not samplers_ or not scales:
             raise ValueError("pick at least one sampler and one guidance scale")
         bad = [n for n in samplers_ if n not in SAMPLERS]
@@ -476,7 +588,7 @@ class Studio:
         for w in scales:
             if not (math.isfinite(w) and 0 <= w <= 100):
                 raise ValueError(f"guidance scale {w:g}: must be from 0 to 100")
-        return self.on_model_thread(self._compare, s, samplers_, scales)
+        return self.on_model_thread(self._compare, self._last_settings(), samplers_, scales)
 
     @torch.no_grad()
     def _compare(self, s, samplers_, scales):
@@ -488,7 +600,8 @@ class Studio:
             for w in scales:
                 steps = min(s["steps"], LCM_ORIGINAL_STEPS) if name == "lcm" else s["steps"]
                 x = views.generate_from(self.model, context, noise, uncond_context=uncond, guidance_scale=w,
-                                        sampler=name, num_steps=steps, seed=s["seed"])
+                                        sampler=name, num_steps=steps, seed=s["seed"],
+                                        guidance_interval=self._interval())
                 images[(name, w)] = views.to_hwc_uint8(x)[0]
         return images
 
@@ -498,7 +611,9 @@ class Studio:
             raise ValueError("give all three prompts: A, and B to take away, C to add")
         if not (math.isfinite(weight) and -10 <= weight <= 10):
             raise ValueError(f"weight {weight:g}: must be from -10 to 10")
-        s = self.last["settings"] if self.last else {"seed": 0, **self.check(Request()).__dict__}
+        self._text_to_image_model()
+        s = self.last["settings"] if self.last else {**asdict(self.check(Request())), "seed": 0}
         return self.on_model_thread(views.context_arithmetic, self.model, prompt_a, prompt_b, prompt_c, seed=s["seed"],
                                     weight=weight, sampler=s["sampler"], num_steps=s["steps"],
-                                    guidance_scale=s["guidance"], height=s.get("height"), width=s.get("width"))
+                                    guidance_scale=s["guidance"], height=s.get("height"), width=s.get("width"),
+                                    guidance_interval=self._interval())

@@ -246,7 +246,7 @@ def encode(ldm, prompts) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.5, sampler="ddim",
-                  num_steps=20, seed=0, callback=None, decode=True):
+                  num_steps=20, seed=0, callback=None, decode=True, guidance_interval=None):
     """Sample from given contexts (N, L, D) and noises (N, C, h, w); returns images (N, 3, H, W).
 
     This is LatentDiffusion.generate() with its two inputs exposed, which is all conditioning
@@ -263,5 +263,6 @@ def generate_from(ldm, context, noise, *, uncond_context=None, guidance_scale=7.
     generator = torch.Generator().manual_seed(int(seed))
     torch.randn(noise.shape, generator=generator)  # generate() drew its noise from it first
     z0 = ldm.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
-                               guidance_scale=guidance_scale, generator=generator, callback=callback)
+                               guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                               generator=generator, callback=callback)
     return ldm.decode_latents(z0) if decode else z0

@@ -133,7 +133,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list:
 @torch.no_grad()
 def attention_maps_view(ldm, prompt: str, *, num_steps: int = 20, sampler: str = "ddim",
                         guidance_scale: float = 7.5, seed: int = 0, height=None, width=None,
-                        include_special: bool = False) -> AttentionMaps:
+                        include_special: bool = False, guidance_interval=None) -> AttentionMaps:
     """Generate an image while recording every cross-attention layer; plot each token's map.
 
     The UNet's cross-attention modules call `record(name, weights)` with weights (B, nh, h*w, L)
@@ -145,7 +145,7 @@ def attention_maps_view(ldm, prompt: str, *, num_steps: int = 20, sampler: str =
     context = encode(ldm, [prompt])
     with CrossAttentionRecorder(ldm.unet, num_images=1) as rec:
         x = generate_from(ldm, context, noise, guidance_scale=guidance_scale, sampler=sampler,
-                          num_steps=num_steps, seed=seed)
+                          num_steps=num_steps, seed=seed, guidance_interval=guidance_interval)
     per_layer, average = aggregate_attention(rec.records, noise.shape[-2:], size=x.shape[-2:])
     tokens = prompt_tokens(ldm.tokenizer, prompt)
     if include_special or not tokens:
