@@ -545,11 +545,12 @@ class Studio:
             raise ValueError("the views draw from text alone, which an inpainting model cannot: pick another model")
 
     def filmstrip(self, max_columns: int = 8):
-        """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made."""
+        """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made,
+        decoded at the preview's size (256 px for SD: 16 decodes of SD's VAE at 512 px would take minutes)."""
         s = self._last_settings()
         return self.on_model_thread(views.filmstrip_from_steps,
                                     self.model, self.last["caught"], self.last["x"] * 2 - 1, max_columns=max_columns,
-                                    shown_only=True,
+                                    shown_only=True, max_latent_side=32,
                                     title=f'"{s["prompt"]}", {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
 
     def attention(self):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .core import (to_hwc_uint8, latent_to_image, image_strip, save_gif, aggregate_attention,
+from .core import (to_hwc_uint8, latent_to_image, image_strip, save_gif, aggregate_attention, decode_preview,
                    CrossAttentionRecorder, make_noise, encode, generate_from, show_image)
 
 
@@ -65,21 +65,28 @@ def keep_steps(caught: list, every: int = 1):
 
 @torch.no_grad()
 def filmstrip_from_steps(ldm, caught: list, x: torch.Tensor, *, title: str = "", max_columns: int = 8,
-                         shown_only: bool = False) -> Filmstrip:
+                         shown_only: bool = False, max_latent_side: int | None = None) -> Filmstrip:
     """The filmstrip of a generation already made: `caught` from `keep_steps`, `x` its final image(s)
-    in [-1, 1]. `shown_only` decodes only the steps the figure shows (no GIF frames): what a page
-    wants from SD's VAE on a CPU, where each decode takes seconds."""
+    in [-1, 1]. `shown_only` decodes only the steps the figure shows (no GIF frames), and
+    `max_latent_side` decodes them from latents shrunk to that size (`decode_preview`): what a page
+    wants from SD's VAE on a CPU, where each full-size decode takes seconds."""
     if shown_only:
         caught = [caught[i] for i in evenly_spaced(len(caught), max_columns)]
-    size = x.shape[-2:]
-    decode = lambda z: to_hwc_uint8(ldm.decode_latents(z.to(ldm.device)))[0]  # noqa: E731
+    if max_latent_side is None:
+        def decode(z):
+            return to_hwc_uint8(ldm.decode_latents(z.to(ldm.device)))[0]
+    else:
+        def decode(z):
+            return decode_preview(ldm, z, max_latent_side)
     noisy = [decode(c["z_t"]) for c in caught]
     x0s = [decode(c["x0_pred"]) for c in caught]
+    size = noisy[0].shape[:2]
     epss = [to_hwc_uint8(latent_to_image(c["eps_pred"], size))[0] for c in caught]
     strip = Filmstrip(steps=[c["step"] for c in caught], timesteps=[c["t"] for c in caught], noisy=noisy,
                       x0_pred=x0s, eps_pred=epss, image=to_hwc_uint8(x)[0])
-    strip.frames = [image_strip([a, b, c]) for a, b, c in zip(noisy, x0s, epss)] + \
-                   [image_strip([strip.image, strip.image, np.full_like(strip.image, 255)])]
+    if max_latent_side is None:                       # the GIF's frames, at the image's size
+        strip.frames = [image_strip([a, b, c]) for a, b, c in zip(noisy, x0s, epss)] + \
+                       [image_strip([strip.image, strip.image, np.full_like(strip.image, 255)])]
     strip.figure = plot_filmstrip(strip, title=title, max_columns=max_columns)
     return strip
 
