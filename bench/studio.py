@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,12 +38,6 @@ from minildm.studio import browser  # noqa: E402
 PROMPT = "a photo of a horse"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def preview_cost(studio: Studio, request: Request, repeat: int):
     """(seconds plain, seconds with the studio's preview, decoded previews per image), medians. Both run on
     the studio's one model thread (the bench's own thread runs no kernel: a second OpenMP team would
@@ -55,7 +48,7 @@ def preview_cost(studio: Studio, request: Request, repeat: int):
     for _ in range(repeat):
         start = time.perf_counter()             # on the studio's model thread, as its own images are made
         studio.on_model_thread(model.generate, r.prompt, num_steps=r.steps, sampler=r.sampler,
-                               guidance_scale=r.guidance, guidance_interval=studio._interval(), seeds=[r.seed])
+                               guidance_scale=r.guidance, guidance_interval=studio.guidance_interval, seeds=[r.seed])
         plain.append(time.perf_counter() - start)
         start = time.perf_counter()
         events = list(studio.generate(r))
@@ -68,7 +61,7 @@ def first_image(flags, form: dict, work: str):
     """(seconds until the page answers, then for the first and the second press of Generate: seconds to
     the first step shown, to the image shown)."""
     start = time.perf_counter()
-    with browser.studio_server(*flags, "--out", os.path.join(work, "out"), port=free_port(),
+    with browser.studio_server(*flags, "--out", os.path.join(work, "out"), port=browser.free_port(),
                                log=os.path.join(work, "server.log"), timeout=600) as (url, _):
         ready = time.perf_counter() - start
         with browser.browser_page() as page:
@@ -96,7 +89,7 @@ def first_image(flags, form: dict, work: str):
 
 def stop_latency(flags, work: str):
     """Seconds from pressing Stop (at step 2 of DDIM 50) to the page saying it stopped; and one step's time."""
-    with browser.studio_server(*flags, "--out", os.path.join(work, "out"), port=free_port(),
+    with browser.studio_server(*flags, "--out", os.path.join(work, "out"), port=browser.free_port(),
                                log=os.path.join(work, "server.log"), timeout=600) as (url, _):
         with browser.browser_page() as page:
             page.goto(url)

@@ -149,16 +149,27 @@ def check_flags(args) -> None:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
-    if args.taesd is not None and not os.path.isdir(args.taesd):
-        usage("--taesd", args.taesd, "must be a folder (a diffusers AutoencoderTiny folder, or one with "
-                                     "taesd_decoder.pth)")
+    check_taesd_folder(args.taesd)
     check_writable_dir("--out", args.out)
     args.embedding = [split_file_option("--embedding", value, "TOKEN") for value in args.embedding]
-    args.lora = [(path, lora_scale(path, scale)) for path, scale in
-                 (split_file_option("--lora", value, "SCALE") for value in args.lora)]
-    for flag, files in (("--lora", args.lora), ("--embedding", args.embedding)):
-        for path, _ in files:
-            check_readable_file(flag, path)
+    for path, _ in args.embedding:
+        check_readable_file("--embedding", path)
+    args.lora = lora_files(args.lora)
+
+
+def check_taesd_folder(path) -> None:
+    """--taesd: a folder (what is in it is read when the model is loaded)."""
+    if path is not None and not os.path.isdir(path):
+        usage("--taesd", path, "must be a folder (a diffusers AutoencoderTiny folder, or one with taesd_decoder.pth)")
+
+
+def lora_files(values) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values -> (file, scale) pairs, each file readable and each scale a number."""
+    pairs = [(path, lora_scale(path, scale)) for path, scale in
+             (split_file_option("--lora", value, "SCALE") for value in values)]
+    for path, _ in pairs:
+        check_readable_file("--lora", path)
+    return pairs
 
 
 def sampling_defaults(args, model) -> list[str]:
@@ -166,15 +177,14 @@ def sampling_defaults(args, model) -> list[str]:
     guidance (an LCM-distilled UNet reads the scale as an input; the LCM-LoRA wants 1 to 2, where 1
     means one UNet call per step). Returns the notes to print."""
     notes = []
-    if args.sampler is None:
-        args.sampler = "lcm" if model.takes_guidance else "ddim"
+    args.sampler, steps, guidance = default_sampling(model.takes_guidance, args.sampler)
     lcm = args.sampler == "lcm"
     if args.steps is None:
-        args.steps = 4 if lcm else 50
+        args.steps = steps
     if lcm:
         check_int("--steps", args.steps, 1, LCM_ORIGINAL_STEPS)
     if args.guidance is None:
-        args.guidance = 8.5 if model.takes_guidance else 1.0 if lcm else 7.5
+        args.guidance = guidance
     if model.takes_guidance:
         ignored = [flag for flag, given in (("--negative", args.negative), ("--guidance-interval", args.guidance_interval))
                    if given]
@@ -185,6 +195,15 @@ def sampling_defaults(args, model) -> list[str]:
     elif args.negative and args.guidance == 1:
         notes.append("note: --negative has no effect at --guidance 1 (no unconditional branch)")
     return notes
+
+
+def default_sampling(takes_guidance: bool, sampler: str | None = None) -> tuple[str, int, float]:
+    """(sampler, steps, guidance) for what is not given: ddim, 50 steps, guidance 7.5; the lcm sampler takes
+    4 steps at guidance 1 (the LCM-LoRA's way, one UNet call a step); an LCM-distilled model (which reads
+    the guidance scale as an input) samples with lcm at 8.5."""
+    sampler = sampler or ("lcm" if takes_guidance else "ddim")
+    lcm = sampler == "lcm"
+    return sampler, 4 if lcm else 50, 8.5 if takes_guidance else 1.0 if lcm else 7.5
 
 
 def split_file_option(flag: str, value: str, what: str) -> tuple[str, str | None]:

@@ -152,7 +152,7 @@ ROWS = [
     # the studio: its flags, and a model it cannot load, refused before the page starts
     (STUDIO, ["--port", "0"], "--port 0: must be from 1 to 65535"),
     (STUDIO, ["--port", "70000"], "--port 70000"),
-    (STUDIO, ["--taesd", "notes.txt"], "--taesd notes.txt: must be a folder"),
+    (STUDIO, ["--taesd", "notes.txt"], "--taesd 'notes.txt': must be a folder"),
     (STUDIO, ["--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: not found"),
     (STUDIO, ["--runs-dir", "empty_folder"], "no model to offer: no run in empty_folder/"),
     (STUDIO, ["--out", "notes.txt"], "notes.txt is a file, not a folder"),

@@ -4,7 +4,6 @@ real headless Chromium, as a person uses it."""
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from minildm import convert
 from minildm.pngtext import a1111_parameters, parse_a1111, read_settings
 from minildm.sample import main as sample_main
 from minildm.schedule import NoiseSchedule
+from minildm.studio import browser
 from minildm.studio.session import PreviewBudget, Request, Studio
 from test_convert import tiny_models
 
@@ -277,12 +277,6 @@ def test_a_saved_image_re_runs_from_its_settings(studio):
 
 # ----- every page event through Gradio's Python client --------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(workdir):
     pytest.importorskip("gradio")
@@ -295,7 +289,7 @@ def client(workdir):
     studio.use(studio.models()[0])
     page = build(studio)
     page.queue(default_concurrency_limit=1)
-    port = free_port()
+    port = browser.free_port()
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield Client(f"http://127.0.0.1:{port}/", verbose=False), studio
     page.close()
@@ -393,14 +387,14 @@ def browser_page(workdir):
     """The studio started by its command line, and a headless Chromium page on it."""
     pytest.importorskip("gradio")
     pytest.importorskip("playwright")
-    from minildm.studio import browser
 
     if browser.chromium_path() is None:
         if os.environ.get("MINILDM_REQUIRE_BROWSER"):
             pytest.fail("no Chromium (apt-get install chromium): the browser tests must run here")
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     with browser.studio_server("--runs-dir", "runs", "--out", "page-out", "--dtype", "float32",
-                               port=free_port(), cwd=str(workdir)) as (url, _), browser.browser_page() as page:
+                               port=browser.free_port(), cwd=str(workdir)) as (url, _), \
+            browser.browser_page() as page:
         page.goto(url)
         yield page
 
@@ -408,7 +402,6 @@ def browser_page(workdir):
 def test_in_the_browser_generate_shows_the_sample_commands_png(browser_page, workdir, monkeypatch, tmp_path):
     """Type a prompt, press Generate: the page's image is a PNG with the pixels and the settings of
     `python -m minildm.sample` with the same settings and seed."""
-    from minildm.studio import browser
 
     status = browser.generate(browser_page, "a photo of a horse", seed=13, steps=10)
     assert status.startswith("Done: 1 image")
@@ -425,7 +418,6 @@ def test_in_the_browser_generate_shows_the_sample_commands_png(browser_page, wor
 
 def test_in_the_browser_the_views_render(browser_page):
     """Look inside: the filmstrip and the attention maps of the last image appear as images."""
-    from minildm.studio import browser
 
     browser.generate(browser_page, "a green frog", seed=3, steps=6)
     browser_page.click("#tab-inside-button")
@@ -442,7 +434,6 @@ def test_in_the_browser_the_views_render(browser_page):
 def test_in_the_browser_stop_stops_and_keeps_what_was_made(browser_page):
     """Stop during the second image: the status says where it stopped and that the first was kept, the
     gallery has it, and the server answers the next run."""
-    from minildm.studio import browser
 
     shown = browser_page.locator("#gallery img").count()
     browser_page.locator("#prompt textarea").fill("a ship at sea")
@@ -464,7 +455,6 @@ def test_in_the_browser_stop_stops_and_keeps_what_was_made(browser_page):
 
 def test_in_the_browser_a_gallery_image_runs_again(browser_page):
     """Pick an image in the gallery: the form takes its settings; Run again makes the same picture."""
-    from minildm.studio import browser
 
     browser.generate(browser_page, "a blue car", seed=31, steps=5)
     first = browser.image_bytes(browser_page, "#output")
@@ -494,7 +484,6 @@ def test_in_the_browser_the_lcm_sampler_sets_its_steps_and_guidance(browser_page
 
 def test_in_the_browser_a_bad_value_shows_one_line(browser_page):
     """Steps 0 in the form: the page shows the message naming the field, and keeps working."""
-    from minildm.studio import browser
 
     browser.set_number(browser_page, "steps", 0)
     browser_page.click("#generate")

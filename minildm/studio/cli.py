@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_readable_file, check_writable_dir, fail
+from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_writable_dir, fail
+from ..sample import check_taesd_folder, lora_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +40,8 @@ def main(argv=None) -> int:
     check_int("--port", args.port, 1, 65535)
     check_choice("--dtype", args.dtype, ("auto", "float32", "float16", "bfloat16"))
     check_writable_dir("--out", args.out)
-    if args.taesd is not None and not os.path.isdir(args.taesd):
-        fail(f"--taesd {args.taesd}: must be a folder (a diffusers AutoencoderTiny folder, or one with "
-             "taesd_decoder.pth)", USAGE)
-    from ..sample import lora_scale, split_file_option
-
-    args.lora = [(path, lora_scale(path, scale)) for path, scale in
-                 (split_file_option("--lora", value, "SCALE") for value in args.lora)]
-    for path, _ in args.lora:
-        check_readable_file("--lora", path)
+    check_taesd_folder(args.taesd)
+    args.lora = lora_files(args.lora)
     for path in args.ckpt:
         if not os.path.exists(path) and not os.path.isdir(os.path.join(args.runs_dir, path)):
             fail(f"--ckpt {path}: not found", USAGE)

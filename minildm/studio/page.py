@@ -164,8 +164,8 @@ def build(studio: Studio):
             with gr.Accordion("Where each word looks", open=True):
                 gr.Markdown("Cross-attention: for each token of the prompt, how strongly each part of the image "
                             "attended to it, averaged over the steps (the image is drawn again while the maps are "
-                            "recorded, without the negative prompt). " + lesson_link("08_views.md", "Lesson 08") + "; the "
-                            "layers are lesson 03's.", elem_classes="note")
+                            "recorded, without the negative prompt). " + lesson_link("08_views.md", "Lesson 08")
+                            + "; the layers are lesson 03's.", elem_classes="note")
                 with gr.Row():
                     attn_button = gr.Button("Show the attention maps of the last image", elem_id="attention-button")
                     layer = gr.Dropdown([MEAN], value=MEAN, label="Layer", elem_id="layer")

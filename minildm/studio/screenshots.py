@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 
 from ..cli import Parser, check_int, check_writable_dir
@@ -34,9 +33,7 @@ def main(argv=None) -> int:
     check_writable_dir("--out", args.out)
     from . import browser
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = browser.free_port()
     flags = ["--runs-dir", args.runs_dir] + (["--ckpt", args.ckpt] if args.ckpt else [])
     with tempfile.TemporaryDirectory() as work:
         with browser.studio_server(*flags, "--out", work, port=port, log=os.path.join(work, "server.log"),

@@ -36,7 +36,7 @@ import torch
 from .. import views
 from ..cli import CommandError, default_guidance_interval, find_checkpoint, load_model, slug
 from ..pngtext import save_png
-from ..sample import KARRAS_SAMPLERS, to_pil, to_tensor
+from ..sample import KARRAS_SAMPLERS, default_sampling, to_pil, to_tensor
 from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS
 
 PREVIEW_SHARE = 0.05   # at most this share of the sampling time goes to the preview (the rest of the
@@ -113,6 +113,7 @@ class Studio:
         self.model = None
         self.model_name = None
         self.ckpt_path = None
+        self.guidance_interval = None   # the timesteps the loaded model's run guides (None: every step)
         self.skipped = []               # the add-ons (LoRA files, TAESD) that do not fit the loaded model
         self.preview_cost = 0.0
         self.history = []               # (path, settings), newest first
@@ -178,6 +179,7 @@ class Studio:
             self.model_name = None
             raise
         self.model, self.model_name, self.ckpt_path = model, name, path
+        self.guidance_interval = default_guidance_interval(path)    # the run's own, read once
         self.preview_cost = self._time_preview()
         return model
 
@@ -217,12 +219,12 @@ class Studio:
     def defaults(self) -> dict:
         """What the page's controls should say for the loaded model."""
         model = self.model
-        lcm = model.takes_guidance
-        return {"sampler": "lcm" if lcm else "ddim", "steps": 4 if lcm else 50,
-                "guidance": 8.5 if lcm else 7.5, "size": model.default_size, "size_step": math.lcm(8, model.size_multiple),
-                "max_size": 4 * model.default_size, "inpainting_model": model.is_inpainting_model,
-                "takes_guidance": lcm, "decoder": "TAESD" if model.tiny_decoder is not None else "VAE",
-                "guidance_interval": default_guidance_interval(self.ckpt_path), "dtype": str(model.dtype)[6:]}
+        sampler, steps, guidance = default_sampling(model.takes_guidance)
+        return {"sampler": sampler, "steps": steps, "guidance": guidance, "size": model.default_size,
+                "size_step": math.lcm(8, model.size_multiple), "max_size": 4 * model.default_size,
+                "inpainting_model": model.is_inpainting_model, "takes_guidance": model.takes_guidance,
+                "decoder": "TAESD" if model.tiny_decoder is not None else "VAE",
+                "guidance_interval": self.guidance_interval, "dtype": str(model.dtype)[6:]}
 
     def describe(self) -> str:
         """One line about the loaded model, for the page."""
@@ -251,11 +253,9 @@ class Studio:
         """(steps, guidance) the form should show after the sampler changes to `sampler`, or None to keep
         them: LCM takes 4 steps and its own guidance (1 for the LCM-LoRA, the model's for an LCM-distilled
         UNet); leaving LCM with its values untouched restores the model's usual ones."""
-        d = self.defaults()
-        if sampler == "lcm":
-            return 4, d["guidance"] if d["takes_guidance"] else 1.0
-        if not d["takes_guidance"] and steps == 4 and guidance == 1.0:
-            return d["steps"], d["guidance"]
+        takes_guidance = self.model.takes_guidance
+        if sampler == "lcm" or (not takes_guidance and (steps, guidance) == default_sampling(False, "lcm")[1:]):
+            return default_sampling(takes_guidance, sampler)[1:]
         return None
 
     def check(self, r: Request) -> Request:
@@ -265,17 +265,16 @@ class Studio:
             raise ValueError("no model loaded: pick one in the Model list")
         d = self.defaults()
         r = Request(**asdict(r))
-        r.sampler = r.sampler or d["sampler"]
+        r.sampler, steps, guidance = default_sampling(d["takes_guidance"], r.sampler)
         if r.sampler not in SAMPLERS:
             raise ValueError(f"Sampler {r.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if r.karras and r.sampler not in KARRAS_SAMPLERS:
             raise ValueError(f"Karras sigmas work with {', '.join(KARRAS_SAMPLERS)}, not {r.sampler}")
-        r.steps = r.steps if r.steps is not None else (4 if r.sampler == "lcm" else d["steps"])
+        r.steps = r.steps if r.steps is not None else steps
         top = LCM_ORIGINAL_STEPS if r.sampler == "lcm" else model.schedule.num_timesteps
         if not (isinstance(r.steps, int) and 1 <= r.steps <= top):
             raise ValueError(f"Steps {r.steps}: must be a whole number from 1 to {top}")
-        r.guidance = r.guidance if r.guidance is not None else (1.0 if r.sampler == "lcm" and not d["takes_guidance"]
-                                                                else d["guidance"])
+        r.guidance = r.guidance if r.guidance is not None else guidance
         if not (math.isfinite(r.guidance) and 0 <= r.guidance <= 100):
             raise ValueError(f"Guidance {r.guidance}: must be a number from 0 to 100")
         if not (isinstance(r.count, int) and 1 <= r.count <= MAX_IMAGES):
@@ -347,7 +346,7 @@ class Studio:
         """The PNG's settings: the keys `python -m minildm.sample` writes."""
         s = {"prompt": r.prompt, "negative": r.negative, "seed": seed, "steps": r.steps, "sampler": r.sampler,
              "karras": r.karras, "guidance": r.guidance,
-             "guidance_interval": list(self._interval()) if self._interval() else None,
+             "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
              "height": r.height, "width": r.width, "checkpoint": os.path.abspath(self.ckpt_path), "ema": True,
              "dtype": str(self.model.dtype)[6:]}
         if self.loras and "the LoRA files" not in self.skipped:
@@ -359,9 +358,6 @@ class Studio:
         if r.mask is not None:
             s["mask"] = os.path.abspath(r.mask)
         return s
-
-    def _interval(self):
-        return default_guidance_interval(self.ckpt_path)
 
     def stop(self) -> None:
         """End the running generation at its next step (what is finished is kept)."""
@@ -437,7 +433,7 @@ class Studio:
             settings = self.settings(r, seed)
             try:
                 x = model.generate(r.prompt, negative_prompt=r.negative, num_steps=r.steps, sampler=r.sampler,
-                                   guidance_scale=r.guidance, guidance_interval=self._interval(),
+                                   guidance_scale=r.guidance, guidance_interval=self.guidance_interval,
                                    height=r.height, width=r.width, seeds=[seed], init_image=init,
                                    strength=r.strength if init is not None else 0.8, mask=mask, callback=callback,
                                    **({"karras": True} if r.karras else {}))
@@ -487,7 +483,8 @@ class Studio:
 
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        kept = os.path.join(os.path.abspath(self.out), "inputs", f"{kind}-{digest}{os.path.splitext(path)[1] or '.png'}")
+        suffix = os.path.splitext(path)[1] or ".png"
+        kept = os.path.join(os.path.abspath(self.out), "inputs", f"{kind}-{digest}{suffix}")
         if not os.path.exists(kept):
             os.makedirs(os.path.dirname(kept), exist_ok=True)
             shutil.copyfile(path, kept)
@@ -561,7 +558,7 @@ class Studio:
             raise ValueError("the last image has no prompt: attention maps show where each word of a prompt looks")
         maps = self.on_model_thread(views.attention_maps_view, self.model, s["prompt"], num_steps=s["steps"],
                                     sampler=s["sampler"], guidance_scale=s["guidance"], seed=s["seed"],
-                                    height=s["height"], width=s["width"], guidance_interval=self._interval())
+                                    height=s["height"], width=s["width"], guidance_interval=self.guidance_interval)
         self.last_attention = maps
         return maps
 
@@ -602,7 +599,7 @@ class Studio:
                 steps = min(s["steps"], LCM_ORIGINAL_STEPS) if name == "lcm" else s["steps"]
                 x = views.generate_from(self.model, context, noise, uncond_context=uncond, guidance_scale=w,
                                         sampler=name, num_steps=steps, seed=s["seed"],
-                                        guidance_interval=self._interval())
+                                        guidance_interval=self.guidance_interval)
                 images[(name, w)] = views.to_hwc_uint8(x)[0]
         return images
 
@@ -617,4 +614,4 @@ class Studio:
         return self.on_model_thread(views.context_arithmetic, self.model, prompt_a, prompt_b, prompt_c, seed=s["seed"],
                                     weight=weight, sampler=s["sampler"], num_steps=s["steps"],
                                     guidance_scale=s["guidance"], height=s.get("height"), width=s.get("width"),
-                                    guidance_interval=self._interval())
+                                    guidance_interval=self.guidance_interval)
