@@ -134,6 +134,165 @@ def test_cross_attention_heads_mixed_up_fails():
     assert r.status == "fail" and "max abs diff" in r.message
 
 
+# ----------------------------------------------------------------------------------------------
+# Answers written from the docstrings alone (no minildm calls), right and with one typical mistake
+# ----------------------------------------------------------------------------------------------
+
+def _ddim_sample(eps_fn, z, abar, timesteps, eta, generator, add_noise=True, last=0):
+    for i, t in enumerate(timesteps):
+        a = float(abar[t])
+        a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else (float(abar[0]) if last == 0 else 1.0)
+        eps = eps_fn(z, torch.full((z.shape[0],), float(t)))
+        x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        z = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        if eta > 0:
+            noise = torch.randn(z.shape, generator=generator)
+            z = z + sigma * noise if add_noise else z
+    return z
+
+
+def test_a_hand_written_ddim_loop_passes_and_one_without_eta_noise_fails():
+    """A DDIM loop written from the docstring passes; one that draws eta's noise but never adds it fails at
+    eta > 0, naming the call; one that ends at abar = 1 instead of abar_0 fails too."""
+    assert _run("02", ddim_sample=_ddim_sample)["ddim_sample"].status == "pass"
+    r = _run("02", ddim_sample=lambda *a: _ddim_sample(*a, add_noise=False))["ddim_sample"]
+    assert r.status == "fail" and "eta=0.5" in r.message and "sample_ddim" in r.message
+    assert "max abs diff" in r.message
+    r = _run("02", ddim_sample=lambda *a: _ddim_sample(*a, last=1))["ddim_sample"]
+    assert r.status == "fail" and "eta=0.0" in r.message
+
+
+def _cfg_denoiser(model, context, uncond_context, scale, swapped=False, two_calls=False):
+    def eps_fn(z_t, t):
+        uncond = uncond_context.expand_as(context)
+        if two_calls:
+            eps_uncond, eps_cond = model(z_t, t, uncond), model(z_t, t, context)
+        else:
+            eps_uncond, eps_cond = model(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                                         torch.cat([uncond, context])).chunk(2)
+        if swapped:
+            eps_uncond, eps_cond = eps_cond, eps_uncond
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+    return eps_fn
+
+
+def test_cfg_denoiser_right_swapped_and_in_two_calls():
+    """A batched guided denoiser passes; with the two predictions' roles swapped it fails on the values;
+    with two model calls instead of one it fails and says so."""
+    assert _run("02", cfg_denoiser=_cfg_denoiser)["cfg_denoiser"].status == "pass"
+    r = _run("02", cfg_denoiser=lambda *a: _cfg_denoiser(*a, swapped=True))["cfg_denoiser"]
+    assert r.status == "fail" and "guidance_scale=7.5" in r.message and "max abs diff" in r.message
+    r = _run("02", cfg_denoiser=lambda *a: _cfg_denoiser(*a, two_calls=True))["cfg_denoiser"]
+    assert r.status == "fail" and "one call on a batch of 6" in r.message
+
+
+def _timestep_embedding(t, dim, sines_first=False):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    args = t.float()[:, None] * freqs[None]
+    parts = [torch.sin(args), torch.cos(args)] if sines_first else [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts, dim=-1)
+    return torch.cat([emb, torch.zeros(len(t), dim % 2)], dim=-1)
+
+
+def test_timestep_embedding_with_sines_first_fails():
+    """The embedding written from the docstring passes; with sines and cosines swapped it fails, at dim 320."""
+    assert _run("03", timestep_embedding=_timestep_embedding)["timestep_embedding"].status == "pass"
+    r = _run("03", timestep_embedding=lambda t, d: _timestep_embedding(t, d, True))["timestep_embedding"]
+    assert r.status == "fail" and "dim=320" in r.message and "max abs diff" in r.message
+
+
+def _res_block(block, x, emb, time_after_second_conv=False):
+    h = block.in_layers(x)
+    shift = block.emb_layers(emb)[:, :, None, None]
+    if time_after_second_conv:
+        h = block.out_layers(h) + shift
+    else:
+        h = block.out_layers(h + shift)
+    return block.skip_connection(x) + h
+
+
+def test_res_block_with_time_after_the_second_conv_fails():
+    """A ResBlock with the time shift between the convolutions passes; one that adds it after the second
+    convolution fails (the check draws the zero-initialised convolution at random, so it shows)."""
+    assert _run("03", res_block=_res_block)["res_block"].status == "pass"
+    r = _run("03", res_block=lambda b, x, e: _res_block(b, x, e, True))["res_block"]
+    assert r.status == "fail" and "res_block(ResBlock(channels=8" in r.message and "max abs diff" in r.message
+
+
+def _multi_head_attention(x, context, w_q, w_k, w_v, w_out, b_out, num_heads, split=True):
+    B, N, C = x.shape
+    M = context.shape[1]
+    nh = num_heads if split else 1
+    q = (x @ w_q.T).view(B, N, nh, C // nh).transpose(1, 2)
+    k = (context @ w_k.T).view(B, M, nh, C // nh).transpose(1, 2)
+    v = (context @ w_v.T).view(B, M, nh, C // nh).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // num_heads), dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(B, N, C)
+    return out @ w_out.T + b_out, weights
+
+
+def test_attention_without_heads_fails():
+    """Multi-head attention from the weights passes; one softmax over all C channels (no heads) fails."""
+    assert _run("03", multi_head_attention=_multi_head_attention)["multi_head_attention"].status == "pass"
+    r = _run("03", multi_head_attention=lambda *a: _multi_head_attention(*a, split=False))["multi_head_attention"]
+    assert r.status == "fail" and "num_heads=4" in r.message and "output: values differ" in r.message
+
+
+def _img2img_start(z0, noise, abar, timesteps, strength, off_by_one=False):
+    n = len(timesteps)
+    first = n - int(n * strength) - (1 if off_by_one else 0)
+    first = max(first, 0)
+    a = float(abar[timesteps[first]])
+    return first, math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
+
+
+def test_img2img_start_off_by_one_step_fails():
+    """img2img's start written from the docstring passes; starting one step earlier fails and names the
+    step generate starts at."""
+    assert _run("07", img2img_start=_img2img_start)["img2img_start"].status == "pass"
+    r = _run("07", img2img_start=lambda *a: _img2img_start(*a, off_by_one=True))["img2img_start"]
+    assert r.status == "fail" and "first_step is 1" in r.message and "at step 2" in r.message
+
+
+def _inpaint_eps(eps_fn, z_t, t, z0, noise, mask, abar, inverted=False):
+    m = 1 - mask if inverted else mask
+    a = abar[t.long()].view(-1, 1, 1, 1)
+    kept = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    eps = eps_fn(m * z_t + (1 - m) * kept, t)
+    return m * eps + (1 - m) * (z_t - a.sqrt() * z0) / (1 - a).sqrt()
+
+
+def test_inpainting_with_the_mask_inverted_fails():
+    """The inpainting blend passes; with the mask inverted (keeping what should be repainted) it fails."""
+    assert _run("07", inpaint_eps=_inpaint_eps)["inpaint_eps"].status == "pass"
+    r = _run("07", inpaint_eps=lambda *a: _inpaint_eps(*a, inverted=True))["inpaint_eps"]
+    assert r.status == "fail" and "inpaint_eps(eps_fn" in r.message and "t=981" in r.message
+
+
+def _lora_merge(weight, down, up, alpha, scale, with_alpha=True):
+    rank = down.shape[0]
+    factor = scale * ((rank if alpha is None else alpha) / rank if with_alpha else 1.0)
+    return weight + factor * (up.flatten(1) @ down.flatten(1)).view(weight.shape)
+
+
+def test_lora_merge_without_alpha_over_r_fails():
+    """A LoRA merge written from the docstring passes (linear, 1x1 and 3x3); one without alpha / r fails."""
+    assert _run("07", lora_merge=_lora_merge)["lora_merge"].status == "pass"
+    r = _run("07", lora_merge=lambda *a: _lora_merge(*a, with_alpha=False))["lora_merge"]
+    assert r.status == "fail" and "lora_merge(weight (12, 10)" in r.message and "alpha=2.0" in r.message
+
+
+def test_lora_merge_in_place_fails():
+    """A merge that adds into the weight it was given is caught."""
+    def lora_merge(weight, down, up, alpha, scale):
+        return weight.add_(_lora_merge(weight, down, up, alpha, scale) - weight)
+
+    r = _run("07", lora_merge=lora_merge)["lora_merge"]
+    assert r.status == "fail" and "in place" in r.message
+
+
 def test_bpe_highest_rank_first_fails():
     """A merge loop that takes the highest rank first fails and names the word."""
     ref = check.reference_04()
@@ -305,10 +464,25 @@ def test_cli_passes_a_correct_file_and_fails_a_wrong_one(tmp_path):
             if use_ema and has_ema:
                 return {k: state[ema_key(k)] for k in unet}
             return unet
+
+        def lora_merge(weight, down, up, alpha, scale):
+            rank = down.shape[0]
+            alpha = rank if alpha is None else alpha
+            return weight + scale * alpha / rank * (up.flatten(1) @ down.flatten(1)).view(weight.shape)
+
+        def img2img_start(z0, noise, alphas_cumprod, timesteps, strength):
+            first_step = len(timesteps) - int(len(timesteps) * strength)
+            a = alphas_cumprod[timesteps[first_step]]
+            return first_step, a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+        def inpaint_eps(eps_fn, z_t, t, z0, noise, mask, alphas_cumprod):
+            a = alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+            eps = eps_fn(mask * z_t + (1 - mask) * (a.sqrt() * z0 + (1 - a).sqrt() * noise), t)
+            return mask * eps + (1 - mask) * (z_t - a.sqrt() * z0) / (1 - a).sqrt()
     """))
     proc = _cli("07", "--impl", str(good))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("PASS") == 2
+    assert proc.stdout.count("PASS") == 5
 
     bad = tmp_path / "bad.py"
     bad.write_text(good.read_text().replace('.replace(".", "")', ""))

@@ -1,8 +1,12 @@
 """Exercises for lesson 02, sampling. Check them with:  python -m minildm.check 02
 
-The references are `minildm.samplers.ddim_step` (with `ddim_sigma`) and `minildm.samplers.guidance`,
-which `sample_ddim` and `cfg_denoiser` run; the check runs the package's DDIM loop and compares every
-one of its steps with yours.
+Lesson 02's sections "DDIM: the same marginals without the noise" and "Classifier-free guidance" have
+everything these need. The check runs the package's own DDIM sampler and guidance beside yours, on a
+smooth stand-in for a UNet, and says where they part.
+
+Vocabulary: z_t the noisy latent, t the timestep, eps_pred the model's noise prediction, abar_t
+= alphas_cumprod[t], eta DDIM's noise knob. A denoiser is a function eps_fn(z_t, t) -> eps_pred with
+t a (B,) float32 tensor.
 """
 import math
 
@@ -11,22 +15,45 @@ import torch
 
 def ddim_step(z_t: torch.Tensor, eps_pred: torch.Tensor, alpha_cumprod_t: float,
               alpha_cumprod_prev: float, eta: float, noise) -> torch.Tensor:
-    """One DDIM step from timestep t to the previous timestep of the sequence (DDIM eqs. 12 and 16).
+    """One DDIM step from the noise level abar_t = alpha_cumprod_t down to abar_prev = alpha_cumprod_prev
+    (plain floats): DDIM eq. 12, with the noise scale sigma of eq. 16 set by eta.
 
-    With a = alpha_cumprod_t and a_prev = alpha_cumprod_prev (plain floats):
-      1. x0_pred = (z_t - sqrt(1 - a) * eps_pred) / sqrt(a)
-      2. sigma   = eta * sqrt((1 - a_prev) / (1 - a)) * sqrt(1 - a / a_prev)
-      3. z_prev  = sqrt(a_prev) * x0_pred + sqrt(1 - a_prev - sigma**2) * eps_pred + sigma * noise
-    `noise` is a tensor like z_t, or None when eta == 0 (then sigma is 0 and there is no noise term).
-    Return z_prev, a new tensor shaped like z_t.
+    noise: a tensor shaped like z_t (the fresh noise of a stochastic step), or None when eta == 0.
+    Returns z_prev, a new tensor shaped like z_t.
+    """
+    raise NotImplementedError
+
+
+def ddim_sample(eps_fn, z: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: list, eta: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """The whole DDIM sampler: from z, at the noise level of timesteps[0], down to the clean latent.
+
+    timesteps: the run's timesteps as ints, highest first (981, 961, ..., 1 for SD's 50 steps: lesson 02
+    says why the +1). Each step asks eps_fn for the noise in the current latent and moves to the next
+    timestep's noise level; after the last timestep it moves to abar_0, as Stable Diffusion's DDIM does.
+    With eta > 0 every step adds fresh noise: one draw of torch.randn(z.shape, generator=generator) per
+    step, in step order (with eta == 0, draw nothing). Returns the final latent, shaped like z; z itself
+    stays as it was.
     """
     raise NotImplementedError
 
 
 def guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: move from the unconditional prediction towards (and past) the
-    conditional one:  eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond).
+    """Classifier-free guidance's combination of the two predictions (Ho & Salimans 2022; lesson 02's
+    equation): the unconditional prediction, moved guidance_scale times as far as the prompt moves it.
 
-    guidance_scale 1 gives eps_cond, 0 gives eps_uncond, 7.5 (SD's default) overshoots on purpose.
+    guidance_scale 0 gives eps_uncond, 1 gives eps_cond, SD's default 7.5 overshoots on purpose.
+    """
+    raise NotImplementedError
+
+
+def cfg_denoiser(model, context: torch.Tensor, uncond_context: torch.Tensor, guidance_scale: float):
+    """A guided denoiser for any sampler: returns eps_fn(z_t, t) -> the guided eps_pred.
+
+    model(z_t, t, context) -> eps_pred, for a batch of any size. context (B, L, D) is the prompt's,
+    uncond_context (B, L, D) or (1, L, D) the empty prompt's (one row for the whole batch). At each call
+    eps_fn evaluates the model once, on the conditional and the unconditional inputs stacked along the
+    batch axis (2B rows: twice the work in one call, as SD does it), and combines the two halves
+    with classifier-free guidance.
     """
     raise NotImplementedError

@@ -1,25 +1,22 @@
 """Exercises for lesson 05, the VAE's posterior. Check them with:  python -m minildm.check 05
 
-The references are `minildm.vae.reparameterize` and `minildm.vae.gaussian_kl`, which
-`DiagonalGaussian.sample` and `.kl` use. The encoder outputs, per latent
-element, a mean and a log-variance: q(z | x) = N(mean, exp(logvar)). Shapes: (B, zc, h, w).
+Lesson 05, section 3 ("The posterior: reparameterisation and KL"), has the equations. The encoder
+outputs, per latent element, a mean and a log-variance: q(z | x) = N(mean, exp(logvar)).
+Shapes: (B, zc, h, w). Like the original code, clamp logvar to [-30, 20] before using it, so that its
+exponential stays finite.
 """
 import torch
 
 
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """A sample of q(z | x) that gradients can flow through: z = mean + std * noise.
-
-    std = exp(0.5 * logvar). The original code first clamps logvar to [-30, 20] so exp() stays
-    finite; do the same (torch.clamp). noise ~ N(0, I) is given, shaped like mean.
-    """
+    """A sample of q(z | x) made from the given standard normal noise (shaped like mean) so that
+    gradients reach both mean and logvar: the reparameterisation trick (Kingma & Welling 2014)."""
     raise NotImplementedError
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)), summed over each sample's latent: a tensor of shape (B,).
+    """KL(q(z | x) || N(0, I)) in closed form, summed over each sample's latent elements: shape (B,).
 
-    Per element: 0.5 * (mean^2 + exp(logvar) - 1 - logvar). Clamp logvar to [-30, 20] first, as
-    in reparameterize. Sum over every axis but the batch axis.
+    Zero for the prior itself (mean 0, logvar 0), never negative.
     """
     raise NotImplementedError

@@ -1,17 +1,16 @@
 """Exercise for lesson 08, the views. Check it with:  python -m minildm.check 08
 
-The reference is `minildm.views.slerp` (in minildm/views/core.py).
+Section 3, "Conditioning arithmetic", explains why noises are interpolated along a sphere.
 """
 import torch
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation between two tensors of one shape, treated as single vectors.
+    """Spherical linear interpolation (Shoemake 1985) between two tensors of one shape, each taken as one
+    vector of all its elements: a at t = 0, b at t = 1, along the great circle between them in
+    between, so that two noises of equal norm give noises of that norm.
 
-    theta = the angle between a and b: cos(theta) = <a, b> / (|a| |b|), with the dot product and the
-    norms over ALL elements (clamp the cosine to [-1, 1] before acos).
-        slerp(a, b, t) = sin((1 - t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b
-    When sin(theta) is tiny (a and b nearly parallel) return the straight line (1 - t) a + t b instead.
-    Tip: compute in float64 (a.double()) and convert back to a's dtype at the end.
+    When a and b are (nearly) parallel the angle between them is (nearly) 0 and the formula divides by
+    (nearly) zero; return the straight line (1 - t) a + t b there. Returns a's shape and dtype.
     """
     raise NotImplementedError

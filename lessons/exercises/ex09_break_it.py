@@ -1,11 +1,10 @@
 """Break it: predict what goes wrong, then look. Check your answers with:  python -m minildm.check 09
 
-Lesson 09 (lessons/09_break_it.md) and its notebook break a working diffusion model five ways.
-Before you run each section of the notebook, make a prediction below: a number you can work out on
-paper or with minildm (e.g. `NoiseSchedule.sd().alphas_cumprod[500]`), or a letter. The checker
-says right or wrong and does not print the answers, but it is plain code: its source
-(minildm/check/chapters_06_09.py) computes every answer, so open it only after you have predicted. Leave a value as None until you
-have answered.
+Lesson 09 (lessons/09_break_it.md) and its notebook break a working diffusion model five ways. The
+lesson asks these five questions before it shows what the experiments measured: answer each below
+before you run the notebook or read the lesson's "What happened", with a number you can work out on
+paper or with minildm (e.g. `NoiseSchedule.sd().alphas_cumprod[500]`), or a letter. The checker says
+right or wrong and does not print the answers. Leave a value as None until you have answered.
 """
 
 # 1. No guidance. Classifier-free guidance combines two predictions at every step:

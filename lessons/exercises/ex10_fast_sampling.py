@@ -1,7 +1,7 @@
 """Exercises for lesson 10, fast sampling. Check them with:  python -m minildm.check 10
 
-The references are `minildm.samplers.lcm_timesteps`, `lcm_boundary_scalings` and `sample_lcm`. Write each
-from the lesson's equations; the checks run yours beside them.
+Write each from lesson 10's section 1 ("Consistency: a model that jumps to the end"); the checks run
+yours beside the package's LCM sampler with the same noises.
 """
 import torch
 

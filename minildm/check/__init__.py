@@ -23,13 +23,16 @@ lessons/exercises/ (MINILDM_EXERCISES points elsewhere; `pip install` does not c
 from .compare import (ROOT, EXERCISE_DIR, CheckFailed, Result, Chapter, describe, inputs, compare,
                       compare_number, unchanged, _gen, _randn)  # noqa: F401
 from .chapters_01_05 import (_schedules, check_q_sample, check_x0_from_eps, reference_01, check_ddim_step,
-                             _ddim_step_reference, _FakeConditionalModel, check_guidance, reference_02,
-                             _tiny_attention, check_attention, check_cross_attention, reference_03,
+                             _ddim_step_reference, _FakeConditionalModel, check_guidance, _ddim_eps,
+                             check_ddim_sample, check_cfg_denoiser, reference_02, _tiny_attention,
+                             _randomized, check_timestep_embedding, check_res_block, check_attention,
+                             check_multi_head_attention, check_cross_attention, reference_03,
                              AWKWARD_PROMPT, _start_symbols, MERGE_CASES, TOY_RANKS, TOY_WORDS,
                              check_merge_pair, check_bpe, reference_04, _posterior, check_reparameterize,
                              check_gaussian_kl, reference_05)  # noqa: F401
 from .chapters_06_09 import (check_training_loss, check_ema_update, reference_06, _unet_keys, check_ema_key,
-                             check_unet_weights, reference_07, check_slerp, reference_08, _ask,
+                             check_unet_weights, _tiny_ldm, check_lora_merge, check_img2img_start,
+                             check_inpaint_eps, reference_07, check_slerp, reference_08, _ask,
                              check_no_guidance, check_latent_scale, check_beta_schedule, check_eps_v,
                              check_no_ema, reference_09)  # noqa: F401
 from .runner import (CHAPTERS, load_impl, run_chapter, format_results, main)  # noqa: F401

@@ -137,18 +137,100 @@ def check_guidance(impl) -> None:
         compare(what, got, expected, atol=1e-5)
 
 
+def _ddim_eps(z_t, t):
+    """A smooth, t-dependent, nonlinear stand-in for a trained UNet."""
+    t = t.reshape(-1, *([1] * (z_t.ndim - 1))) / 1000.0
+    return torch.tanh(0.8 * z_t + 0.3 * z_t.roll(1, dims=-1)) * (0.5 + t) + 0.1 * torch.cos(5 * t)
+
+
+def check_ddim_sample(impl) -> None:
+    """ddim_sample, the whole loop, ends where samplers.sample_ddim ends with the same start and generator,
+    for eta 0, 0.5 and 1; at eta 0 the generator plays no part."""
+    from ..samplers import ddim_timesteps, sample_ddim
+    from ..schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.sd()
+    for num_steps, eta in ((10, 0.0), (10, 0.5), (25, 1.0), (4, 0.3)):
+        z = _randn(2, 3, 5, 5, seed=60 + num_steps)
+        timesteps = ddim_timesteps(schedule, num_steps).tolist()
+        expected = sample_ddim(_ddim_eps, z, schedule, num_steps, eta=eta, generator=_gen(70))
+        given = z.clone()
+        got = impl.ddim_sample(_ddim_eps, given, schedule.alphas_cumprod, timesteps, eta, _gen(70))
+        what = (f"ddim_sample(eps_fn, {inputs(z=z)}, alphas_cumprod of sd(), timesteps={_short(timesteps)}, "
+                f"eta={eta}, generator seeded 70) compared with sample_ddim(..., num_steps={num_steps}, eta={eta})")
+        compare(what, got, expected, atol=1e-4)
+        unchanged("ddim_sample", dict(z=z), dict(z=given))
+    z = _randn(2, 3, 5, 5, seed=61)
+    timesteps = ddim_timesteps(schedule, 10).tolist()
+    first = impl.ddim_sample(_ddim_eps, z.clone(), schedule.alphas_cumprod, timesteps, 0.0, _gen(1))
+    second = impl.ddim_sample(_ddim_eps, z.clone(), schedule.alphas_cumprod, timesteps, 0.0, _gen(2))
+    compare("ddim_sample with eta=0 and two different generators: eta = 0 adds no noise, so the results "
+            "must be equal", second, first, atol=1e-6)
+
+
+def _short(values) -> str:
+    values = list(values)
+    return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, ..., {values[-1]}] ({len(values)} steps)"
+
+
+class _CountingModel(_FakeConditionalModel):
+    """The fake conditional model, counting its calls and the batch size of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, z_t, t, context):
+        self.batches.append(z_t.shape[0])
+        return super().forward(z_t, t, context)
+
+
+def check_cfg_denoiser(impl) -> None:
+    """cfg_denoiser(model, context, uncond_context, scale) gives samplers.cfg_denoiser's eps, from one
+    batched model call per step."""
+    from ..samplers import cfg_denoiser
+
+    z_t, t = _randn(3, 4, 4, 4, seed=80), torch.tensor([700.0, 700.0, 700.0])
+    context = _randn(3, 7, 8, seed=81)
+    for uncond in (_randn(3, 7, 8, seed=82), _randn(1, 7, 8, seed=83)):
+        for scale in (7.5, 1.0, 0.0, 3.0):
+            model = _CountingModel()
+            expected = cfg_denoiser(_FakeConditionalModel(), context, uncond, scale)(z_t, t)
+            eps_fn = impl.cfg_denoiser(model, context.clone(), uncond.clone(), scale)
+            got = eps_fn(z_t.clone(), t.clone())
+            what = (f"cfg_denoiser(model, {inputs(context=context, uncond_context=uncond)}, guidance_scale={scale})"
+                    f"({inputs(z_t=z_t, t=t)})")
+            compare(what, got, expected, atol=1e-5)
+            if scale != 1.0 and model.batches != [2 * z_t.shape[0]]:
+                raise CheckFailed(f"{what}: the model was called {len(model.batches)} time(s) with batch sizes "
+                                  f"{model.batches}; make one call on a batch of {2 * z_t.shape[0]} (the "
+                                  f"unconditional and the conditional halves together)")
+
+
 def reference_02():
-    from ..samplers import ddim_sigma, ddim_step, guidance
+    from ..samplers import cfg_denoiser, ddim_sigma, ddim_step, guidance, noise_like
 
     def ddim_step_with_eta(z_t, eps_pred, alpha_cumprod_t, alpha_cumprod_prev, eta, noise):
         a, a_prev = torch.tensor(alpha_cumprod_t), torch.tensor(alpha_cumprod_prev)
         return ddim_step(z_t, eps_pred, a, a_prev, ddim_sigma(a, a_prev, eta), noise if eta > 0 else None)[0]
 
-    return SimpleNamespace(ddim_step=ddim_step_with_eta, guidance=guidance)
+    def ddim_sample(eps_fn, z, alphas_cumprod, timesteps, eta, generator):
+        for i, t in enumerate(timesteps):
+            a = alphas_cumprod[t]
+            a_prev = alphas_cumprod[timesteps[i + 1] if i + 1 < len(timesteps) else 0]
+            eps_pred = eps_fn(z, torch.full((z.shape[0],), float(t)))
+            noise = noise_like(z, generator) if eta > 0 else None
+            z = ddim_step(z, eps_pred, a, a_prev, ddim_sigma(a, a_prev, eta), noise)[0]
+        return z
+
+    return SimpleNamespace(ddim_step=ddim_step_with_eta, guidance=guidance, ddim_sample=ddim_sample,
+                           cfg_denoiser=lambda model, context, uncond_context, guidance_scale:
+                           cfg_denoiser(model, context, uncond_context, guidance_scale))
 
 
 CHAPTER_02 = Chapter("02", "02_sampling", "sampling",
-                     {"ddim_step": check_ddim_step, "guidance": check_guidance}, reference_02)
+                     {"ddim_step": check_ddim_step, "ddim_sample": check_ddim_sample, "guidance": check_guidance,
+                      "cfg_denoiser": check_cfg_denoiser}, reference_02)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,9 +261,93 @@ def check_attention(impl) -> None:
             raise CheckFailed(what + ": the weights of each query do not sum to 1 over the keys")
 
 
+def _randomized(module, seed):
+    """`module` with every parameter drawn afresh (the zero-initialised last layers too), in eval mode:
+    matrices and kernels around 1/sqrt(fan-in), norm scales near 1, biases near 0."""
+    g = _gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            else:
+                p.copy_((p == 1).float() + 0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def check_timestep_embedding(impl) -> None:
+    """timestep_embedding(t, dim) equals unet.timestep_embedding (cosines first, odd widths padded); at t = 0
+    it is cos 0 = 1 then sin 0 = 0."""
+    from ..unet import timestep_embedding
+
+    t = torch.tensor([0.0, 1.0, 0.5, 37.25, 500.0, 999.0])
+    for dim in (320, 8, 7, 2):
+        got = impl.timestep_embedding(t.clone(), dim)
+        compare(f"timestep_embedding({inputs(t=t)}, dim={dim})", got, timestep_embedding(t, dim), atol=1e-4)
+    got = impl.timestep_embedding(torch.zeros(1), 6)
+    compare("timestep_embedding(t=tensor([0.0]), dim=6): cos(0) = 1 for the first half, sin(0) = 0 for the "
+            "second", got, torch.tensor([[1.0, 1, 1, 0, 0, 0]]))
+
+
+def check_res_block(impl) -> None:
+    """res_block(block, x, emb) equals a unet.ResBlock's forward, with and without a width change."""
+    from ..unet import ResBlock
+
+    for seed, (c_in, c_out) in enumerate(((8, 8), (8, 12))):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            block = ResBlock(c_in, 16, c_out, groups=4, dropout=0.0)
+        block = _randomized(block, 90 + seed)
+        x, emb = _randn(2, c_in, 5, 6, seed=92), _randn(2, 16, seed=93)
+        with torch.no_grad():
+            expected = block(x, emb)
+            got = impl.res_block(block, x.clone(), emb.clone())
+        what = (f"res_block(ResBlock(channels={c_in}, emb_dim=16, out_channels={c_out}, groups=4) with random "
+                f"weights, {inputs(x=x, emb=emb)})")
+        compare(what, got, expected, atol=1e-4)
+    # The time embedding must reach the output: the same x with another emb changes it.
+    with torch.no_grad():
+        other = impl.res_block(block, x, emb + 1.0)
+    if torch.allclose(other, got, atol=1e-6):
+        raise CheckFailed("res_block: changing emb does not change the output; the time embedding must be "
+                          "added to the features inside the block")
+
+
+def _attention_module(context_dim, seed):
+    from ..unet import Attention
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = Attention(query_dim=16, context_dim=context_dim, num_heads=4, dropout=0.0)
+    return _randomized(module, 100 + seed)
+
+
+def check_multi_head_attention(impl) -> None:
+    """multi_head_attention from the projection weights gives unet.Attention's output and, head by head, the
+    weights its `record` hook receives (cross-attention with 4 heads, and self-attention)."""
+    x = _randn(2, 10, 16, seed=101)
+    for self_attention in (False, True):
+        module = _attention_module(16 if self_attention else 12, seed=int(self_attention))
+        context = None if self_attention else _randn(2, 7, 12, seed=102)
+        kv = x if context is None else context
+        recorded = []
+        module.record = lambda name, weights: recorded.append(weights)
+        with torch.no_grad():
+            expected = module(x, context)
+            got = impl.multi_head_attention(x.clone(), kv.clone(), module.to_q.weight, module.to_k.weight,
+                                            module.to_v.weight, module.to_out[0].weight, module.to_out[0].bias,
+                                            module.num_heads)
+        kind = "self-attention, context = x" if self_attention else "cross-attention"
+        what = (f"multi_head_attention({inputs(x=x, context=kv)}, the weights of Attention(query_dim=16, "
+                f"context_dim={kv.shape[-1]}, num_heads=4) with random weights, num_heads=4) ({kind})")
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed(what + ": should return a pair (output, weights)")
+        compare(what + " output", got[0], expected, atol=1e-5)
+        compare(what + " weights (B, nh, N, M)", got[1], recorded[0], atol=1e-5)
+
+
 def check_cross_attention(impl) -> None:
     """cross_attention(module, x, context) equals the package's Attention module's forward."""
-    module = _tiny_attention()
+    module = _randomized(_tiny_attention(), 104)
     x, context = _randn(2, 10, 16, seed=15), _randn(2, 7, 12, seed=16)
     with torch.no_grad():
         expected = module(x, context)
@@ -191,13 +357,29 @@ def check_cross_attention(impl) -> None:
 
 
 def reference_03():
-    from ..unet import attention
+    from ..unet import attention, timestep_embedding
 
-    return SimpleNamespace(attention=attention, cross_attention=lambda module, x, context: module(x, context))
+    def multi_head_attention(x, context, w_q, w_k, w_v, w_out, b_out, num_heads):
+        from ..unet import Attention
+
+        module = Attention(x.shape[-1], context.shape[-1], num_heads, 0.0).eval()
+        recorded = []
+        module.record = lambda name, weights: recorded.append(weights)
+        with torch.no_grad():
+            for mine, given in ((module.to_q.weight, w_q), (module.to_k.weight, w_k), (module.to_v.weight, w_v),
+                                (module.to_out[0].weight, w_out), (module.to_out[0].bias, b_out)):
+                mine.copy_(given)
+            return module(x, context), recorded[0]
+
+    return SimpleNamespace(timestep_embedding=timestep_embedding, res_block=lambda block, x, emb: block(x, emb),
+                           attention=attention, multi_head_attention=multi_head_attention,
+                           cross_attention=lambda module, x, context: module(x, context))
 
 
-CHAPTER_03 = Chapter("03", "03_unet", "attention in the UNet",
-                     {"attention": check_attention, "cross_attention": check_cross_attention}, reference_03)
+CHAPTER_03 = Chapter("03", "03_unet", "the UNet",
+                     {"timestep_embedding": check_timestep_embedding, "res_block": check_res_block,
+                      "attention": check_attention, "multi_head_attention": check_multi_head_attention,
+                      "cross_attention": check_cross_attention}, reference_03)
 
 
 # ----------------------------------------------------------------------------------------------

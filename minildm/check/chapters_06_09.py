@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .compare import Chapter, CheckFailed, inputs, compare, compare_number, _gen, _randn
-from .chapters_01_05 import _FakeConditionalModel
+from .compare import Chapter, CheckFailed, inputs, compare, compare_number, unchanged, _gen, _randn
+from .chapters_01_05 import _FakeConditionalModel, _ddim_eps, _randomized, _short
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,18 +116,180 @@ def check_unet_weights(impl) -> None:
                                       f"{'EMA' if expected is ckpt.ema_unet else 'non-EMA'}")
 
 
+_LDM = []
+
+
+def _tiny_ldm():
+    """A LatentDiffusion of tiny random models (built once): what img2img and inpainting run on."""
+    if not _LDM:
+        from ..clip_text import CLIPTextConfig, CLIPTextModel
+        from ..ldm import LatentDiffusion
+        from ..tokenizer import CLIPTokenizer
+        from ..unet import UNet, UNetConfig
+        from ..vae import AutoencoderKL, VAEConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            unet = _randomized(UNet(UNetConfig.tiny()), 1)
+            vae = _randomized(AutoencoderKL(VAEConfig.tiny()), 2)
+            text = _randomized(CLIPTextModel(CLIPTextConfig.tiny()), 3)
+        _LDM.append(LatentDiffusion(unet, vae, text, CLIPTokenizer.default(context_length=16)).eval())
+    return _LDM[0]
+
+
+def check_img2img_start(impl) -> None:
+    """img2img_start(z0, noise, alphas_cumprod, timesteps, strength) gives the first step and the starting
+    latent that LatentDiffusion.generate(init_image=..., strength=...) hands its DDIM sampler."""
+    from ..samplers import ddim_timesteps
+
+    ldm = _tiny_ldm()
+    z0, noise, starts = _img2img_starts()
+    for num_steps, strength, seen in starts:
+        timesteps = ddim_timesteps(ldm.schedule, num_steps).tolist()
+        got = impl.img2img_start(z0.clone(), noise.clone(), ldm.schedule.alphas_cumprod, timesteps, strength)
+        what = (f"img2img_start({inputs(z0=z0, noise=noise)}, alphas_cumprod of sd(), timesteps={_short(timesteps)}, "
+                f"strength={strength})")
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed(what + ": should return a pair (first_step, z)")
+        first_step, z = got
+        if int(first_step) != seen["step"]:
+            raise CheckFailed(f"{what}: first_step is {int(first_step)}, but generate starts its "
+                              f"{num_steps}-step sampler at step {seen['step']} (timestep "
+                              f"{int(seen['t'])}); it runs the last `strength` fraction of the steps, "
+                              f"rounded down")
+        compare(what + " starting latent, compared with the z_t generate's sampler starts from", z,
+                seen["z_t"], atol=1e-5)
+
+
+class _Seen(Exception):
+    """Raised by a callback to stop generate once it has shown the first step."""
+
+
+_STARTS = []
+
+
+def _img2img_starts():
+    """The clean latents z0 and the noise of a tiny img2img run, and [(num_steps, strength, the first callback
+    dict of generate's DDIM sampler)] for several step counts and strengths (computed once)."""
+    if not _STARTS:
+        ldm = _tiny_ldm()
+        init = torch.rand(1, 3, 16, 16, generator=_gen(110)) * 2 - 1
+        noise = _randn(1, 4, 8, 8, seed=111)
+
+        def stop(info):
+            raise _Seen(info)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny tensors: more threads only wait for each other (20x slower on a busy CPU)
+        try:
+            z0 = ldm._encode_init_image(init, 1, _gen(112))  # the posterior sample generate draws first
+            starts = []
+            for num_steps, strength in ((10, 0.8), (10, 0.75), (10, 1.0), (10, 0.3), (7, 0.5), (7, 0.15),
+                                        (50, 0.62)):
+                try:
+                    ldm.generate("a cat", init_image=init, strength=strength, num_steps=num_steps, sampler="ddim",
+                                 guidance_scale=1.0, generator=_gen(112), latents=noise, output_type="latent",
+                                 callback=stop)
+                except _Seen as seen:
+                    starts.append((num_steps, strength, seen.args[0]))
+                else:
+                    raise CheckFailed(f"generate(strength={strength}, num_steps={num_steps}) ran no sampler step")
+        finally:
+            torch.set_num_threads(threads)
+        _STARTS.extend([z0, noise, starts])
+    return _STARTS
+
+
+def check_inpaint_eps(impl) -> None:
+    """inpaint_eps gives the eps of LatentDiffusion._inpainting's denoiser at every timestep, feeds the model
+    the blend, and returns outside the mask exactly the eps whose x0 estimate is the original latent."""
+    ldm = _tiny_ldm()
+    schedule = ldm.schedule
+    z0, noise = _randn(2, 4, 6, 6, seed=120), _randn(2, 4, 6, 6, seed=121)
+    elsewhere, its_noise = _randn(2, 4, 6, 6, seed=122), _randn(2, 4, 6, 6, seed=123)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 1:4, 2:6] = 1
+    mask[1, :, 3:, :] = 1
+    for step in (981, 500, 21, 1):
+        t = torch.full((2,), float(step))
+        a = schedule.alphas_cumprod[step]
+        z_t = a.sqrt() * elsewhere + (1 - a).sqrt() * its_noise  # a sampler's latent, at t's noise level
+        seen = []
+
+        def eps_fn(z, t):
+            seen.append(z)
+            return _ddim_eps(z, t)
+
+        expected = ldm._inpainting(_ddim_eps, z0, noise, mask)(z_t, t)
+        got = impl.inpaint_eps(eps_fn, z_t.clone(), t.clone(), z0.clone(), noise.clone(), mask.clone(),
+                               schedule.alphas_cumprod)
+        what = (f"inpaint_eps(eps_fn, {inputs(z_t=z_t)}, t={step}, {inputs(z0=z0, noise=noise)}, mask of shape "
+                f"{tuple(mask.shape)} (1 = repaint), alphas_cumprod of sd())")
+        if len(seen) != 1:
+            raise CheckFailed(f"{what}: called eps_fn {len(seen)} times; call it once, on the blended latent")
+        blend = mask * z_t + (1 - mask) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)
+        compare(what + ": the latent eps_fn was given", seen[0], blend, atol=1e-4)
+        compare(what, got, expected, atol=1e-4, rtol=1e-4)
+        x0_pred = (z_t - (1 - a).sqrt() * got) / a.sqrt()
+        compare(what + ": outside the mask, the x0 estimate of your eps should be the original latent z0",
+                (1 - mask) * x0_pred, (1 - mask) * z0, atol=1e-3)
+
+
+def check_lora_merge(impl) -> None:
+    """lora_merge(weight, down, up, alpha, scale) equals lora.LoraLayer.add_to: a linear layer, a 1x1 and a
+    3x3 convolution (3x3 down, 1x1 up), with and without alpha; the weight given is not changed."""
+    from ..lora import LoraLayer
+
+    cases = [("Linear 10 -> 12", (12, 10), (4, 10), (12, 4), 2.0, 0.8),
+             ("Linear 10 -> 12, no alpha", (12, 10), (4, 10), (12, 4), None, 1.0),
+             ("Conv2d 6 -> 8, 1x1", (8, 6, 1, 1), (3, 6, 1, 1), (8, 3, 1, 1), 1.0, 0.5),
+             ("Conv2d 6 -> 8, 3x3", (8, 6, 3, 3), (2, 6, 3, 3), (8, 2, 1, 1), 8.0, 1.5),
+             ("Conv2d 6 -> 8, 3x3, no alpha", (8, 6, 3, 3), (5, 6, 3, 3), (8, 5, 1, 1), None, -0.7)]
+    for i, (label, w_shape, d_shape, u_shape, alpha, scale) in enumerate(cases):
+        weight = _randn(*w_shape, seed=130 + i)
+        down, up = _randn(*d_shape, seed=140 + i), _randn(*u_shape, seed=150 + i)
+        expected = weight.clone()
+        LoraLayer("unet", "layer.weight", down, up, alpha).add_to(expected, scale)
+        given = weight.clone()
+        got = impl.lora_merge(given, down.clone(), up.clone(), alpha, scale)
+        what = (f"lora_merge(weight {w_shape} of a {label}, down A {d_shape}, up B {u_shape}, alpha={alpha}, "
+                f"scale={scale})")
+        compare(what, got, expected, atol=1e-4)
+        unchanged("lora_merge", dict(weight=weight), dict(weight=given))
+    compare("lora_merge(..., scale=0) should give the weight back", impl.lora_merge(weight, down, up, 4.0, 0.0),
+            weight)
+
+
 def reference_07():
     from .. import convert
+    from ..lora import LoraLayer
 
     def unet_weights(state, use_ema):
         ckpt = convert.split_original(state)
         return ckpt.ema_unet if (use_ema and ckpt.ema_unet is not None) else ckpt.unet
 
-    return SimpleNamespace(ema_key=convert.ema_key, unet_weights=unet_weights)
+    def img2img_start(z0, noise, alphas_cumprod, timesteps, strength):
+        # as LatentDiffusion.generate picks the first step and samplers.noise_level its abar (DDIM's grid)
+        first_step = len(timesteps) - int(len(timesteps) * strength)
+        a = float(alphas_cumprod[timesteps[first_step]])
+        return first_step, math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
+
+    def inpaint_eps(eps_fn, z_t, t, z0, noise, mask, alphas_cumprod):
+        # The check passes SD's alphas_cumprod, which is the tiny model's schedule.
+        return _tiny_ldm()._inpainting(eps_fn, z0, noise, mask)(z_t, t)
+
+    def lora_merge(weight, down, up, alpha, scale):
+        merged = weight.clone()
+        LoraLayer("unet", "layer.weight", down, up, alpha).add_to(merged, scale)
+        return merged
+
+    return SimpleNamespace(ema_key=convert.ema_key, unet_weights=unet_weights, lora_merge=lora_merge,
+                           img2img_start=img2img_start, inpaint_eps=inpaint_eps)
 
 
-CHAPTER_07 = Chapter("07", "07_stable_diffusion", "checkpoint keys",
-                     {"ema_key": check_ema_key, "unet_weights": check_unet_weights}, reference_07)
+CHAPTER_07 = Chapter("07", "07_stable_diffusion", "Stable Diffusion",
+                     {"ema_key": check_ema_key, "unet_weights": check_unet_weights, "lora_merge": check_lora_merge,
+                      "img2img_start": check_img2img_start, "inpaint_eps": check_inpaint_eps}, reference_07)
 
 
 # ----------------------------------------------------------------------------------------------
