@@ -25,6 +25,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(R
 SAMPLE, TRAIN, VIEWS, EVALUATE, CHECK = ("minildm.sample",), ("minildm.train",), ("minildm.views",), \
     ("minildm.evaluate",), ("minildm.check",)
 STUDIO = ("minildm.studio",)
+FINETUNE = ("minildm.finetune",)
+LORA = ["lora", "--images", ".", "--out", "new.safetensors"]
 TINY_TRAIN = ["--dataset", "shapes", "--preset", "tiny", "--max-steps", "1"]
 
 
@@ -162,6 +164,24 @@ ROWS = [
     (VIEWS, ["filmstrip", "x", "--out", "notes.txt"], "--out"),
     (VIEWS, ["filmstrip", "x", "--ckpt", "x.ckpt"], "x.ckpt is not a checkpoint"),
     (VIEWS, ["nothing", "x"], "invalid choice: 'nothing'"),
+    # fine-tuning
+    (FINETUNE, LORA + ["--steps", "0"], "--steps 0: must be at least 1"),
+    (FINETUNE, LORA + ["--rank", "0"], "--rank 0"),
+    (FINETUNE, LORA + ["--lr", "0"], "--lr 0"),
+    (FINETUNE, LORA + ["--batch-size", "-2"], "--batch-size -2"),
+    (FINETUNE, LORA + ["--targets", "everything"], "invalid choice: 'everything'"),
+    (FINETUNE, ["lora", "--images", "notes.txt", "--out", "new.safetensors"], "--images notes.txt is not a folder"),
+    (FINETUNE, ["lora", "--images", "empty_folder", "--out", "new.safetensors"], "no images"),
+    (FINETUNE, ["lora", "--images", ".", "--out", "new.pt"], "--out new.pt: write a .safetensors file"),
+    (FINETUNE, LORA + ["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (FINETUNE, LORA + ["--ckpt", "x.ckpt"], "x.ckpt is not a checkpoint"),
+    (FINETUNE, ["embedding", "--images", ".", "--word", "<bw>", "--out", "w.safetensors"],
+     "no caption contains the new word '<bw>'"),
+    (FINETUNE, ["embedding", "--images", ".", "--word", "cat", "--caption", "a cat", "--out", "w.safetensors"],
+     "--word 'cat': must be a new word"),
+    (FINETUNE, ["example", "--per-class", "0", "--out", "bw"], "--per-class 0"),
+    (FINETUNE, ["example", "--data-dir", "nowhere", "--out", "bw"], "--data-dir 'nowhere': does not exist"),
+    (FINETUNE, ["example", "--out", "runs"], "--out 'runs': must be a new or empty folder"),
     # evaluation
     (EVALUATE, ["--n", "0"], "--n 0"),
     (EVALUATE, ["runs/tiny", "--guidance", "nan"], "--guidance nan"),

@@ -39,6 +39,8 @@ def unet_module_map(cfg):
              ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)]
     if cfg.guidance_embed_dim is not None:  # LCM-distilled: no original-layout name exists, minildm's is its own
         pairs.append(("guidance_embed", "time_embedding.cond_proj", None))
+    if cfg.pooled_context:  # the small presets' pooled caption: diffusers' "simple_projection" class embedding,
+        pairs.append(("context_emb", "class_embedding", None))   # one Linear added to the time embedding
     for level in range(n_levels):
         attn = _attention_at(cfg.attention_levels, level, n_levels)
         for j in range(n_res):
@@ -195,7 +197,8 @@ def unet_config_from_diffusers(d):
                 attention_levels=_levels_like(base["attention_levels"], [
                     i for i, t in enumerate(d["down_block_types"]) if "CrossAttn" in t], len(blocks)),
                 num_heads=heads, transformer_depth=1, context_dim=d.get("cross_attention_dim", 768),
-                norm_groups=d.get("norm_num_groups", 32), guidance_embed_dim=d.get("time_cond_proj_dim"))
+                norm_groups=d.get("norm_num_groups", 32), guidance_embed_dim=d.get("time_cond_proj_dim"),
+                pooled_context=d.get("class_embed_type") == "simple_projection")
     return UNetConfig.from_dict(base)
 
 
@@ -220,7 +223,10 @@ def unet_config_to_diffusers(cfg):
         attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.context_dim,
         norm_num_groups=cfg.norm_groups, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
         center_input_sample=False, downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5,
-        use_linear_projection=False, time_cond_proj_dim=cfg.guidance_embed_dim)
+        use_linear_projection=False, time_cond_proj_dim=cfg.guidance_embed_dim,
+        # pooled_context: diffusers runs the same layer when called with class_labels=context[:, -1]
+        class_embed_type="simple_projection" if cfg.pooled_context else None,
+        projection_class_embeddings_input_dim=cfg.context_dim if cfg.pooled_context else None)
 
 
 def vae_config_from_diffusers(d):
