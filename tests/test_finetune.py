@@ -257,3 +257,51 @@ def test_layer_and_parameter_counts_at_sd15_size():
     assert sum(p.numel() for p in model.unet.parameters()) == 859_520_964
     assert counts == [(128, 797_184), (176, 1_092_096), (278, 4_203_264), (278, 67_252_224)]
     assert set(LCM_LORA_TARGETS) == set(finetune.TARGETS["all"])
+
+
+def test_lora_of_a_pooled_caption_model_loads_in_diffusers(tmp_path):
+    """A CIFAR-shaped UNet (pooled caption added to the time embedding) is diffusers' UNet2DConditionModel with a
+    "simple_projection" class embedding fed context[:, -1]. Its weights converted by diffusers' own converter (the
+    pooled layer, which that converter does not know, put in by hand), then a LoRA trained by minildm loaded with
+    load_lora_weights: diffusers' UNet output equals minildm's fine-tuned one."""
+    pytest.importorskip("peft")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from minildm.ldm import load_stable_diffusion
+    from reference_configs import diffusers_unet_config
+    from test_convert import original_state
+    from test_ldm import diffusers_parts, write_tokenizer_folder
+
+    models = tiny_models(seed=3, unet=dict(UNET_3LEVEL, pooled_context=True))
+    unet, vae, text = models
+    path = convert.save_checkpoint(tmp_path / "run.safetensors", unet=unet, vae=vae, text_encoder=text,
+                                   schedule=NoiseSchedule.sd(), scale_factor=0.5)
+    tuned = load_stable_diffusion(path)
+    state, _ = finetune.train_lora(tuned, *handful(), rank=2, targets="all", text_encoder=True, **TRAIN)
+    lora_path = tmp_path / "lora.safetensors"
+    finetune.save_tensors(lora_path, state, {})
+
+    config = dict(diffusers_unet_config(unet.cfg), class_embed_type="simple_projection",
+                  projection_class_embeddings_input_dim=unet.cfg.context_dim)
+    d_unet = UNet2DConditionModel(**config)
+    original = original_state(unet, vae, text, ema_offset=0.0)
+    converted = sfu.convert_ldm_unet_checkpoint(dict(original), d_unet.config, extract_ema=True)
+    converted["class_embedding.weight"] = unet.context_emb.weight.detach().clone()
+    converted["class_embedding.bias"] = unet.context_emb.bias.detach().clone()
+    d_unet.load_state_dict(converted)
+    _, d_vae, d_text, tokenizer = diffusers_parts(models, write_tokenizer_folder(str(tmp_path / "tok")))
+    pipe = StableDiffusionPipeline(vae=d_vae, text_encoder=d_text, tokenizer=tokenizer, unet=d_unet.eval(),
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora_path))
+    z = torch.randn(2, unet.cfg.in_channels, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        ours = tuned.unet(z, t, tuned.encode_prompt([PROMPT, ""]))
+        tokens = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        context = pipe.text_encoder(tokens)[0]
+        theirs = pipe.unet(z, t, encoder_hidden_states=context, class_labels=context[:, -1]).sample
+        base_model = load_stable_diffusion(path)
+        base = base_model.unet(z, t, base_model.encode_prompt([PROMPT, ""]))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - base).abs().max() > 1e-3
