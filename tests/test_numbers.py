@@ -25,6 +25,8 @@ def at(record: dict, path: str):
 EVAL = "bench/train_cifar_cpu60h_eval.json"           # python -m minildm.evaluate runs/cpu60h (n = 100)
 INTERVAL = "bench/guidance_interval_cpu60h.json"      # bench/guidance_sweep.py runs/cpu60h --intervals ...
 FINETUNE = "bench/finetune.json"                      # bench/finetune.py runs/cpu60h --n 20
+SWEEP = "bench/guidance_sweep.json"                   # bench/guidance_sweep.py runs/cpu60g --n 30
+SHAPES = "bench/prompt_shapes.json"                   # bench/prompt_shapes.py runs/cpu60h --n 20
 
 
 def finetune_cell(case, kind):
@@ -42,6 +44,12 @@ QUOTES = [
       (INTERVAL, "vae_floor/recall_reconstructed", ".2f"), (INTERVAL, "vae_floor/coverage_reconstructed", ".2f")]),
     ("lessons/06_training.md", "the prompted class {0} of the time, {1}x the judge's {2} on",
      [(EVAL, "mean/accuracy", ".2f"), (EVAL, "accuracy_over_judge", ".2f"), (EVAL, "judge/held_out_accuracy", ".3f")]),
+    ("lessons/06_training.md", "the template was drawn as its class {0} of the time at\n$w = 1.5$ and {1} at $w = 7.5$, "
+     "while recall fell from {2} to {3}",
+     [(SWEEP, "rows/0/accuracy", ".2f"), (SWEEP, "rows/4/accuracy", ".2f"), (SWEEP, "rows/0/recall", ".2f"),
+      (SWEEP, "rows/4/recall", ".2f")]),
+    ("lessons/06_training.md", "**The bare word and \"a cat in a hat\"**: {0} each, as the template ({1} at 20 per class)",
+     [(SHAPES, "shapes/in a hat/mean", ".2f"), (SHAPES, "shapes/template/mean", ".2f")]),
     ("README.md", "reconstructions of real photos are\n  {0} times as far as real photos",
      [(INTERVAL, "vae_floor/fd_reconstructed_over_real", ".1f")]),
 ]
