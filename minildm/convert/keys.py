@@ -2,6 +2,8 @@
 state dict holds, and the one error of the package."""
 from __future__ import annotations
 
+import re
+
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -25,7 +27,13 @@ POSITION_IDS = "embeddings.position_ids"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says why in words a user can act on."""
+    """A checkpoint that cannot be loaded; the message says why in words a user can act on.
+
+    Messages quote key names read from the file, and a damaged file's keys may hold any character: control
+    characters (a newline in a key) are shown escaped, so the message stays one line."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(message)))
 
 
 def add_prefix(state_dict, prefix):
