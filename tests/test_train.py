@@ -32,8 +32,12 @@ def tiny_config(run_dir, **overrides) -> train.TrainConfig:
     return train.TrainConfig.tiny(**base)
 
 
-def losses(run_dir, stage):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def losses(run_dir, stage, complete_lines_only=False):
+    """(step, loss) of a stage from metrics.jsonl. While the run is still writing, its last line may be half
+    written: `complete_lines_only` reads only the lines that end in a newline."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    lines = text.split("\n")[:-1] if complete_lines_only else text.splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     return [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and "loss" in r]
 
 
@@ -455,7 +459,7 @@ def _wait_for_step(run_dir: Path, stage: str, step: int, proc, timeout: float = 
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r[0] >= step for r in losses(run_dir, stage)):
+        if path.exists() and any(r[0] >= step for r in losses(run_dir, stage, complete_lines_only=True)):
             return
         time.sleep(0.05)
     raise AssertionError(f"{stage} never reached step {step}")
