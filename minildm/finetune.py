@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import convert, lora, steps
+from . import lora, steps
 from .ldm.model import to_diffusion_latents
 
 # Layers a LoRA adapts, by the last part of their diffusers module name. "attention" is what SD v1 LoRAs
@@ -73,15 +73,6 @@ class LowRankDelta(nn.Module):
         return lora.LoraLayer(part, key, self.down.detach().float(), self.up.detach().float(), float(self.alpha))
 
 
-def module_names(model, part: str) -> dict:
-    """minildm weight key -> the diffusers module name files use, for every Linear/Conv2d weight of a part."""
-    if part == "unet":
-        keys = [k for k in model.state_dict() if k.endswith(".weight")]
-        return {ours: theirs[: -len(".weight")]
-                for theirs, ours in convert.unet_to_diffusers({k: k for k in keys}, model.cfg).items()}
-    return {k: "text_model." + k[: -len(".weight")] for k in model.state_dict() if k.endswith(".weight")}
-
-
 def add_lora(model, rank: int = 4, alpha: float | None = None, targets: str = "attention",
              text_encoder: bool = False) -> dict:
     """Make every target layer of the UNet (and the text encoder's attention) a LoRA layer to train.
@@ -93,7 +84,7 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, targets: str = "a
                                                        if text_encoder else [])
     adapters = {}
     for part, root, wanted in parts:
-        for key, name in module_names(root, part).items():
+        for key, name in lora.diffusers_names(root, part).items():
             layer = root.get_submodule(key[: -len(".weight")])
             if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not name.endswith(tuple("." + w for w in wanted)):
                 continue
@@ -131,7 +122,7 @@ def lora_state_dict(adapters: dict, layout: str = "kohya") -> dict:
         up = adapter.up.detach().float().contiguous()
         name = adapter.name
         if layout == "kohya":
-            prefix = ("lora_unet_" if part == "unet" else "lora_te_") + name.replace(".", "_")
+            prefix = lora.kohya_name(part, name)
             state[prefix + ".lora_down.weight"] = down
             state[prefix + ".lora_up.weight"] = up
             state[prefix + ".alpha"] = torch.tensor(float(adapter.alpha))
@@ -178,23 +169,6 @@ class NewWord:
 
 # ---------------------------------------------------------------------------- the training loop
 
-@torch.no_grad()
-def encode_images(model, images: torch.Tensor, flip: bool = True, batch_size: int = 8) -> tuple:
-    """uint8 images (N, 3, H, W) -> the VAE posterior's (mean, std), each (N or 2N, zc, h, w); with `flip`
-    the mirrored images follow the originals. Encoded once; every step draws a fresh posterior sample."""
-    from .data import to_float
-
-    x = to_float(images)
-    if flip:
-        x = torch.cat([x, x.flip(-1)])
-    means, stds = [], []
-    for i in range(0, len(x), batch_size):
-        posterior = model.vae.encode(x[i:i + batch_size].to(model.device, model.vae_dtype))
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
 def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_steps: int = 300,
               batch_size: int = 8, lr: float = 1e-3, min_snr_gamma: float | None = 5.0, seed: int = 0,
               amp: bool = False, flip: bool = True, progress: bool = True) -> list:
@@ -204,11 +178,14 @@ def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_
     Each step: a batch of images drawn with replacement, a fresh posterior sample of their latents, t and
     noise as in training, AdamW (no weight decay: a LoRA's zero start and a word's vector are the prior)."""
     from .plumbing import autocast, progress_bar
+    from .train.stage2 import cache_latents
 
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     device = model.device
-    mean, std = encode_images(model, images, flip)
+    # The latents' posterior, encoded once (mirrored copies after the originals); each step samples from it.
+    mean, std = cache_latents(model.vae, torch.cat([images, images.flip(-1)]) if flip else images, device,
+                              batch_size=8)
     tokens = model.tokenizer(list(captions) * (2 if flip else 1)).to(device)        # (N, L)
     denoiser = steps.Denoiser(model.unet, model.text_encoder)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -217,8 +194,8 @@ def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_
     bar = progress_bar(num_steps, "fine-tuning", progress)
     for _ in range(num_steps):
         rows = torch.randint(0, len(mean), (batch_size,), generator=generator)
-        eps = torch.randn(mean[rows].shape, generator=generator).to(device)
-        z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor)
+        eps = torch.randn(mean[rows].shape, generator=generator)
+        z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(device)
         t = torch.randint(0, model.schedule.num_timesteps, (batch_size,), generator=generator)
         noise = torch.randn(z.shape, generator=generator).to(device)
         with autocast(amp, device):
@@ -385,8 +362,7 @@ def read_images(folder: str, caption: str | None, resolution: int) -> tuple:
 
 
 def main(argv=None) -> int:
-    from .cli import (check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model,
-                      resolve_device)
+    from .cli import check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model
     from .data import DataError
 
     args = build_parser().parse_args(argv)
@@ -409,7 +385,6 @@ def main(argv=None) -> int:
     check_writable_dir("--out", os.path.dirname(os.path.abspath(out)))
     if not os.path.isdir(args.images):
         fail(f"--images {args.images} is not a folder of images", 2)
-    device, _ = resolve_device(args.device)
     model, path = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
     try:
         images, captions = read_images(args.images, args.caption, model.default_size)
@@ -418,13 +393,13 @@ def main(argv=None) -> int:
     if args.command == "embedding":
         if args.in_place_of:
             captions = [c.replace(args.in_place_of, args.word) for c in captions]
-        if not args.word.strip() or args.word in model.tokenizer.encoder or args.word in model.tokenizer.added_tokens:
-            fail(f"--word {args.word!r}: must be a new word, not blank and not already in the vocabulary "
-                 '(e.g. "<bw>")', 2)
+        why = model.tokenizer.why_not_new(args.word, args.vectors)
+        if why:
+            fail(f"--word {args.word!r}: must be a new word, e.g. \"<bw>\" ({why})", 2)
         if not any(args.word in c for c in captions):
             fail(f"no caption contains the new word {args.word!r}: give --caption with it, or --in-place-of the "
                  "phrase it stands for", 2)
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    amp = model.device.type == "cuda" if args.amp is None else args.amp
     used = sum(args.word in c for c in captions) if args.command == "embedding" else len(images)
     print(f"fine-tuning {path} on {used} images from {args.images} ({args.steps} steps, batch "
           f"{args.batch_size}, lr {args.lr:g}{', mixed precision' if amp else ''}); e.g. {captions[0]!r}",

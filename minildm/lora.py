@@ -73,23 +73,31 @@ class LoraLayer:
 
 # ---------------------------------------------------------------------------- names
 
+def diffusers_names(model, part: str) -> dict:
+    """Weight key of this model part ("unet" or "text_encoder") -> the module name LoRA files use for it:
+    diffusers' for the UNet, transformers' for the text encoder."""
+    keys = [k for k in model.state_dict() if k.endswith(".weight")]
+    if part == "unet":
+        return {ours: theirs[: -len(".weight")]
+                for theirs, ours in convert.unet_to_diffusers({k: k for k in keys}, model.cfg).items()}
+    return {key: "text_model." + key[: -len(".weight")] for key in keys}
+
+
+def kohya_name(part: str, module: str) -> str:
+    """A module's name in the kohya layout: lora_unet_ / lora_te_ and the module path with "." -> "_"."""
+    return ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
+
+
 def _module_names(model, part: str) -> dict:
     """Every name a LoRA may use for a weight of this model part -> its key in the part's state dict."""
-    keys = [k for k in model.state_dict() if k.endswith(".weight")]
     names = {}
+    for key, module in diffusers_names(model, part).items():
+        names[module] = key
+        names[kohya_name(part, module)] = key
     if part == "unet":
-        diffusers_keys = convert.unet_to_diffusers({k: k for k in keys}, model.cfg)   # diffusers key -> ours
-        for d_key, key in diffusers_keys.items():
-            module = d_key[: -len(".weight")]
-            names[module] = key
-            names["lora_unet_" + module.replace(".", "_")] = key
-        for key in keys:  # the original (CompVis) module names, which some kohya files use
-            names["lora_unet_" + key[: -len(".weight")].replace(".", "_")] = key
-    else:
-        for key in keys:
-            module = "text_model." + key[: -len(".weight")]
-            names[module] = key
-            names["lora_te_" + module.replace(".", "_")] = key
+        for key in [k for k in model.state_dict() if k.endswith(".weight")]:
+            # the original (CompVis) module names, which some kohya files use
+            names[kohya_name(part, key[: -len(".weight")])] = key
     return names
 
 

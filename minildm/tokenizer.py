@@ -168,6 +168,14 @@ class CLIPTokenizer:
         self.added_tokens: dict[str, list[int]] = {}
         self._added_pattern = None
 
+    def why_not_new(self, token: str, count: int = 1) -> str | None:
+        """Why `add_tokens(token, count)` would refuse the token (blank, or a name already taken), else None."""
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        taken = [n for n in names if n in self.encoder or n in self.added_tokens]
+        if taken:
+            return f"{taken[0]!r} is already in the vocabulary"
+        return None if token.strip() else "it is blank"
+
     def add_tokens(self, token: str, count: int = 1) -> list[int]:
         """Add `token` with `count` new ids after the vocabulary; returns the ids.
 
@@ -175,11 +183,10 @@ class CLIPTokenizer:
         Hugging Face added token), and stands for all `count` ids: a multi-vector embedding. As in
         diffusers, the ids after the first are also reachable alone as token_1, token_2, ...
         """
+        why = self.why_not_new(token, count)
+        if why:
+            raise ValueError(f"cannot add the token {token!r}: {why}")
         names = [token] + [f"{token}_{i}" for i in range(1, count)]
-        taken = [n for n in names if n in self.encoder or n in self.added_tokens]
-        if taken or not token.strip():
-            raise ValueError(f"cannot add the token {token!r}: " + (f"{taken[0]!r} is already in the vocabulary"
-                                                                    if taken else "it is blank"))
         ids = list(range(self.vocab_size, self.vocab_size + count))
         self.added_tokens[token] = ids
         for i in range(1, count):

@@ -155,7 +155,8 @@ def test_lora_on_a_model_with_a_pooled_caption(tmp_path):
     loaded = load_stable_diffusion(path)
     loaded.load_lora(lora_path)
     torch.testing.assert_close(unet_output(loaded), unet_output(tuned), atol=1e-6, rtol=0)
-    names = finetune.module_names(loaded.unet, "unet")
+    from minildm.lora import diffusers_names
+    names = diffusers_names(loaded.unet, "unet")
     assert names["context_emb.weight"] == "class_embedding"
 
 

@@ -224,8 +224,7 @@ def reference_02():
         return z
 
     return SimpleNamespace(ddim_step=ddim_step_with_eta, guidance=guidance, ddim_sample=ddim_sample,
-                           cfg_denoiser=lambda model, context, uncond_context, guidance_scale:
-                           cfg_denoiser(model, context, uncond_context, guidance_scale))
+                           cfg_denoiser=cfg_denoiser)
 
 
 CHAPTER_02 = Chapter("02", "02_sampling", "sampling",

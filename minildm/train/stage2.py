@@ -27,12 +27,14 @@ from .stage1 import load_vae, measure_scale_factor
 
 
 @torch.no_grad()
-def cache_latents(vae: AutoencoderKL, data, device, batch_size: int = 256) -> tuple:
-    """(mean, std) of q(z|x) for every image (no flips), so each step only samples z = mean + std * eps."""
+def cache_latents(vae: AutoencoderKL, images: torch.Tensor, device, batch_size: int = 256) -> tuple:
+    """(mean, std) of q(z|x) for every uint8 image (N, 3, H, W), on the CPU, so each step only samples
+    z = mean + std * eps."""
     vae.eval()
+    dtype = next(vae.parameters()).dtype
     means, stds = [], []
-    for i in range(0, len(data), batch_size):
-        posterior = vae.encode(data_module.to_float(data.images[i:i + batch_size]).to(device))
+    for i in range(0, len(images), batch_size):
+        posterior = vae.encode(data_module.to_float(images[i:i + batch_size]).to(device, dtype))
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
@@ -62,7 +64,7 @@ def fit_class_probe(vae: AutoencoderKL, train_latents: torch.Tensor, train, held
     from ..judge import LatentProbe
 
     probe = LatentProbe(to_diffusion_latents(train_latents, scale_factor), train.labels, len(train.class_names))
-    held_latents = to_diffusion_latents(cache_latents(vae, held, device)[0], scale_factor)
+    held_latents = to_diffusion_latents(cache_latents(vae, held.images, device)[0], scale_factor)
     return probe, probe.accuracy(held_latents, held.labels)
 
 
@@ -152,7 +154,7 @@ def train_ldm(cfg: TrainConfig, vae: Optional[AutoencoderKL] = None, scale_facto
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide by processes ({dist.world}) "
                          f"x --grad-accum ({cfg.grad_accum})")
 
-    latents = cache_latents(vae, train, device) if cfg.cache_latents else None
+    latents = cache_latents(vae, train.images, device) if cfg.cache_latents else None
     prompts = train.prompts(10)
     probe = None
     if dist.main and latents is not None and cfg.probe_per_class and train.class_names and len(held):
