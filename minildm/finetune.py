@@ -55,13 +55,14 @@ class LowRankDelta(nn.Module):
     The model's code keeps using `layer.weight` as before (the UNet reads some weights directly), and the
     sum is the one merging a LoRA file computes; B starts at zero, A like a fresh layer's weight."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, name: str = ""):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, name: str = "",
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.rank, self.alpha = rank, alpha
         self.name = name                        # the layer's diffusers module name, which files use
-        fan_in = weight[0].numel()
-        self.down = nn.Parameter(torch.empty(rank, *weight.shape[1:], device=weight.device).uniform_(
-            -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
+        bound = 1 / math.sqrt(weight[0].numel())                                 # 1 / sqrt(fan-in)
+        down = (torch.rand(rank, *weight.shape[1:], generator=generator) * 2 - 1) * bound   # drawn on the CPU
+        self.down = nn.Parameter(down.to(weight.device))
         self.up = nn.Parameter(torch.zeros(weight.shape[0], rank, *[1] * (weight.dim() - 2), device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -74,11 +75,13 @@ class LowRankDelta(nn.Module):
 
 
 def add_lora(model, rank: int = 4, alpha: float | None = None, targets: str = "attention",
-             text_encoder: bool = False) -> dict:
-    """Make every target layer of the UNet (and the text encoder's attention) a LoRA layer to train.
+             text_encoder: bool = False, seed: int = 0) -> dict:
+    """Make every target layer of the UNet (and the text encoder's attention) a LoRA layer to train, its A
+    drawn from `seed`.
 
     Every weight of the model is frozen. Returns {(part, key): LowRankDelta}, key the adapted weight's key."""
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     alpha = float(rank if alpha is None else alpha)
     parts = [("unet", model.unet, TARGETS[targets])] + ([("text_encoder", model.text_encoder, TEXT_TARGETS)]
                                                        if text_encoder else [])
@@ -88,7 +91,7 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, targets: str = "a
             layer = root.get_submodule(key[: -len(".weight")])
             if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not name.endswith(tuple("." + w for w in wanted)):
                 continue
-            adapters[(part, key)] = delta = LowRankDelta(layer.weight, rank, alpha, name)
+            adapters[(part, key)] = delta = LowRankDelta(layer.weight, rank, alpha, name, generator)
             parametrize.register_parametrization(layer, "weight", delta)
     if not adapters:
         raise ValueError(f"no {targets} layers to adapt in this model")
@@ -188,7 +191,7 @@ def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_
                               batch_size=8)
     tokens = model.tokenizer(list(captions) * (2 if flip else 1)).to(device)        # (N, L)
     denoiser = steps.Denoiser(model.unet, model.text_encoder)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = steps.adamw(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = progress_bar(num_steps, "fine-tuning", progress)
@@ -212,13 +215,14 @@ def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_
 
 
 def train_lora(model, images, captions, *, rank: int = 4, alpha: float | None = None, targets: str = "attention",
-               text_encoder: bool = False, layout: str = "kohya", **options) -> tuple:
+               text_encoder: bool = False, layout: str = "kohya", seed: int = 0, **options) -> tuple:
     """Fine-tune a LoRA and merge it: (the LoRA file's tensors, the losses). The model ends up equal to the
-    base model with that file loaded at scale 1."""
-    adapters = add_lora(model, rank, alpha, targets, text_encoder)
+    base model with that file loaded at scale 1. `seed` draws the A matrices and, in fine_tune, the batches,
+    timesteps and noise."""
+    adapters = add_lora(model, rank, alpha, targets, text_encoder, seed)
     params = [p for delta in adapters.values() for p in (delta.down, delta.up)]
     try:
-        losses = fine_tune(model, images, captions, params, **options)
+        losses = fine_tune(model, images, captions, params, seed=seed, **options)
     except BaseException:
         remove_lora(model, adapters, merge=False)
         raise
@@ -316,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--lr", type=float, default=1e-3 if name == "lora" else 5e-2, help="AdamW learning rate")
         s.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR weighting of the loss (0: off)")
         s.add_argument("--no-flip", action="store_true", help="no mirrored copies (for images with text or sides)")
-        s.add_argument("--seed", type=int, default=0, help="seed of the batches, timesteps and noise")
+        s.add_argument("--seed", type=int, default=0, help="seed of the LoRA's initial A, the batches, timesteps "
+                                                           "and noise")
         s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
         s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                        help="the frozen weights' dtype (the trained numbers stay float32)")

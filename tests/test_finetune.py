@@ -61,6 +61,15 @@ def test_lora_layers_start_at_zero_and_are_the_only_trainable_numbers(models, or
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_seed_draws_the_lora_start(original_file):
+    """A's initial values come from the seed, so the same command gives the same fine-tune's start."""
+    downs = []
+    for seed in (3, 3, 4):
+        adapters = finetune.add_lora(load_original(original_file), rank=2, seed=seed)
+        downs.append(torch.cat([d.down.flatten() for d in adapters.values()]))
+    assert torch.equal(downs[0], downs[1]) and not torch.equal(downs[0], downs[2])
+
+
 @pytest.mark.parametrize("layout, targets, text_encoder", [("kohya", "attention", True), ("diffusers", "all", False)])
 def test_trained_lora_is_its_file_in_minildm_and_in_diffusers(models, original_file, tmp_path, layout, targets,
                                                                text_encoder):
