@@ -54,7 +54,7 @@ def main():
 
     def ldm_step():
         tokens = torch.randint(0, text_cfg.vocab_size - 1, (B, text_cfg.context_length))
-        eps = unet(torch.randn(B, 4, h, h), torch.randint(0, 1000, (B,)), text(tokens))
+        eps = unet(torch.randn(B, unet_cfg.in_channels, h, h), torch.randint(0, 1000, (B,)), text(tokens))
         eps.pow(2).mean().backward()
 
     def vae_step():

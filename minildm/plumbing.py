@@ -207,15 +207,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def plot_losses(records: list, path) -> None:
-    """One panel per stage: the logged loss against the step, with a smoothed curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per stage: the logged loss against the step, with a smoothed curve. Drawn on a bare
+    matplotlib Figure, not through pyplot: saving a file must not change the backend of a notebook that
+    trains (pictures shown there afterwards would silently stop appearing)."""
+    from matplotlib.figure import Figure
 
     stages = [s for s in ("vae", "ldm") if any(r.get("stage") == s for r in records)]
     if not stages:
         return
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
+    fig = Figure(figsize=(5 * len(stages), 3.2))
+    axes = fig.subplots(1, len(stages), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         rows = [r for r in records if r.get("stage") == stage and "loss" in r]
         steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
@@ -231,7 +232,6 @@ def plot_losses(records: list, path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
