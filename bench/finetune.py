@@ -142,8 +142,8 @@ def main(argv=None) -> int:
                 ax.set_title(names[c], fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=6.5, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{run.name} fine-tuned on {len(images)} black-and-white photos: the first sample of each prompt",
-                 fontsize=9)
+    fig.suptitle(f"{run.name} fine-tuned on {len(grey_images)} black-and-white photos (+ {len(images) - len(grey_images)} "
+                 f"in colour where the row says so): the first sample of each prompt", fontsize=9)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=100)
     print(f"saved {out.with_suffix('.json')} and {out.with_suffix('.png')}")

@@ -75,14 +75,16 @@ def test_every_linked_picture_exists_and_every_picture_is_shown():
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
 def test_every_lesson_shows_pictures_with_the_command_that_made_them(lesson):
-    """A lesson embeds at least one picture, and the caption under each names the command that made it."""
-    lines = lesson.read_text().splitlines()
-    shown = [i for i, line in enumerate(lines) if IMAGE_LINK.search(line)]
+    """A lesson embeds at least one picture, and the caption under each (the paragraph the embed starts, or the
+    one after it) names the command that made it."""
+    text = lesson.read_text()
+    shown = list(IMAGE_LINK.finditer(text))
     assert shown, f"{lesson.name} shows no picture"
-    for i in shown:
-        end = next((j for j in range(i, len(lines)) if not lines[j].strip()), len(lines))
-        caption = " ".join(lines[i:end])  # the embed (it may wrap) and the caption under it, up to a blank line
-        assert "`python " in caption, f"{lesson.name}:{i + 1}: say which command made {IMAGE_LINK.search(lines[i])[1]}"
+    for link in shown:
+        paragraphs = text[text.rfind("\n\n", 0, link.start()) + 2:].split("\n\n")
+        caption = " ".join(paragraphs[:2])
+        line = text.count("\n", 0, link.start()) + 1
+        assert re.search(r"`python\s", caption), f"{lesson.name}:{line}: say which command made {link[1]}"
 
 
 def test_the_comparison_can_fail():

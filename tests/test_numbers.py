@@ -217,8 +217,9 @@ SOURCED = {
          results("photos 78.6%, 4x4-blurred", "photos 25.4%")),
     ],
     "lessons/06_training.md": [
+        ("a VAE (21.5 dB on its training images)", notebook("06")),
         ("(0.83, 0.99x)", results("**0.83 = 0.99x** the template")),
-        ("at least 0.69 times", results("(worst class 0.69x, dog)")),
+        ("The worst class is drawn 0.69 times", results("(worst class 0.69x, dog)")),
         ("(10.1\nfor the floor, 11.6 for the samples): a 12-minute VAE at 27.3 dB",
          results(table("| guidance at timesteps | template | unseen |"), *ONE_HOUR)),
         ("the floor's\nis 0.51, the samples' 0.13", results(table("| guidance at timesteps | template | unseen |"))),
@@ -308,7 +309,7 @@ SOURCED = {
     ],
     "notebooks/05_vae.ipynb": [
         ("a posterior whose spread (about 0.13)", notebook("05")),
-        ("this budget gives about 24.6 dB on the held-out photos (measured on an idle 2-core CPU: 107 s)", notebook("05")),
+        ("this budget gives about 24.6 dB on the held-out photos", notebook("05")),
     ],
     "notebooks/06_training.ipynb": [
         ("the samples showed the prompted class 19% of the time", results("prompted class 19% of the time")),
@@ -430,7 +431,7 @@ NOT_MEASURED = {
         ("the 48× of SD v1", ARITHMETIC),
     ],
     "lessons/06_training.md": [
-        ('$d_{\\max}$ = 0.99, 0.999 and 0.9999', SETTING + " (the caps the notebook plots)"),
+        ('for $d_{\\max}$ = 0.99, 0.999 and 0.9999', SETTING + " (the caps the notebook plots)"),
         ('(chance: 25%)', "one colour of four: arithmetic, not a run"),
         ('at guidance 3, 4.5 and 7.5, 30 samples per class', SETTING + " (the sweep's scales and sample count)"),
         ('(guidance 7.5 and 10)', SETTING),
