@@ -8,6 +8,7 @@ The package follows the data flow of a latent diffusion model, one concept per m
     unet.py       the conditional UNet that predicts noise
     tokenizer.py  the CLIP byte-pair-encoding tokenizer
     clip_text.py  the CLIP text transformer that turns tokens into a context
+    clip_vision.py  CLIP's image tower, the shared image-text space, CLIP's preprocessing
     vae.py        the KL autoencoder between pixels and latents
     vae_loss.py   the losses that train it
     taesd.py      TAESD, a tiny, fast, approximate autoencoder for SD v1's latents
@@ -36,6 +37,10 @@ _EXPORTS = {
     "CLIPTokenizer": "tokenizer",
     "CLIPTextModel": "clip_text",
     "CLIPTextConfig": "clip_text",
+    "CLIPVisionModel": "clip_vision",
+    "CLIPVisionConfig": "clip_vision",
+    "CLIPModel": "clip_vision",
+    "load_clip": "clip_vision",
     "AutoencoderKL": "vae",
     "VAEConfig": "vae",
     "LatentDiffusion": "ldm",

@@ -13,6 +13,8 @@ The architecture is GPT-2 shaped (lessons/04_text_encoder.md derives each piece)
 Module names are those of the original checkpoint with "cond_stage_model.transformer.text_model."
 removed, e.g. encoder.layers.0.self_attn.q_proj.weight. The checkpoint also stores
 embeddings.position_ids (0..76); it carries no information, so it is not a buffer here.
+The blocks below (attention, MLP, residual layer, encoder) also build CLIP's image tower,
+clip_vision.py, which runs them without the causal mask.
 
 Notation and shapes:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -70,6 +73,16 @@ class CLIPTextConfig:
         return cls(**d)
 
 
+class TransformerSizes(Protocol):
+    """What the shared blocks read from a config: CLIPTextConfig and clip_vision's CLIPVisionConfig both have it."""
+
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_width: int
+    layer_norm_eps: float
+
+
 class CLIPTextEmbeddings(nn.Module):
     """A learned vector per vocabulary entry plus a learned vector per position."""
 
@@ -84,12 +97,14 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head causal self-attention: each token reads only itself and the tokens before it."""
+    """Multi-head self-attention. Causal for text: each token reads only itself and the tokens before it;
+    not causal for an image: every patch reads every patch."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: TransformerSizes, *, causal: bool):
         super().__init__()
         assert cfg.width % cfg.num_heads == 0, "width must be a multiple of num_heads"
         self.num_heads = cfg.num_heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -103,8 +118,8 @@ class CLIPAttention(nn.Module):
             return t.view(B, L, nh, D // nh).transpose(1, 2)  # (B, nh, L, hd)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        # softmax(q k^T / sqrt(hd) + causal mask) v, the mask being -inf above the diagonal.
-        out = scaled_dot_product(q, k, v, causal=True)
+        # softmax(q k^T / sqrt(hd) + causal mask) v, the mask being -inf above the diagonal (text only).
+        out = scaled_dot_product(q, k, v, causal=self.causal)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.out_proj(out)
 
@@ -112,7 +127,7 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     """Two linear layers with QuickGELU between them: CLIP's sigmoid approximation of GELU."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: TransformerSizes):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
         self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
@@ -127,9 +142,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """A pre-LN residual block: x + attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: TransformerSizes, *, causal: bool):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal=causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -142,9 +157,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of residual blocks."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: TransformerSizes, *, causal: bool):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal=causal) for _ in range(cfg.num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -159,7 +174,7 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, causal=True)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.apply(self._init_weights)
 

@@ -7,7 +7,7 @@ keys are the original checkpoint's keys with one prefix removed:
     AutoencoderKL  first_stage_model.<key>
     CLIPTextModel  cond_stage_model.transformer.text_model.<key>
 
-This module reads and writes three layouts and recognises the files it cannot use:
+This module reads and writes three layouts (and reads a fourth) and recognises the files it cannot use:
 
     original   one flat dict with the prefixes above (a CompVis `.ckpt` or `.safetensors`), maybe with
                EMA copies of the UNet under model_ema.<key without "model." and without dots>, and
@@ -17,6 +17,8 @@ This module reads and writes three layouts and recognises the files it cannot us
     minildm    the original layout in a `.safetensors` file whose metadata entry "minildm" holds the
                configs, so the file is loadable without guessing (written by `save_checkpoint`); a
                text encoder trained with the UNet may have its EMA copy under cond_stage_model_ema.
+    CLIP       a transformers CLIP folder (config.json, model.safetensors) for clip_vision.CLIPModel,
+               whose module names are transformers' own: only the configs are translated
 
 Loading is strict: every source key is used once, every target is filled, shapes are equal, and a
 file that is not Stable Diffusion v1 (SD 2.x, SDXL, a LoRA, a VAE-only file, a truncated download) is
@@ -25,7 +27,7 @@ weights-only loader, so a pickle that wants to run code is refused before any of
 
 In files, in the order to read them: keys.py (prefixes, what a state dict is, CheckpointError),
 files.py (reading bytes safely), original.py (the original layout, strict loading, minildm's own
-files), diffusers.py (rename maps and configs for diffusers folders).
+files), diffusers.py (rename maps and configs for diffusers folders), clip.py (transformers' CLIP folders).
 """
 
 from .keys import (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX, TEXT_EMA_PREFIX, PREFIXES,
@@ -43,3 +45,4 @@ from .diffusers import (_UNET_RESNET, _VAE_RESNET, _VAE_ATTN, _OLD_VAE_ATTN, _at
                         unet_config_from_diffusers, _levels_like, unet_config_to_diffusers,
                         vae_config_from_diffusers, vae_config_to_diffusers, text_config_from_diffusers,
                         text_config_to_diffusers, _folder_weights, _read_json, read_diffusers_folder)  # noqa: F401
+from .clip import (vision_config_from_transformers, text_config_from_transformers, read_clip_folder)  # noqa: F401

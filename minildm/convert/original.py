@@ -49,6 +49,8 @@ def _group(key):
     if parts[0] in ("model", "cond_stage_model", "first_stage_model"):
         depth = {"model": 3, "cond_stage_model": 4, "first_stage_model": 2}[parts[0]]
         depth += 1 if len(parts) > depth and parts[depth].isdigit() else 0
+    if parts[0] in ("text_model", "vision_model"):  # transformers' CLIP: vision_model.encoder.layers.3
+        depth = 4 if parts[1:3] == ["encoder", "layers"] else 2
     return ".".join(parts[:depth])
 
 
