@@ -125,7 +125,8 @@ def read_lora(path, unet, text_encoder) -> list[LoraLayer]:
     other = _other_family(state)
     if other:
         raise convert.CheckpointError(f"{path} is {other}; minildm applies LoRAs made for SD v1")
-    names = {"unet": _module_names(unet, "unet"), "text_encoder": _module_names(text_encoder, "text_encoder")}
+    names = {"unet": _module_names(unet, "unet"),   # an image-variations model has no text encoder
+             "text_encoder": _module_names(text_encoder, "text_encoder") if text_encoder is not None else {}}
     found: dict[tuple, dict] = {}
     for key, value in state.items():
         if (m := KOHYA.match(key)):

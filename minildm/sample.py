@@ -11,6 +11,7 @@ one level of 255 at most).
     python -m minildm.sample "a cat in a hat" --ckpt v1-5-pruned-emaonly.safetensors --steps 30
     python -m minildm.sample "a watercolour" --ckpt sd15/ --init-image photo.png --strength 0.6
     python -m minildm.sample "a dog on a bench" --ckpt sd15/ --init-image bench.png --mask mask.png
+    python -m minildm.sample --ckpt sd-image-variations-diffusers/ --image-prompt photo.png --n 4
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
                         "default 0.75 (1 with an inpainting model)")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
+    p.add_argument("--image-prompt", default=None, metavar="IMAGE",
+                   help="an image-variations model (lambdalabs/sd-image-variations-diffusers) draws variations of "
+                        "this image; it replaces the text prompt")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
                         "whose token the prompt may then use; TOKEN renames it; may be given several times")
@@ -96,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_image(path: str, mode: str):
+def read_image(path: str, mode: str | None):
+    """The image at `path`, converted to `mode` (None: as it is, transparency included)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.convert(mode)
+            return im.convert(mode) if mode else im.copy()
     except FileNotFoundError:
         fail(f"image not found: {path}")
     except (UnidentifiedImageError, OSError) as e:
@@ -147,6 +152,14 @@ def check_flags(args) -> None:
         fail("--mask needs --init-image (the image to inpaint)", USAGE)
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
+    if args.image_prompt and args.prompt:
+        fail(f"--image-prompt replaces the text prompt: give {args.prompt!r} or --image-prompt, not both", USAGE)
+    if args.image_prompt and args.negative:
+        fail("--negative does not go with --image-prompt: an image-variations model has no text encoder, its "
+             "unconditional context is zeros", USAGE)
+    if args.image_prompt and args.embedding:
+        fail("--embedding teaches a text encoder a word; an image-variations model (--image-prompt) has none", USAGE)
+    check_readable_file("--image-prompt", args.image_prompt)
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
     check_taesd_folder(args.taesd)
@@ -232,6 +245,7 @@ def main(argv=None) -> int:
     strength = 0.75 if args.strength is None else args.strength
 
     init = mask = None
+    image_prompt = read_image(args.image_prompt, None) if args.image_prompt else None
     if args.init_image:
         image = read_image(args.init_image, "RGB")
         if args.mask:
@@ -252,6 +266,11 @@ def main(argv=None) -> int:
         if args.guidance_interval is not None:
             notes.append("guidance at timesteps {:g}-{:g} only (this run's default; --guidance-interval 0 1000 "
                          "guides every step)".format(*args.guidance_interval))
+    if args.image_prompt and not model.is_image_variations_model:
+        fail(f"{ckpt} reads text prompts: --image-prompt needs an image-variations model (a diffusers folder with "
+             "image_encoder/, such as lambdalabs/sd-image-variations-diffusers)", USAGE)
+    if model.is_image_variations_model and not args.image_prompt:
+        fail(f"{ckpt} is an image-variations model: give the image to vary with --image-prompt", USAGE)
     # LoRA weights first, then textual-inversion embeddings: (flag, file, its value, loader, what to say)
     add_ons = ([("--lora", path, scale, model.load_lora, "LoRA {path}: {result} layers merged at scale {value:g}")
                 for path, scale in args.lora] +
@@ -317,7 +336,8 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    stem = slug(args.prompt)
+    stem = (slug("variation of " + os.path.splitext(os.path.basename(args.image_prompt))[0]) if args.image_prompt
+            else slug(args.prompt))
     steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * strength))
     bar = tqdm(total=args.n * steps_run, desc="sampling", unit="step", file=sys.stderr)
     batch = args.batch_size or (25 if max(height, width) <= 64 else 1)
@@ -336,7 +356,8 @@ def main(argv=None) -> int:
                     to_pil(x).save(os.path.join(step_dir, f"step_{info['step']:03d}.png"))
 
         try:
-            xs = model.generate(args.prompt, negative_prompt=args.negative, num_steps=args.steps,
+            xs = model.generate(args.prompt, negative_prompt=args.negative, image_prompt=image_prompt,
+                                num_steps=args.steps,
                                 sampler=args.sampler, guidance_scale=args.guidance,
                                 guidance_interval=args.guidance_interval, height=height, width=width,
                                 seeds=seeds, init_image=init, strength=strength, mask=mask,
@@ -355,6 +376,8 @@ def main(argv=None) -> int:
                 settings["taesd"] = os.path.abspath(args.taesd)
             if args.embedding:
                 settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
+            if image_prompt is not None:
+                settings["image_prompt"] = os.path.abspath(args.image_prompt)
             if init is not None:
                 settings.update(init_image=os.path.abspath(args.init_image), strength=strength)
             if mask is not None:

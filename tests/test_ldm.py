@@ -155,6 +155,8 @@ def as_denoisers(*unets):
     def hook(module, args, out):
         if isinstance(out, torch.Tensor):                       # minildm: the noise prediction
             return args[0][:, :out.shape[1]] + DENOISER_RESIDUAL * out
+        if hasattr(out, "sample"):                               # diffusers with return_dict=True
+            return type(out)(sample=args[0][:, :out.sample.shape[1]] + DENOISER_RESIDUAL * out.sample)
         sample = out[0]                                          # diffusers: (sample,) with return_dict=False
         return (args[0][:, :sample.shape[1]] + DENOISER_RESIDUAL * sample,) + tuple(out[1:])
     for unet in unets:

@@ -321,16 +321,22 @@ def read_diffusers_folder(path):
     """(Checkpoint in the original layout, configs) from a diffusers folder.
 
     configs holds "unet", "vae", "text_encoder" (minildm config objects), "schedule" (the NoiseSchedule
-    of its scheduler config, or None without one) and "tokenizer" (the tokenizer folder or None).
+    of its scheduler config, or None without one), "tokenizer" (the tokenizer folder or None) and
+    "image_encoder": None, or for an image-variations folder (StableDiffusionImageVariationPipeline:
+    image_encoder/ and no text_encoder/) that folder, which clip_vision.load_clip reads; its
+    text_encoder config and weights are then None.
     """
     path = os.fspath(path)
-    for part in ("unet", "vae", "text_encoder"):
+    image_encoder = os.path.join(path, "image_encoder")
+    variations = os.path.isdir(image_encoder) and not os.path.isdir(os.path.join(path, "text_encoder"))
+    for part in ("unet", "vae") if variations else ("unet", "vae", "text_encoder"):
         if not os.path.isdir(os.path.join(path, part)):
             raise CheckpointError(f"{path} is not a diffusers folder: it has no {part}/ subfolder")
     unet_cfg = unet_config_from_diffusers(_read_json(os.path.join(path, "unet", "config.json")))
     vae_json = _read_json(os.path.join(path, "vae", "config.json"))
     vae_cfg = vae_config_from_diffusers(vae_json)
-    text_cfg = text_config_from_diffusers(_read_json(os.path.join(path, "text_encoder", "config.json")))
+    text_cfg = None if variations else text_config_from_diffusers(
+        _read_json(os.path.join(path, "text_encoder", "config.json")))
     sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = _read_json(sched_file) if os.path.exists(sched_file) else None
     if sched and sched.get("prediction_type", "epsilon") != "epsilon":
@@ -341,8 +347,9 @@ def read_diffusers_folder(path):
         kind="diffusers",
         unet=unet_from_diffusers(_folder_weights(os.path.join(path, "unet")), unet_cfg),
         vae=vae_from_diffusers(_folder_weights(os.path.join(path, "vae")), vae_cfg),
-        text_encoder=text_from_diffusers(_folder_weights(os.path.join(path, "text_encoder"))))
+        text_encoder=None if variations else text_from_diffusers(_folder_weights(os.path.join(path, "text_encoder"))))
     configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg, "schedule": schedule_from_diffusers(sched),
                "scale_factor": vae_json.get("scaling_factor", 0.18215),
-               "tokenizer": tok if os.path.isdir(tok) else None}
+               "tokenizer": tok if os.path.isdir(tok) and not variations else None,
+               "image_encoder": image_encoder if variations else None}
     return ckpt, configs

@@ -7,8 +7,9 @@ text-to-image is `LatentDiffusion.generate`:
     z_T ~ N(0, I) --sampler(cfg_denoiser(UNet))--> z_0 --(/ scale_factor)--> VAE decoder --> x
 
 img2img starts from an image instead: x --VAE encoder--> z_0 --(* scale_factor)--> noised to the level of
-the step where `strength` says to start. Inpainting also keeps, at every step, the original latents
-(re-noised to the current level) outside the mask.
+the step where `strength` says to start. SD image variations replaces the first line: image --CLIP image
+encoder--> one-token context, zeros -> uncond_context (`encode_image_prompt`). Inpainting also keeps, at
+every step, the original latents (re-noised to the current level) outside the mask.
 
 This is the only package that applies the latent scale factor (0.18215 for SD v1): the VAE works on
 unscaled latents, the UNet and samplers on scaled ones, which have roughly unit variance. Training

@@ -42,7 +42,8 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
     """A LatentDiffusion from SD v1 weights or a minildm checkpoint.
 
     path: an original `.safetensors`/`.ckpt` (CompVis layout, EMA weights used when present and
-    `use_ema`), a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ with their config.json), or a
+    `use_ema`), a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ with their config.json; or unet/
+    vae/ image_encoder/ for SD image variations, whose model reads image prompts), or a
     checkpoint written by `minildm.convert.save_checkpoint` (configs read from its metadata). An original
     file's sizes are read from its tensors' shapes; what shapes cannot tell (the UNet's head count, the
     latent scale factor) is SD v1's for a model of SD v1's size, else it comes from `config`, the
@@ -67,7 +68,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32, use_ema: bool
 
 def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config, text_config, tokenizer, config):
     device = torch.device(device)
-    schedule = None
+    schedule = image_encoder = None
     if os.path.isdir(path):
         ckpt, configs = convert.read_diffusers_folder(path)
         unet_config, vae_config, text_config = configs["unet"], configs["vae"], configs["text_encoder"]
@@ -75,6 +76,7 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
         scale_factor = configs["scale_factor"]
         if tokenizer is None and configs["tokenizer"]:
             tokenizer = CLIPTokenizer.from_folder(configs["tokenizer"])
+        image_encoder = configs["image_encoder"]
     else:
         ckpt = convert.read_checkpoint(path)
         meta = ckpt.meta or {}
@@ -107,12 +109,29 @@ def _load_stable_diffusion(path, device, dtype, use_ema, unet_config, vae_config
         dtype = dtype(unet_config)
     unet = _build("UNet", UNet, unet_config, ckpt.unet_state(use_ema), dtype, device)
     vae = _build("VAE", AutoencoderKL, vae_config, ckpt.vae, dtype, device)
+    if image_encoder is not None:  # image variations: a CLIP image embedding is the context
+        return _image_variations(path, unet, vae, image_encoder, schedule, scale_factor, dtype, device)
     text_encoder = _build("text encoder", CLIPTextModel, text_config, ckpt.text_encoder_state(use_ema), dtype, device)
     if tokenizer is None:
         tokenizer = CLIPTokenizer.default(context_length=text_config.context_length)
     if scale_factor is None:
         scale_factor = vae_config.scale_factor
     return LatentDiffusion(unet, vae, text_encoder, tokenizer, schedule, scale_factor)
+
+
+def _image_variations(path, unet, vae, image_encoder, schedule, scale_factor, dtype, device):
+    """An image-variations LatentDiffusion: the UNet cross-attends to the image encoder's projection."""
+    from ..clip_vision import load_clip  # torchvision's transforms, imported only when needed
+
+    encoder = load_clip(image_encoder, device=device, dtype=dtype)
+    if encoder.text_model is not None:
+        raise convert.CheckpointError(f"{image_encoder} holds a whole CLIP (both towers); an image-variations "
+                                      "folder's image_encoder/ is the image tower with its projection alone")
+    width = encoder.visual_projection.out_features
+    if width != unet.cfg.context_dim:
+        raise convert.CheckpointError(f"{path}'s image encoder projects to {width} wide but its UNet reads "
+                                      f"{unet.cfg.context_dim}-wide contexts")
+    return LatentDiffusion(unet, vae, None, None, schedule, scale_factor, image_encoder=encoder)
 
 
 def _original_configs(path, ckpt, use_ema, config, unet_config, vae_config, text_config):

@@ -27,15 +27,23 @@ def from_diffusion_latents(z: torch.Tensor, scale_factor: float) -> torch.Tensor
 
 
 class LatentDiffusion(nn.Module):
-    """Tokenizer + CLIP text encoder + UNet + VAE + noise schedule + latent scale factor."""
+    """Tokenizer + CLIP text encoder + UNet + VAE + noise schedule + latent scale factor.
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 schedule: NoiseSchedule | None = None, scale_factor: float | None = None):
+    An image-variations model (lambdalabs/sd-image-variations-diffusers) has a CLIP image encoder
+    (clip_vision.CLIPModel without its text tower) instead of the tokenizer and text encoder: its context
+    is one token, the image's CLIP embedding, and its unconditional context that token's zeros."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
+                 tokenizer: CLIPTokenizer | None, schedule: NoiseSchedule | None = None,
+                 scale_factor: float | None = None, *, image_encoder: nn.Module | None = None):
         super().__init__()
+        if (text_encoder is None) == (image_encoder is None):
+            raise ValueError("a LatentDiffusion needs a text encoder or an image encoder (image variations), one of them")
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.image_encoder = image_encoder
         self.schedule = schedule if schedule is not None else NoiseSchedule.sd()
         self.scale_factor = float(scale_factor if scale_factor is not None else vae.cfg.scale_factor)
         self.vae_tile_size = None  # latent tile size for decoding large images piece by piece
@@ -79,8 +87,28 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> context (B, L, D): tokens, then the CLIP text transformer."""
+        if self.text_encoder is None:
+            raise ValueError("this is an image-variations model: it reads an image prompt, not text")
         tokens = self.tokenizer(prompts).to(self.device)                  # (B, L)
         return self.text_encoder(tokens)                                  # (B, L, D)
+
+    @property
+    def is_image_variations_model(self) -> bool:
+        """Whether the UNet is conditioned on a CLIP image embedding rather than on text."""
+        return self.image_encoder is not None
+
+    @torch.no_grad()
+    def encode_image_prompt(self, images) -> torch.Tensor:
+        """Image prompts (PIL images or uint8 (C, H, W) tensors: one, a list or a batch) -> context (B, 1, D_p):
+        CLIP's preprocessing at its image size, then the image encoder's projected embedding as one token."""
+        if self.image_encoder is None:
+            raise ValueError("this model reads text prompts: an image prompt needs an image-variations model "
+                             "(a diffusers folder with image_encoder/, such as lambdalabs/sd-image-variations-diffusers)")
+        from ..clip_vision import preprocess  # torchvision's transforms, imported only when needed
+
+        pixels = preprocess(images, self.image_encoder.vision_model.cfg.image_size)    # (B, 3, S, S)
+        weight = self.image_encoder.visual_projection.weight
+        return self.image_encoder.encode_image(pixels.to(weight.device, weight.dtype))[:, None]  # (B, 1, D_p)
 
     def load_lora(self, path, scale: float = 1.0) -> int:
         """Merge a LoRA file (kohya or diffusers layout) into the UNet and text encoder weights, times
@@ -96,6 +124,8 @@ class LatentDiffusion(nn.Module):
         name the file gives, else the file name) a new tokenizer entry that stands for all of them, as
         diffusers' load_textual_inversion does. Returns the token to write in prompts.
         """
+        if self.text_encoder is None:
+            raise ValueError("this is an image-variations model: it has no text encoder to teach a word")
         file_token, vectors = convert.read_textual_inversion(path)
         token = token or file_token or os.path.splitext(os.path.basename(str(path)))[0]
         width = self.text_encoder.cfg.width
@@ -192,7 +222,7 @@ class LatentDiffusion(nn.Module):
         return samplers.cfg_denoiser(model, context, uncond_context, guidance_scale, guidance_interval)
 
     @torch.no_grad()
-    def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "",
+    def generate(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] = "", image_prompt=None,
                  num_images: int = 1, num_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
                  guidance_interval: tuple | None = None,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
@@ -215,6 +245,10 @@ class LatentDiffusion(nn.Module):
         with the sampler's dict (z_t, x0_pred, ...); `self.decode_latents(info["x0_pred"])` turns the
         prediction into a picture. Returns images (B, 3, H, W) in [0, 1], or the latents z_0 with
         output_type="latent".
+
+        image_prompt (an image-variations model only, in place of prompt): one image or several (what
+        `encode_image_prompt` reads), num_images variations of each; the unconditional context is zeros,
+        as the model was trained, so there is no negative prompt.
         """
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
@@ -224,31 +258,27 @@ class LatentDiffusion(nn.Module):
             raise ValueError("inpainting needs an init image to go with the mask")
         if seeds is not None:  # one stream per image: its noise and the noise the sampler adds to it
             generator = [torch.Generator().manual_seed(int(s)) for s in seeds]
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) and image_prompt is None:  # one image prompt: below
                 num_images = len(seeds)
         elif generator is None:  # a fresh generator, so the caller's global random state is left alone
             generator = torch.Generator()
             generator.manual_seed(seed) if seed is not None else generator.seed()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images)]
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
-        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) == 1:  # one negative prompt for every image
-            negatives = negatives * len(prompts)
-        else:  # one per prompt
-            negatives = [n for n in negatives for _ in range(num_images)]
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives) // max(1, num_images)} negative prompts for "
-                             f"{len(prompts) // max(1, num_images)} prompts")
-        B = len(prompts)
         if init_image is not None:
             height, width = init_image.shape[-2:]
         height, width = height or self.default_size, width or self.default_size
         self.check_size(height, width)
 
-        context = self.encode_prompt(prompts)                              # (B, L, D)
-        uncond_context = self.encode_prompt(negatives)                     # (B, L, D)
+        if self.is_image_variations_model or image_prompt is not None:
+            context = self._image_prompt_context(image_prompt, prompt, negative_prompt)  # (n, 1, D_p)
+            if seeds is not None and len(context) == 1:
+                num_images = len(seeds)
+            context = context.repeat_interleave(num_images, dim=0)        # (B, 1, D_p)
+            uncond_context = torch.zeros_like(context)                     # "no image", as the model was trained
+        else:
+            context, uncond_context = self._prompt_contexts(prompt, negative_prompt, num_images)  # (B, L, D) each
+        B = len(context)
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} images")
 
         if self.is_inpainting_model and (init_image is None or mask is None):
             raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): "
@@ -285,6 +315,31 @@ class LatentDiffusion(nn.Module):
         if output_type == "latent":
             return z
         return self.to_unit(self.decode_latents(z))
+
+    def _prompt_contexts(self, prompt, negative_prompt, num_images):
+        """(context, uncond_context) for text: num_images rows per prompt, and one negative prompt for
+        every image or one per prompt."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) == 1:  # one negative prompt for every image
+            negatives = negatives * len(prompts)
+        else:  # one per prompt
+            negatives = [n for n in negatives for _ in range(num_images)]
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives) // max(1, num_images)} negative prompts for "
+                             f"{len(prompts) // max(1, num_images)} prompts")
+        return self.encode_prompt(prompts), self.encode_prompt(negatives)
+
+    def _image_prompt_context(self, image_prompt, prompt, negative_prompt):
+        """An image-variations model's context, one row per image prompt; text is refused, not ignored."""
+        if image_prompt is None:
+            raise ValueError("this is an image-variations model: give the image to vary as image_prompt")
+        if prompt or negative_prompt:
+            what = "a prompt" if prompt else "a negative prompt"
+            raise ValueError(f"an image-variations model reads only the image prompt: it has no text encoder for "
+                             f"{what} (its unconditional context is zeros)")
+        return self.encode_image_prompt(image_prompt)
 
     def _encode_init_image(self, init_image: torch.Tensor, batch: int, generator) -> torch.Tensor:
         """img2img's clean latents: one posterior sample per image, from its own generator when there are several."""
