@@ -33,12 +33,15 @@ checked against the source given. All of this is text processing: no model runs,
 """
 import json
 import re
+import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "notebooks"))
+import build  # noqa: E402  (notebooks/build.py: which notebook is which, and what a cell printed)
 PAGES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "lessons").glob("*.md")) + ["README.md"] + sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 RESULTS = "bench/RESULTS.md"
@@ -719,16 +722,12 @@ def where(path: str, offset: int, text: str) -> str:
 
 
 def notebook_output(chapter: str) -> str | None:
-    """What notebook NN printed, as committed (stdout and results' plain text), or None without outputs."""
-    path = next((ROOT / "notebooks").glob(f"{chapter}_*.ipynb"))
-    parts = []
-    for cell in json.loads(path.read_text())["cells"]:
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and out.get("name") == "stdout":
-                parts.append("".join(out["text"]))
-            elif out.get("output_type") == "execute_result":
-                parts.append("".join(out.get("data", {}).get("text/plain", "")))
-    return "\n".join(parts) if parts else None
+    """What notebook NN printed, as committed (notebooks/build.py's text_of: stdout and results' plain
+    text, the text its re-run is compared on), or None without outputs."""
+    import nbformat
+
+    nb = nbformat.read(build.notebook_paths([chapter])[0], as_version=4)
+    return "".join(build.text_of(cell) for cell in nb.cells if cell.cell_type == "code") or None
 
 
 def spans(text: str, context) -> list[tuple[int, int]]:
