@@ -247,6 +247,79 @@ def train_word(model, images, captions, word: str, *, num_vectors: int = 1, init
     return vectors, losses
 
 
+def reference_rows(rows: torch.Tensor, labels: torch.Tensor, pairing: str, generator: torch.Generator) -> torch.Tensor:
+    """The photo each training row is prompted with: itself ("self"), or another photo of its class ("class",
+    drawn uniformly; itself only when its class has one photo)."""
+    if pairing == "self":
+        return rows
+    if pairing != "class":
+        raise ValueError(f"pairing must be 'class' or 'self', got {pairing!r}")
+    refs = torch.empty_like(rows)
+    for i, row in enumerate(rows.tolist()):
+        same = (labels == labels[row]).nonzero().flatten()
+        if len(same) > 1:
+            same = same[same != row]
+        refs[i] = same[torch.randint(len(same), (1,), generator=generator)]
+    return refs
+
+
+def train_image_adapter(model, images: torch.Tensor, labels: torch.Tensor, *, pairing: str = "class",
+                        num_steps: int = 2000, batch_size: int = 32, lr: float = 1e-3,
+                        min_snr_gamma: float | None = 5.0, seed: int = 0, amp: bool = False,
+                        progress: bool = True) -> tuple:
+    """Teach a frozen text-to-image model to read image prompts (image_adapter.py): (the ImageAdapter, the loss of
+    every step). Only the adapter trains; each step denoises a batch of photos (mirrored half the time) given
+    the empty caption and, as the image prompt, the posterior mean of `pairing`'s reference photo."""
+    from .image_adapter import ImageAdapter, ImageAdapterConfig
+    from .plumbing import autocast, progress_bar
+    from .train.stage2 import cache_latents
+
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if model.text_encoder is None:
+        raise ValueError("an image adapter goes on a text-to-image model; this one reads image prompts already")
+    device, f = model.device, model.downsample_factor
+    if images.shape[-1] != images.shape[-2] or images.shape[-1] % f:
+        raise ValueError(f"the photos must be square and a multiple of {f} pixels, got {tuple(images.shape[-2:])}")
+    mean, std = cache_latents(model.vae, torch.cat([images, images.flip(-1)]), device)   # mirrored copies after
+    labels = torch.cat([labels, labels]).cpu()
+    references = to_diffusion_latents(mean, model.scale_factor)                  # the prompt: the posterior mean
+    unet = model.unet
+    cfg = ImageAdapterConfig(latent_channels=mean.shape[1], latent_size=mean.shape[-1],
+                             context_dim=unet.cfg.context_dim,
+                             emb_dim=unet.context_emb.out_features if unet.cfg.pooled_context else None,
+                             pairing=pairing)
+    with torch.random.fork_rng(devices=[]):  # the new layers' start drawn from `seed`, the caller's stream untouched
+        torch.manual_seed(seed)
+        adapter = ImageAdapter(cfg, unet).to(device)
+    model.requires_grad_(False)
+    adapter.requires_grad_(True)
+    empty = model.text_encoder(model.tokenizer([""]).to(device))                  # (1, L, D): no caption
+    optimizer = steps.adamw(adapter.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = progress_bar(num_steps, "image adapter", progress)
+    with adapter.attached(unet):
+        for _ in range(num_steps):
+            rows = torch.randint(0, len(mean), (batch_size,), generator=generator)
+            refs = reference_rows(rows, labels, pairing, generator)
+            eps = torch.randn(mean[rows].shape, generator=generator)
+            z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(device)
+            t = torch.randint(0, model.schedule.num_timesteps, (batch_size,), generator=generator)
+            noise = torch.randn(z.shape, generator=generator).to(device)
+            with autocast(amp, device):
+                context = adapter.context(references[refs].to(device), empty.expand(batch_size, -1, -1))
+                loss = steps.diffusion_loss(unet, model.schedule, z, context, t.to(device), noise, min_snr_gamma)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    bar.close()
+    return adapter.eval().requires_grad_(False), losses
+
+
 def save_tensors(path, state: dict, metadata: dict) -> None:
     """A .safetensors file with string metadata (how it was made)."""
     from safetensors.torch import save_file
@@ -302,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m minildm.finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                description="Teach a trained model a new style or concept from a handful of images: a LoRA file "
                            "or a new word (textual inversion), loadable by python -m minildm.sample and diffusers.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{lora,embedding,example}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{lora,embedding,image-prompt,example}")
     for name, what in (("lora", "train a LoRA (low-rank deltas of the UNet's layers)"),
                        ("embedding", "train a new word's vectors (textual inversion)")):
         s = sub.add_parser(name, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -345,6 +418,26 @@ def build_parser() -> argparse.ArgumentParser:
                            help='put the word in place of PHRASE in the captions (e.g. "black and white")')
             s.add_argument("--init-word", default="photo", help="the word whose vector the new one starts from")
             s.add_argument("--vectors", type=int, default=1, help="how many token vectors the new word has")
+    what = ("teach a CIFAR run to read image prompts: an image adapter on its own VAE's latents, trained on the "
+            "run's training photos")
+    a = sub.add_parser("image-prompt", help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--ckpt", default=None, help="the training run's folder (default: the newest run in --runs-dir)")
+    a.add_argument("--runs-dir", default="runs", help="where to look for the newest training run")
+    a.add_argument("--data-dir", default=None, help="the run's data set, if it has moved since the run (its "
+                                                    "config.json says where it was)")
+    a.add_argument("--pairing", choices=("class", "self"), default="class",
+                   help="what each photo is prompted with while it trains: another photo of its class (the prompt "
+                        "then carries the class) or itself (the prompt is copied)")
+    a.add_argument("--out", required=True, help="the .safetensors file to write")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    a.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    a.add_argument("--batch-size", type=int, default=32, help="photos per step")
+    a.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    a.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR weighting of the loss (0: off)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the batches, pairs, timesteps and noise")
+    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    a.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on a GPU)")
     e = sub.add_parser("example", help="a handful of held-out CIFAR-10 photos to practise on: some in black and "
                                        "white, as many in colour",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -373,6 +466,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "example":
         return _write_example(args)
+    if args.command == "image-prompt":
+        return _image_prompt(args)
     check_int("--steps", args.steps, 1)
     check_int("--batch-size", args.batch_size, 1)
     check_float("--lr", args.lr, 0.0, 1.0, low_open=True)
@@ -441,6 +536,58 @@ def main(argv=None) -> int:
     size = f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
     print(f"wrote {out}: {what}, {size}, {time.perf_counter() - start:.0f} s; "
           f"loss {first:.4f} -> {last:.4f} (mean of the first and last 20 steps)")
+    return 0
+
+
+def _image_prompt(args) -> int:
+    """python -m minildm.finetune image-prompt: an image adapter for a CIFAR run, from its own training split."""
+    from pathlib import Path
+
+    from .cli import check_float, check_int, check_seed, check_writable_dir, fail, find_checkpoint, free_path, load_model
+    from .data import DataError
+    from .evaluate import run_data
+
+    check_int("--steps", args.steps, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    check_float("--lr", args.lr, 0.0, 1.0, low_open=True)
+    check_float("--min-snr-gamma", args.min_snr_gamma, 0.0)
+    check_seed("--seed", args.seed)
+    out = free_path(args.out, args.overwrite)
+    if not out.endswith(".safetensors"):
+        fail(f"--out {out}: write a .safetensors file", 2)
+    check_writable_dir("--out", os.path.dirname(os.path.abspath(out)))
+    path = find_checkpoint(args.ckpt, args.runs_dir)
+    run_dir = Path(path if os.path.isdir(path) else os.path.dirname(path))
+    if not (run_dir / "config.json").is_file():
+        fail(f"{path} is not a training run's folder (no config.json): an image adapter is trained on the run's "
+             "own photos with its own VAE", 2)
+    try:
+        train, _ = run_data(run_dir, args.data_dir)
+    except DataError as e:
+        fail(str(e), 2)
+    model, path = load_model(str(run_dir), args.runs_dir, args.device, "float32")
+    amp = model.device.type == "cuda" if args.amp is None else args.amp
+    print(f"training an image adapter for {path} on its {len(train)} training photos ({args.steps} steps, batch "
+          f"{args.batch_size}, lr {args.lr:g}; each photo prompted with "
+          f"{'another photo of its class' if args.pairing == 'class' else 'itself'})", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        adapter, losses = train_image_adapter(model, train.images, train.labels, pairing=args.pairing,
+                                              num_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                              min_snr_gamma=args.min_snr_gamma or None, seed=args.seed, amp=amp)
+    except ValueError as e:
+        fail(str(e), 2)
+    if not all(math.isfinite(x) for x in losses):
+        fail("the loss became NaN or infinite: lower --lr")
+    adapter.save(out, {"minildm_fine_tune": json.dumps(dict(kind="image adapter", base=run_dir.name,
+                                                            images=len(train), pairing=args.pairing,
+                                                            steps=args.steps, batch_size=args.batch_size,
+                                                            lr=args.lr, seed=args.seed))})
+    first, last = sum(losses[:20]) / len(losses[:20]), sum(losses[-20:]) / len(losses[-20:])
+    count = sum(p.numel() for p in adapter.parameters())
+    print(f"wrote {out}: an image adapter of {count:,} numbers, {os.path.getsize(out) / 1e6:.2f} MB, "
+          f"{time.perf_counter() - start:.0f} s; loss {first:.4f} -> {last:.4f} (mean of the first and last 20 "
+          f"steps)\nuse it: python -m minildm.sample --ckpt {run_dir} --image-adapter {out} --image-prompt photo.png")
     return 0
 
 
