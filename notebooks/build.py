@@ -14,8 +14,13 @@ the current code prints and draws (tests/test_notebooks.py makes the same compar
   addresses); numbers the same up to one unit in their last printed digit or a relative 1e-3, whichever
   is larger (a cell may allow more with a `# tolerance: 0.05` line); a number followed by a unit of
   time (`12 s`, `0.31s`, `40 ms`) is a wall time and not compared;
-- pictures the same size, with a mean absolute pixel difference of at most 1% (2% where a cell's
-  tolerance says so: rendering text and antialiasing move a few pixels, a changed curve moves many).
+- pictures the same size (up to two pixels, the edge of a tight bounding box), with a mean absolute
+  pixel difference of at most 1% (2% where a cell's tolerance says so: rendering text and antialiasing
+  move a few pixels, a changed curve moves many).
+
+A cell that trains a model prints numbers that depend on the CPU's float arithmetic (an AVX2 machine and
+an AVX-512 one order their sums differently, and a few hundred optimizer steps amplify that), so such a
+cell declares the tolerance its numbers keep across the machines it was run on.
 
 Chapter 05 trains on real photos: set MINILDM_CIFAR to the CIFAR-10 copy (see minildm.data) before
 building it. Nothing is downloaded (MINILDM_OFFLINE=1); notebook 11 runs without MINILDM_RUN.
@@ -42,7 +47,7 @@ NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 WALL_TIME = re.compile(r"\s?(?:s|ms|seconds?|minutes?|min)\b")
 ADDRESS = re.compile(r"0x[0-9a-f]{6,}")
 TEMPORARY = re.compile(r"\btmp[a-z0-9_]{8}\b")   # the random part of a tempfile.mkdtemp() name
-RTOL, PIXEL_TOL = 1e-3, 0.01
+RTOL, PIXEL_TOL, SIZE_TOL = 1e-3, 0.01, 2
 
 
 def notebook_paths(chapters=()) -> list[Path]:
@@ -157,9 +162,15 @@ def compare_images(old: bytes, new: bytes, tolerance: float) -> str | None:
     from PIL import Image
 
     a, b = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255 for png in (old, new))
-    if a.shape != b.shape:
+    dh, dw = b.shape[0] - a.shape[0], b.shape[1] - a.shape[1]
+    if max(abs(dh), abs(dw)) > SIZE_TOL:
         return f"picture size {a.shape[1]}x{a.shape[0]} -> {b.shape[1]}x{b.shape[0]}"
-    diff = float(np.abs(a - b).mean())
+    # A printed number a digit wider moves the edge of a tight bounding box: compare the common part at its
+    # best alignment when the sizes differ by a pixel or two.
+    h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    diff = min(float(np.abs(a[y:y + h, x:x + w] - b[v:v + h, u:u + w]).mean())
+               for y in range(max(-dh, 0) + 1) for x in range(max(-dw, 0) + 1)
+               for v in range(max(dh, 0) + 1) for u in range(max(dw, 0) + 1))
     return f"picture differs by {diff:.2%} of the pixel range (allowed {tolerance:.0%})" if diff > tolerance else None
 
 

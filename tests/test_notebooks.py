@@ -109,6 +109,12 @@ def test_the_comparison_can_fail():
     assert build.compare_images(png(picture), png(picture), 0.01) is None
     assert build.compare_images(png(picture), png(moved), 0.01)
     assert build.compare_images(png(picture), png(picture[:30]), 0.01)
+    # A tight bounding box a pixel narrower (a printed number a digit shorter) is the same picture at the best
+    # alignment; three pixels off, or a changed picture of the edge's size, is not.
+    assert build.compare_images(png(picture), png(picture[:, 1:]), 0.01) is None
+    assert build.compare_images(png(picture), png(picture[1:, :-1]), 0.01) is None
+    assert build.compare_images(png(picture), png(picture[:, 3:]), 0.01)
+    assert build.compare_images(png(picture), png(moved[:, 1:]), 0.01)
 
 
 def test_a_stale_notebook_is_caught():

@@ -319,6 +319,6 @@ def test_auto_dtype_is_bfloat16_only_for_sd_sized_models_on_cpus_that_multiply_i
         assert cli.load_model(str(path), "runs", "cpu", "float32")[0].dtype == torch.float32
     monkeypatch.setattr(plumbing, "cpu_has_bfloat16", lambda: True)
     monkeypatch.chdir(workdir)
-    main(["a tree", "--ckpt", str(path), "--steps", "1", "--height", "64", "--width", "64", "--seed", "0",
+    main(["a tree", "--ckpt", str(path), "--steps", "1", "--height", "16", "--width", "16", "--seed", "0",
           "--out", "wide", "--overwrite"])
     assert json.loads(Image.open(workdir / "wide" / "a-tree-0.png").text["minildm"])["dtype"] == "bfloat16"
