@@ -12,6 +12,17 @@ one level of 255 at most).
     python -m minildm.sample "a watercolour" --ckpt sd15/ --init-image photo.png --strength 0.6
     python -m minildm.sample "a dog on a bench" --ckpt sd15/ --init-image bench.png --mask mask.png
     python -m minildm.sample --ckpt sd-image-variations-diffusers/ --image-prompt photo.png --n 4
+
+With a full CLIP folder the image embedding of an image-variations model can be moved in CLIP's joint space
+(minildm.joint_space): this photo, but a cat; two photos mixed; a caption alone, given a length (a photo of
+weight 0 lends its embedding's, or --norm N; the command prints the length of every mix it draws).
+
+    python -m minildm.sample --ckpt sd-image-variations-diffusers/ --clip clip-vit-large-patch14/ \
+        --image-prompt photo.png --minus "a dog" --plus "a cat" --text-weight 0.8
+    python -m minildm.sample --ckpt sd-image-variations-diffusers/ --image-prompt a.png --image-prompt b.png \
+        --image-weights 0.3 0.7
+    python -m minildm.sample --ckpt sd-image-variations-diffusers/ --clip clip-vit-large-patch14/ \
+        --plus "a cat in a hat" --image-prompt photo.png --image-weights 0
 """
 
 from __future__ import annotations
@@ -74,9 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: how much of the sampling to redo, 0 (keep the image) to 1 (ignore it); "
                         "default 0.75 (1 with an inpainting model)")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image, same size: white = repaint")
-    p.add_argument("--image-prompt", default=None, metavar="IMAGE",
+    p.add_argument("--image-prompt", action="append", default=[], metavar="IMAGE",
                    help="an image-variations model (lambdalabs/sd-image-variations-diffusers) draws variations of "
-                        "this image; it replaces the text prompt")
+                        "this image; it replaces the text prompt. Given several times, the images are mixed in "
+                        "CLIP's joint space")
+    p.add_argument("--image-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per --image-prompt for the mix (default: equal weights summing to 1); an image "
+                        "of weight 0 lends the embedding its length and nothing else")
+    p.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="a full CLIP folder with both towers (openai/clip-vit-large-patch14): its text side puts "
+                        "--plus and --minus into an image-variations model's image embedding")
+    p.add_argument("--plus", action="append", default=[], metavar="TEXT",
+                   help='move the image embedding towards this caption in CLIP\'s joint space (this photo, but a '
+                        'cat: --minus "a dog" --plus "a cat"); needs --clip; may be given several times')
+    p.add_argument("--minus", action="append", default=[], metavar="TEXT",
+                   help="move the image embedding away from this caption (needs --clip; may be given several times)")
+    p.add_argument("--text-weight", type=float, default=None, metavar="A",
+                   help="how far --plus and --minus move it: u(image) + A u(plus) - A u(minus), u a unit vector "
+                        "(default 1)")
+    p.add_argument("--norm", type=float, default=None, metavar="N",
+                   help="the length given to the combined embedding (default: the images' weighted mean length); "
+                        "needed for --plus or --minus without --image-prompt")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.pt, .bin or .safetensors; diffusers or A1111 layout) "
                         "whose token the prompt may then use; TOKEN renames it; may be given several times")
@@ -154,12 +183,18 @@ def check_flags(args) -> None:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
     if args.image_prompt and args.prompt:
         fail(f"--image-prompt replaces the text prompt: give {args.prompt!r} or --image-prompt, not both", USAGE)
-    if args.image_prompt and args.negative:
-        fail("--negative does not go with --image-prompt: an image-variations model has no text encoder, its "
-             "unconditional context is zeros", USAGE)
-    if args.image_prompt and args.embedding:
-        fail("--embedding teaches a text encoder a word; an image-variations model (--image-prompt) has none", USAGE)
-    check_readable_file("--image-prompt", args.image_prompt)
+    if (args.plus or args.minus) and args.prompt:
+        fail(f"an image-variations model reads no prompt: put {args.prompt!r} into the image embedding with --plus",
+             USAGE)
+    if (args.image_prompt or args.plus or args.minus) and args.negative:
+        fail(f"--negative does not go with --{'image-prompt' if args.image_prompt else 'plus or --minus'}: an "
+             "image-variations model has no text encoder, its unconditional context is zeros", USAGE)
+    if (args.image_prompt or args.plus or args.minus) and args.embedding:
+        fail("--embedding teaches a text encoder a word; an image-variations model (--image-prompt, --plus, "
+             "--minus) has none", USAGE)
+    check_joint_flags(args)
+    for path in args.image_prompt:
+        check_readable_file("--image-prompt", path)
     check_readable_file("--init-image", args.init_image)
     check_readable_file("--mask", args.mask)
     check_taesd_folder(args.taesd)
@@ -168,6 +203,65 @@ def check_flags(args) -> None:
     for path, _ in args.embedding:
         check_readable_file("--embedding", path)
     args.lora = lora_files(args.lora)
+
+
+def check_joint_flags(args) -> None:
+    """--image-weights, --clip, --plus, --minus, --text-weight and --norm: the recipe of a joint_space.JointPrompt."""
+    texts = args.plus or args.minus
+    if texts and not args.clip:
+        flag = "--plus" if args.plus else "--minus"
+        fail(f"{flag} puts a caption into the image embedding through CLIP's joint space: give a full CLIP folder "
+             "(openai/clip-vit-large-patch14, both towers) with --clip", USAGE)
+    if args.clip and not texts:
+        fail(f"--clip {args.clip}: a CLIP's text side is used for --plus and --minus captions; give one, or drop "
+             "--clip", USAGE)
+    if args.clip is not None and not os.path.isdir(args.clip):
+        usage("--clip", args.clip, "does not exist" if not os.path.exists(args.clip) else
+              "must be a folder (a transformers CLIP folder such as openai/clip-vit-large-patch14)")
+    for flag, text in [("--plus", t) for t in args.plus] + [("--minus", t) for t in args.minus]:
+        if not text.strip():
+            usage(flag, text, "must be a caption, not empty")
+    if args.text_weight is not None:
+        if not texts:
+            fail(f"--text-weight {args.text_weight:g} weighs --plus and --minus captions; give one", USAGE)
+        check_float("--text-weight", args.text_weight, -100, 100)
+    if args.image_weights is not None:
+        if len(args.image_weights) != len(args.image_prompt):
+            fail(f"--image-weights: {len(args.image_weights)} weights for {len(args.image_prompt)} --image-prompt "
+                 "images; give one weight per image", USAGE)
+        for w in args.image_weights:
+            check_float("--image-weights", w, -100, 100)
+        if not texts and not any(args.image_weights):
+            fail("--image-weights: every weight is 0 and there is no --plus or --minus, so nothing is left to "
+                 "draw", USAGE)
+    if args.norm is not None:
+        if not (args.image_prompt or texts):
+            fail(f"--norm {args.norm:g} sets the length of an image-variations embedding; give --image-prompt or "
+                 "--plus", USAGE)
+        check_float("--norm", args.norm, 0, 1e4, low_open=True)
+    if texts and not args.image_prompt and args.norm is None:
+        fail(f"{'--plus' if args.plus else '--minus'} without --image-prompt needs --norm N: the length to give the "
+             "embedding (the model was trained on image embeddings' lengths), or an --image-prompt with "
+             "--image-weights 0, which lends its length alone", USAGE)
+
+
+def joint_prompt(args, images):
+    """The recipe the flags give (a joint_space.JointPrompt), or None for the plain variation of one image."""
+    if len(images) <= 1 and not (args.plus or args.minus or args.image_weights or args.norm is not None):
+        return None
+    from .joint_space import JointPrompt
+
+    return JointPrompt(images=tuple(images), image_weights=args.image_weights, plus=tuple(args.plus),
+                       minus=tuple(args.minus), weight=1.0 if args.text_weight is None else args.text_weight,
+                       norm=args.norm)
+
+
+def recipe_stem(args) -> str:
+    """The file name stem of an image-variations output: 'variation-of-photo-minus-a-dog-plus-a-cat'."""
+    names = [os.path.splitext(os.path.basename(path))[0] for path in args.image_prompt]
+    words = ["variation of " + " and ".join(names)] if names else []
+    words += [f"minus {t}" for t in args.minus] + [f"plus {t}" for t in args.plus]
+    return slug(" ".join(words))
 
 
 def check_taesd_folder(path) -> None:
@@ -245,7 +339,10 @@ def main(argv=None) -> int:
     strength = 0.75 if args.strength is None else args.strength
 
     init = mask = None
-    image_prompt = read_image(args.image_prompt, None) if args.image_prompt else None
+    prompt_images = [read_image(path, None) for path in args.image_prompt]
+    recipe = joint_prompt(args, prompt_images)                          # None: one image, varied as it is
+    image_prompt = prompt_images[0] if prompt_images and recipe is None else None
+    variations = args.image_prompt or args.plus or args.minus        # an image-variations model's input
     if args.init_image:
         image = read_image(args.init_image, "RGB")
         if args.mask:
@@ -269,8 +366,23 @@ def main(argv=None) -> int:
     if args.image_prompt and not model.is_image_variations_model:
         fail(f"{ckpt} reads text prompts: --image-prompt needs an image-variations model (a diffusers folder with "
              "image_encoder/, such as lambdalabs/sd-image-variations-diffusers)", USAGE)
-    if model.is_image_variations_model and not args.image_prompt:
-        fail(f"{ckpt} is an image-variations model: give the image to vary with --image-prompt", USAGE)
+    if (args.plus or args.minus) and not model.is_image_variations_model:
+        fail(f"{ckpt} reads text prompts: --clip, --plus and --minus move an image-variations model's image "
+             "embedding (a diffusers folder with image_encoder/, such as lambdalabs/sd-image-variations-diffusers)",
+             USAGE)
+    if model.is_image_variations_model and not variations:
+        fail(f"{ckpt} is an image-variations model: give the image to vary with --image-prompt (or a caption "
+             "with --clip, --plus and --norm)", USAGE)
+    if args.clip:
+        from .convert import CheckpointError
+
+        try:
+            model.load_text_clip(args.clip)
+        except CheckpointError as e:
+            fail(f"--clip {args.clip}: {e}")
+        except ValueError as e:  # a CLIP without a text tower, or of another width
+            fail(f"--clip {args.clip}: {e}", USAGE)
+        notes.append(f"captions through the text tower of {args.clip}")
     # LoRA weights first, then textual-inversion embeddings: (flag, file, its value, loader, what to say)
     add_ons = ([("--lora", path, scale, model.load_lora, "LoRA {path}: {result} layers merged at scale {value:g}")
                 for path, scale in args.lora] +
@@ -329,6 +441,15 @@ def main(argv=None) -> int:
         model.check_size(height, width)
     except ValueError as e:
         fail(str(e), USAGE)
+    embedding_norm = None
+    if recipe is not None:  # the recipe's embedding, once for every image: (1, D_p)
+        try:
+            image_prompt = model.encode_joint_prompt(recipe)[:, 0]
+        except ValueError as e:
+            fail(str(e), USAGE)
+        embedding_norm = round(image_prompt.norm().item(), 4)
+        notes.append(f"the image embedding's length: {embedding_norm:g}"
+                     + (" (--norm)" if args.norm is not None else " (the images' weighted mean; --norm sets it)"))
     for note in notes:
         print(note, file=sys.stderr)
 
@@ -336,8 +457,7 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    stem = (slug("variation of " + os.path.splitext(os.path.basename(args.image_prompt))[0]) if args.image_prompt
-            else slug(args.prompt))
+    stem = recipe_stem(args) if variations else slug(args.prompt)
     steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * strength))
     bar = tqdm(total=args.n * steps_run, desc="sampling", unit="step", file=sys.stderr)
     batch = args.batch_size or (25 if max(height, width) <= 64 else 1)
@@ -376,8 +496,15 @@ def main(argv=None) -> int:
                 settings["taesd"] = os.path.abspath(args.taesd)
             if args.embedding:
                 settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
-            if image_prompt is not None:
-                settings["image_prompt"] = os.path.abspath(args.image_prompt)
+            if len(args.image_prompt) == 1:
+                settings["image_prompt"] = os.path.abspath(args.image_prompt[0])
+            elif args.image_prompt:
+                settings["image_prompt"] = [os.path.abspath(path) for path in args.image_prompt]
+            if embedding_norm is not None:  # a JointPrompt: its recipe and the length it came to
+                settings.update(image_weights=args.image_weights, plus=args.plus, minus=args.minus,
+                                text_weight=1.0 if args.text_weight is None else args.text_weight,
+                                norm=args.norm, embedding_norm=embedding_norm,
+                                clip=os.path.abspath(args.clip) if args.clip else None)
             if init is not None:
                 settings.update(init_image=os.path.abspath(args.init_image), strength=strength)
             if mask is not None:

@@ -228,3 +228,47 @@ def test_views_command_line_errors(tmp_path):
         views.main(["filmstrip", "a cat", "--runs-dir", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="checkpoint not found"):
         views.main(["filmstrip", "a cat", "--ckpt", str(tmp_path / "missing.safetensors")])
+
+
+# ---------------------------------------------------------------- an image-variations model: image arithmetic
+
+from test_joint_space import clip, folder, model as variations, parts  # noqa: E402,F401  (fixtures)
+from test_image_variations import _photo  # noqa: E402
+
+
+def test_image_arithmetic_strip_is_what_generate_draws(variations):
+    """The strip shows the photo, then for each a exactly what generate draws for that JointPrompt and seed;
+    a = 0 is the plain variation of the photo."""
+    from minildm.joint_space import JointPrompt
+
+    photo = _photo(1, 40, 48)
+    strip = views.image_arithmetic(variations, photo, "a dog", "a cat", weights=(0.0, 0.5, 2.0), seed=3, num_steps=3)
+    assert strip.labels == ["the photo", "a=0", "a=0.5", "a=2"] and strip.images.shape[0] == 4
+    for a, shown in zip((0.5, 2.0), strip.images[2:]):
+        x = variations.generate(image_prompt=JointPrompt(images=[photo], minus=["a dog"], plus=["a cat"], weight=a),
+                                seed=3, num_steps=3)
+        assert np.array_equal(views.to_hwc_uint8(x * 2 - 1)[0], shown)
+    plain = views.to_hwc_uint8(variations.generate(image_prompt=photo, seed=3, num_steps=3) * 2 - 1)[0]
+    assert np.abs(plain.astype(int) - strip.images[1].astype(int)).max() <= 1
+    assert not np.array_equal(strip.images[1], strip.images[3])          # the captions move the picture
+    assert len(strip.figure.axes) == 4
+
+
+def test_image_arithmetic_command_line(folder, clip, tmp_path, capsys):
+    """`python -m minildm.views image-arithmetic PHOTO B C --ckpt VARIATIONS --clip CLIP` writes the strip; it
+    refuses a missing --clip, --clip with another view, and a text-to-image model, in one line each."""
+    photo = tmp_path / "photo.png"
+    _photo(2, 44, 40).save(photo)
+    common = ["--out", str(tmp_path / "views"), "--steps", "2"]
+    assert views.main(["image-arithmetic", str(photo), "a dog", "a cat", "--ckpt", folder, "--clip", clip[0],
+                       "--weights", "0", "1", *common]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 1 and os.path.basename(written[0]).startswith("image-arithmetic-photo")
+    with pytest.raises(SystemExit, match="needs --clip"):
+        views.main(["image-arithmetic", str(photo), "a dog", "a cat", "--ckpt", folder, *common])
+    with pytest.raises(SystemExit, match="--clip goes with the image-arithmetic view"):
+        views.main(["filmstrip", "a cat", "--ckpt", folder, "--clip", clip[0], *common])
+    with pytest.raises(SystemExit, match="image-variations model: of the views"):
+        views.main(["filmstrip", "a cat", "--ckpt", folder, *common])
+    with pytest.raises(SystemExit, match="takes 3 prompts"):
+        views.main(["image-arithmetic", str(photo), "a dog", "--ckpt", folder, "--clip", clip[0], *common])

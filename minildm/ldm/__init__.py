@@ -8,7 +8,8 @@ text-to-image is `LatentDiffusion.generate`:
 
 img2img starts from an image instead: x --VAE encoder--> z_0 --(* scale_factor)--> noised to the level of
 the step where `strength` says to start. SD image variations replaces the first line: image --CLIP image
-encoder--> one-token context, zeros -> uncond_context (`encode_image_prompt`). Inpainting also keeps, at
+encoder--> one-token context, zeros -> uncond_context (`encode_image_prompt`; with a full CLIP's text
+tower, images and captions added and subtracted in CLIP's joint space, `encode_joint_prompt`). Inpainting also keeps, at
 every step, the original latents (re-noised to the current level) outside the mask.
 
 This is the only package that applies the latent scale factor (0.18215 for SD v1): the VAE works on

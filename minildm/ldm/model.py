@@ -31,7 +31,9 @@ class LatentDiffusion(nn.Module):
 
     An image-variations model (lambdalabs/sd-image-variations-diffusers) has a CLIP image encoder
     (clip_vision.CLIPModel without its text tower) instead of the tokenizer and text encoder: its context
-    is one token, the image's CLIP embedding, and its unconditional context that token's zeros."""
+    is one token, the image's CLIP embedding, and its unconditional context that token's zeros. Given a
+    full CLIP's text side (`load_text_clip`), that token can also be images and captions combined in CLIP's
+    joint space (a joint_space.JointPrompt as image_prompt)."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
                  tokenizer: CLIPTokenizer | None, schedule: NoiseSchedule | None = None,
@@ -48,6 +50,9 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = float(scale_factor if scale_factor is not None else vae.cfg.scale_factor)
         self.vae_tile_size = None  # latent tile size for decoding large images piece by piece
         self.tiny_decoder = None   # a TAESD (minildm.taesd) that decodes in the VAE's place when loaded
+        self.text_clip = None      # image variations: CLIP's text tower, for captions in a JointPrompt
+        self.image_adapter = None  # a text-to-image model's ImageAdapter (minildm.image_adapter): photos as prompts
+        self.text_clip_tokenizer = None
 
     # ----- devices and memory options -------------------------------------------------------------
 
@@ -101,14 +106,88 @@ class LatentDiffusion(nn.Module):
     def encode_image_prompt(self, images) -> torch.Tensor:
         """Image prompts (PIL images or uint8 (C, H, W) tensors: one, a list or a batch) -> context (B, 1, D_p):
         CLIP's preprocessing at its image size, then the image encoder's projected embedding as one token."""
-        if self.image_encoder is None:
-            raise ValueError("this model reads text prompts: an image prompt needs an image-variations model "
-                             "(a diffusers folder with image_encoder/, such as lambdalabs/sd-image-variations-diffusers)")
+        self._require_image_encoder()
         from ..clip_vision import preprocess  # torchvision's transforms, imported only when needed
 
         pixels = preprocess(images, self.image_encoder.vision_model.cfg.image_size)    # (B, 3, S, S)
         weight = self.image_encoder.visual_projection.weight
         return self.image_encoder.encode_image(pixels.to(weight.device, weight.dtype))[:, None]  # (B, 1, D_p)
+
+    def load_text_clip(self, clip, tokenizer: CLIPTokenizer | None = None) -> None:
+        """Give an image-variations model CLIP's text side, so that image prompts can hold captions
+        (a JointPrompt, minildm.joint_space): a CLIPModel with its text tower, or a transformers CLIP folder
+        with both towers (openai/clip-vit-large-patch14), loaded on the model's device in its dtype.
+
+        From a folder only the text tower and its projection are kept: images go through the model's own
+        image encoder (the same CLIP image tower in lambdalabs' folder), so the 300M-parameter copy is
+        dropped. tokenizer None: CLIP's BPE at the text tower's number of positions."""
+        if self.image_encoder is None:
+            raise ValueError("a text-to-image model reads captions with its own text encoder; a CLIP for the "
+                             "joint space goes with an image-variations model")
+        from ..clip_vision import CLIPModel, load_clip
+        from ..joint_space import FULL_CLIP
+
+        where = "the CLIPModel given" if isinstance(clip, CLIPModel) else str(clip)
+        if not isinstance(clip, CLIPModel):
+            clip = load_clip(clip, device=self.device, dtype=self.dtype)
+            if clip.text_model is not None:
+                clip.vision_model = clip.visual_projection = None
+        if clip.text_model is None:
+            raise ValueError(f"{where} is a CLIP image encoder alone (no text tower); captions need {FULL_CLIP}")
+        width, image_width = clip.text_projection.out_features, self.image_encoder.visual_projection.out_features
+        if width != image_width:
+            raise ValueError(f"{where} projects text to {width} wide but this model's image encoder projects "
+                             f"images to {image_width}: not the same joint space (SD image variations uses "
+                             "openai/clip-vit-large-patch14, 768 wide)")
+        self.text_clip = clip
+        self.text_clip_tokenizer = tokenizer or CLIPTokenizer.default(
+            context_length=clip.text_model.cfg.context_length)
+
+    @torch.no_grad()
+    def encode_joint_prompt(self, recipe) -> torch.Tensor:
+        """A JointPrompt (images with weights, captions to add and subtract) -> context (1, 1, D_p): the
+        images through the image encoder, the captions through the text CLIP of `load_text_clip`, combined
+        as unit vectors and given the images' length (joint_space.joint_embedding)."""
+        self._require_image_encoder()
+        from ..joint_space import joint_embedding
+
+        return joint_embedding(recipe.images, recipe.image_weights, recipe.plus, recipe.minus, recipe.weight,
+                               image_encoder=self.image_encoder, text_clip=self.text_clip,
+                               tokenizer=self.text_clip_tokenizer, norm=recipe.norm)[:, None]   # (1, 1, D_p)
+
+    def _require_image_encoder(self) -> None:
+        if self.image_encoder is None:
+            raise ValueError("this model reads text prompts: an image prompt needs an image-variations model "
+                             "(a diffusers folder with image_encoder/, such as lambdalabs/sd-image-variations-diffusers) "
+                             "or, for a model you trained, an image adapter (load_image_adapter; python -m "
+                             "minildm.finetune image-prompt makes one)")
+
+    def load_image_adapter(self, path, scale: float = 1.0) -> None:
+        """Let this text-to-image model read photos as prompts, with the adapter in file `path` (written by
+        python -m minildm.finetune image-prompt for this model): generate(image_prompt=...) then puts the
+        photo's latents, from this model's own VAE, beside the text; `scale` weighs the image term (1 as
+        trained). Without an image prompt the model is exactly as before."""
+        if self.text_encoder is None:
+            raise ValueError("an image adapter goes on a text-to-image model; this image-variations model reads "
+                             "image prompts already")
+        from ..image_adapter import load_image_adapter
+
+        adapter = load_image_adapter(path, self.unet)
+        if adapter.cfg.latent_channels != self.vae.cfg.z_channels:
+            raise convert.CheckpointError(f"{path} reads {adapter.cfg.latent_channels}-channel latents; this model's "
+                                          f"VAE makes {self.vae.cfg.z_channels}")
+        adapter.scale = float(scale)
+        self.image_adapter = adapter
+
+    @torch.no_grad()
+    def encode_photo_prompt(self, images) -> torch.Tensor:
+        """Photos (PIL images or uint8 (C, H, W) tensors: one, a list or a batch) -> z_ref (B, zc, h, w): each
+        resized and centre-cropped to the size the image adapter was trained at, then this model's VAE
+        (the posterior mean, in the UNet's scale), as the adapter saw its prompts in training."""
+        from ..image_adapter import photo_pixels
+
+        size = self.image_adapter.cfg.latent_size * self.downsample_factor
+        return self.encode_image(photo_pixels(images, size))
 
     def load_lora(self, path, scale: float = 1.0) -> int:
         """Merge a LoRA file (kohya or diffusers layout) into the UNet and text encoder weights, times
@@ -247,8 +326,10 @@ class LatentDiffusion(nn.Module):
         output_type="latent".
 
         image_prompt (an image-variations model only, in place of prompt): one image or several (what
-        `encode_image_prompt` reads), num_images variations of each; the unconditional context is zeros,
-        as the model was trained, so there is no negative prompt.
+        `encode_image_prompt` reads), num_images variations of each; or a joint_space.JointPrompt, images
+        and captions combined in CLIP's joint space ("this photo, but a cat"; captions need
+        `load_text_clip` first); or image embeddings (n, D_p) as they are, float. The unconditional context
+        is zeros, as the model was trained, so there is no negative prompt.
         """
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
@@ -268,7 +349,12 @@ class LatentDiffusion(nn.Module):
         height, width = height or self.default_size, width or self.default_size
         self.check_size(height, width)
 
-        if self.is_image_variations_model or image_prompt is not None:
+        adapter = None
+        if image_prompt is not None and self.image_adapter is not None and not self.is_image_variations_model:
+            adapter = self.image_adapter                                   # photos beside the text
+            context, uncond_context = self._adapter_contexts(prompt, negative_prompt, image_prompt, num_images,
+                                                             seeds)        # (B, N + L, D) each
+        elif self.is_image_variations_model or image_prompt is not None:
             context = self._image_prompt_context(image_prompt, prompt, negative_prompt)  # (n, 1, D_p)
             if seeds is not None and len(context) == 1:
                 num_images = len(seeds)
@@ -297,6 +383,8 @@ class LatentDiffusion(nn.Module):
         model = self._unet
         if self.is_inpainting_model:  # the mask and the masked image's latents ride along as 5 channels
             model = self._with_inpainting_channels(self._inpainting_channels(init_image, mask, B, generator))
+        if adapter is not None:
+            model = self._with_image_adapter(model, adapter)
         if from_noise:
             z = self.sample_from_noise(context, uncond_context, noise, sampler=sampler, num_steps=num_steps,
                                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
@@ -331,14 +419,51 @@ class LatentDiffusion(nn.Module):
                              f"{len(prompts) // max(1, num_images)} prompts")
         return self.encode_prompt(prompts), self.encode_prompt(negatives)
 
+    def _adapter_contexts(self, prompt, negative_prompt, image_prompt, num_images, seeds):
+        """(context, uncond_context) for a text-to-image model with an image adapter, (B, N + L, D) each: the
+        photos' image tokens in front of the text context; the unconditional rows have no image (zeros) and
+        the negative prompt. One prompt goes with every photo and one photo with every prompt; with seeds
+        and one of each, a sample per seed."""
+        z_ref = self.encode_photo_prompt(image_prompt)                     # (n_photos, zc, h, w)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = max(len(prompts), len(z_ref))
+        if len(prompts) not in (1, n) or len(z_ref) not in (1, n):
+            raise ValueError(f"{len(prompts)} prompts and {len(z_ref)} image prompts: give as many of each, or "
+                             "one of either")
+        if seeds is not None and n == 1:
+            num_images = len(seeds)
+        context, uncond_context = self._prompt_contexts(prompts * n if len(prompts) == 1 else prompts,
+                                                        negative_prompt, num_images)   # (n * num_images, L, D)
+        z_ref = z_ref.expand(n, -1, -1, -1).repeat_interleave(num_images, dim=0)
+        return self.image_adapter.context(z_ref, context), self.image_adapter.context(None, uncond_context)
+
+    def _with_image_adapter(self, model, adapter):
+        """The UNet with the image adapter's hooks on while it runs (they come off after every call)."""
+        def with_image(z_t, t, context, **kw):
+            with adapter.attached(self.unet):
+                return model(z_t, t, context, **kw)
+        return with_image
+
     def _image_prompt_context(self, image_prompt, prompt, negative_prompt):
         """An image-variations model's context, one row per image prompt; text is refused, not ignored."""
+        self._require_image_encoder()
         if image_prompt is None:
             raise ValueError("this is an image-variations model: give the image to vary as image_prompt")
         if prompt or negative_prompt:
             what = "a prompt" if prompt else "a negative prompt"
             raise ValueError(f"an image-variations model reads only the image prompt: it has no text encoder for "
-                             f"{what} (its unconditional context is zeros)")
+                             f"{what} (its unconditional context is zeros; captions go into a "
+                             "joint_space.JointPrompt, through CLIP's joint space)")
+        from ..joint_space import JointPrompt
+
+        if isinstance(image_prompt, JointPrompt):
+            return self.encode_joint_prompt(image_prompt)                  # (1, 1, D_p)
+        if isinstance(image_prompt, torch.Tensor) and image_prompt.is_floating_point():
+            width = self.unet.cfg.context_dim
+            if image_prompt.dim() != 2 or image_prompt.shape[1] != width:
+                raise ValueError(f"image embeddings of shape {tuple(image_prompt.shape)}: this model reads "
+                                 f"(n, {width}) (images are uint8 tensors or PIL images)")
+            return image_prompt.to(self.device, torch.float32)[:, None]    # (n, 1, D_p)
         return self.encode_image_prompt(image_prompt)
 
     def _encode_init_image(self, init_image: torch.Tensor, batch: int, generator) -> torch.Tensor:

@@ -13,6 +13,8 @@ trained on CIFAR-10, or the real Stable Diffusion v1 weights. Each one runs the 
                           over steps, overlaid on the generated image (the UNet's `record` hook)
     prompt_interpolation, seed_interpolation, prompt_blend, context_arithmetic
                           conditioning arithmetic on contexts and on noises, as image strips
+    image_arithmetic      an image-variations model: a photo minus one caption plus another in CLIP's
+                          joint space (joint_space.py), a strip over the weight a
     sampler_gallery       the same seed and prompt across samplers and step counts, with wall time
 
 The small pure functions underneath (`slerp`, `aggregate_attention`, `image_strip`, ...) are the parts
@@ -28,5 +30,5 @@ command line, `python -m minildm.views`).
 
 from .core import (slerp, lerp, blend, to_hwc_uint8, latent_to_image, decode_preview, image_strip, image_grid, show_image, save_gif, layer_resolution, aggregate_attention, cross_attention_modules, CrossAttentionRecorder, latent_shape, make_noise, encode, generate_from)  # noqa: F401
 from .inside import (Filmstrip, denoising_filmstrip, keep_steps, filmstrip_from_steps, evenly_spaced, plot_filmstrip, AttentionMaps, prompt_tokens, attention_maps_view, plot_token_maps, plot_layer_maps)  # noqa: F401
-from .compare import (Strip, plot_strip, _strip, prompt_interpolation, seed_interpolation, prompt_blend, context_arithmetic, Gallery, DEFAULT_SAMPLERS, sampler_gallery, plot_gallery)  # noqa: F401
+from .compare import (Strip, plot_strip, _strip, prompt_interpolation, seed_interpolation, prompt_blend, context_arithmetic, image_arithmetic, Gallery, DEFAULT_SAMPLERS, sampler_gallery, plot_gallery)  # noqa: F401
 from .cli import VIEWS, build_parser, main  # noqa: F401

@@ -94,6 +94,32 @@ def context_arithmetic(ldm, prompt_a: str, prompt_b: str, prompt_c: str, *, seed
                   + ("" if weight == 1 else f" at weight {weight:g}"), seed=seed, **kwargs)
 
 
+@torch.no_grad()
+def image_arithmetic(ldm, photo, minus: str, plus: str, *, weights=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
+                     **kwargs) -> Strip:
+    """An image-variations model (with `load_text_clip`): the photo, then u(u(photo) - a u(minus) + a u(plus))
+    at the photo's length for each weight a, all from the same noise (joint_space.py). a = 0 is the plain
+    variation; as a grows the picture turns from `minus` towards `plus`."""
+    from ..joint_space import JointPrompt
+
+    x = torch.cat([ldm.generate(image_prompt=JointPrompt(images=[photo], minus=[minus], plus=[plus], weight=float(a)),
+                                seed=seed, output_type="image", **kwargs) for a in weights])   # (N, 3, H, W) in [0, 1]
+    size = x.shape[-2:]
+    shown = torch.nn.functional.interpolate(_photo_tensor(photo)[None], size=size, mode="bilinear", antialias=True,
+                                            align_corners=False)
+    images = to_hwc_uint8(torch.cat([shown.clamp(0, 1), x]) * 2 - 1)
+    labels = ["the photo"] + [f"a={float(a):g}" for a in weights]
+    return Strip(images=images, labels=labels,
+                 figure=plot_strip(images, labels, f'the photo - a "{minus}" + a "{plus}", seed {seed}'))
+
+
+def _photo_tensor(photo) -> torch.Tensor:
+    """A PIL image or a uint8 (C, H, W) tensor -> float RGB (3, H, W) in [0, 1], for showing it."""
+    from ..clip_vision import _rgb
+
+    return _rgb(photo).float() / 255
+
+
 # ----------------------------------------------------------------------------------------------
 # View 4: the sampler gallery
 # ----------------------------------------------------------------------------------------------
