@@ -29,6 +29,13 @@ judge that never saw a generated image say what they show:
 
     python -m minildm.evaluate                    # the newest run, 100 samples per class and prompt kind
     python -m minildm.evaluate runs/NAME --n 20   # a quick look
+    python -m minildm.evaluate runs/NAME --image-adapter photo-prompts.safetensors   # image prompts instead
+
+With --image-adapter (python -m minildm.finetune image-prompt) the prompts are photos instead of text:
+each class's first n held-out photos, one a sample, with the class's other held-out photos as the real
+images to compare with. The report adds how far a sample is from its own prompt photo against another
+photo of the class: a ratio near 1 means the prompt gave the class and the model drew its own picture,
+near 0 that it copied the photo.
 
 Samples use the sampling command line's defaults (DDIM, 50 steps, guidance 7.5; bench/RESULTS.md
 sweeps the scale) and seeds seed + i, so image i of every class starts from the same noise and
@@ -83,20 +90,22 @@ def most_frequent_other(predicted: torch.Tensor, k: int, names: list):
 def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, batch_size: int = 100,
                      seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
                      guidance_interval=None, output_type: str = "image", progress: bool = True,
-                     desc: str = "sampling") -> dict:
+                     desc: str = "sampling", image_prompts: dict | None = None) -> dict:
     """{class name: n images (n, 3, H, W) in [0, 1]} (or latents); image i of each class uses seed + i
-    and the i-th of `prompts(name, n)` (by default n times "a photo of a <class>")."""
+    and the i-th of `prompts(name, n)` (by default n times "a photo of a <class>"), or with `image_prompts`
+    ({class name: n uint8 photos}, for a model with an image adapter) the i-th photo and no text."""
     from tqdm.auto import tqdm
 
     out = {}
     bar = tqdm(total=len(class_names) * n, desc=desc, unit="image", disable=not progress)
     for name in class_names:
-        texts, parts = prompts(name, n), []
+        texts, parts = (prompts(name, n) if image_prompts is None else [""] * n), []
         for start in range(0, n, batch_size):
             seeds = list(range(seed + start, seed + min(n, start + batch_size)))
-            parts.append(model.generate(texts[start:start + len(seeds)], seeds=seeds, num_steps=steps,
-                                        sampler=sampler, guidance_scale=guidance, guidance_interval=guidance_interval,
-                                        output_type=output_type).cpu())
+            photos = None if image_prompts is None else image_prompts[name][start:start + len(seeds)]
+            parts.append(model.generate(texts[start:start + len(seeds)], image_prompt=photos, seeds=seeds,
+                                        num_steps=steps, sampler=sampler, guidance_scale=guidance,
+                                        guidance_interval=guidance_interval, output_type=output_type).cpu())
             bar.update(len(seeds))
         out[name] = torch.cat(parts)
     bar.close()
@@ -109,15 +118,29 @@ def sample_per_class(model, class_names, n: int, *, prompts=template_prompts, ba
 
 def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch_size: int = 100,
              seed: int = 0, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5, guidance_interval=None,
-             phrasings=UNSEEN_PHRASINGS, progress: bool = True) -> tuple:
+             phrasings=UNSEEN_PHRASINGS, image_prompts: bool = False, progress: bool = True) -> tuple:
     """(report dict, samples {class: images}) for `model` on the classes of `held`: the template
     prompt's samples, and (unless `phrasings` is None) as many again from held-out phrasings.
-    guidance_interval: the timesteps (t_lo, t_hi) that are guided, None for every step."""
+    guidance_interval: the timesteps (t_lo, t_hi) that are guided, None for every step.
+
+    image_prompts (a model with an image adapter): each class's samples are prompted instead by its first n
+    held-out photos, one photo a sample and no text; the real images they are compared with are the class's
+    other held-out photos, so no sample is scored against its own prompt."""
     names = list(held.class_names)
     options = dict(batch_size=batch_size, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
                    guidance_interval=guidance_interval, progress=progress)
     started = time.perf_counter()
-    samples = sample_per_class(model, names, n, desc="sampling (template)", **options)
+    photos = None
+    if image_prompts:
+        photos = {name: held.images[held.labels == k][:n] for k, name in enumerate(names)}
+        fewest = min(int((held.labels == k).sum()) for k in range(len(names)))
+        if fewest - n < 2:  # a Fréchet distance needs two images a side
+            raise data_module.DataError(f"image prompts take n held-out photos of each class and compare the samples "
+                                        f"with the others (two at least): --n must be at most {fewest - 2} here, "
+                                        f"where a class has {fewest} held-out photos")
+        phrasings = None
+    samples = sample_per_class(model, names, n, desc="sampling (image prompts)" if photos else "sampling (template)",
+                               image_prompts=photos, **options)
     unseen = {}
     if phrasings is not None:
         frames = unseen_phrasings(phrasings)
@@ -128,7 +151,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
     g = torch.Generator().manual_seed(seed)
     per_class, all_samples, all_held, held_n, ks = {}, [], [], [], []
     for k, name in enumerate(names):
-        real_held = data_module.to_float(held.images[held.labels == k])
+        real_held = data_module.to_float(held.images[held.labels == k][n if photos else 0:])
         pool = (train.labels == k).nonzero().flatten()
         real_train = data_module.to_float(train.images[pool[torch.randperm(len(pool), generator=g)[:n]]])
         noise = torch.rand(n, *real_held.shape[1:], generator=g) * 2 - 1
@@ -169,7 +192,7 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
             "coverage_reconstructed"] + (["unseen_accuracy"] if unseen else [])
     mean = {key: sum(c[key] for c in per_class.values()) / len(per_class) for key in keys}
     report = {
-        "prompts": {name: class_prompt(name) for name in names},
+        "prompts": {name: "image prompts" if photos else class_prompt(name) for name in names},
         "settings": {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "guidance": guidance,
                      "guidance_interval": list(guidance_interval) if guidance_interval else None, "knn_k": min(ks)},
         "judge": {k: judge_info[k] for k in ("held_out_accuracy", "held_out_per_class", "width", "steps",
@@ -182,6 +205,15 @@ def evaluate(model, train, held, judge, judge_info: dict, n: int = 100, *, batch
         "worst_class_over_judge": min(accs) / judge_acc,
         "sampling_seconds_per_image": sampling_seconds / (n * len(names) * (2 if unseen else 1)),
     }
+    if photos:  # does a sample follow its own prompt photo more than another photo of the class?
+        x = torch.cat([samples[name] for name in names]) * 2 - 1
+        prompt = torch.cat([data_module.to_float(photos[name]) for name in names])
+        other = torch.cat([data_module.to_float(photos[name].roll(1, 0)) for name in names])
+        own_d, other_d = ((x - prompt).pow(2).flatten(1).mean(1).sqrt().median().item(),
+                          (x - other).pow(2).flatten(1).mean(1).sqrt().median().item())
+        report["image_prompts"] = {"photos": "the first n held-out photos of each class, one a sample",
+                                   "distance_to_own_prompt": own_d, "distance_to_another_photo": other_d,
+                                   "own_over_another": own_d / max(other_d, 1e-12)}
     if unseen:
         report["unseen"] = {"phrasings": str(phrasings), "count": len(frames),
                             "examples": {name: unseen_prompts(name, 3, frames, k * n) for k, name in enumerate(names)},
@@ -199,7 +231,7 @@ def format_report(report: dict) -> str:
                 if "judge_on_train" in m else "")
     lines = [f"judge: {judge['held_out_accuracy']:.1%} right on {judge['held_out_images']} held-out real images{on_train} "
              f"(a CNN trained on the {judge['train_images']} training images only, the generator's training images)",
-             f"{'class':<12}{'template':>9}{'unseen':>8}{'judge real':>11}{'mistaken for':>14}{'FD samples':>12}"
+             f"{'class':<12}{'image' if 'image_prompts' in report else 'template':>9}{'unseen':>8}{'judge real':>11}{'mistaken for':>14}{'FD samples':>12}"
              f"{'FD real':>9}{'FD blurred':>12}{'FD noise':>10}{'FD/real':>9}{'precision':>11}{'recall':>8}"
              f"{'coverage':>10}"]
 
@@ -213,9 +245,17 @@ def format_report(report: dict) -> str:
         lines.append(row(name, c, c["judge_on_real"], c["confused_with"] or "-"))
     lines.append(row("mean", m, judge["held_out_accuracy"], ""))
     s = report["settings"]
-    lines.append(f"template prompt (\"{next(iter(report['prompts'].values()))}\"): class accuracy {m['accuracy']:.2f} = "
-                 f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "
-                 f"{report['worst_class_over_judge']:.2f} x)")
+    if "image_prompts" in report:
+        i = report["image_prompts"]
+        lines.append(f"image prompts (a held-out photo of the class, no text): class accuracy {m['accuracy']:.2f} = "
+                     f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "
+                     f"{report['worst_class_over_judge']:.2f} x); a sample is {i['distance_to_own_prompt']:.3f} from its "
+                     f"prompt photo and {i['distance_to_another_photo']:.3f} from another photo of the class (RMS pixel "
+                     f"difference, median; ratio {i['own_over_another']:.2f}: near 1 draws the class, near 0 copies)")
+    else:
+        lines.append(f"template prompt (\"{next(iter(report['prompts'].values()))}\"): class accuracy {m['accuracy']:.2f} = "
+                     f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "
+                     f"{report['worst_class_over_judge']:.2f} x)")
     if unseen:
         u = report["unseen"]
         lines.append(f"unseen phrasings ({u['count']} that training never used, e.g. \"{u['examples'][next(iter(u['examples']))][0]}\"): "
@@ -273,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phrasings", default=str(UNSEEN_PHRASINGS),
                    help="held-out phrasings, one a line with {} for the class word (default: the 300 training never used)")
     p.add_argument("--templates-only", action="store_true", help="score the template prompt only (half the sampling)")
+    p.add_argument("--image-adapter", default=None, metavar="FILE",
+                   help="score image prompts instead of text: each class's first n held-out photos as prompts, with "
+                        "this adapter (python -m minildm.finetune image-prompt)")
     p.add_argument("--judge", default=None, help="the judge file (default: <runs-dir>/judges/<data hash>.safetensors, "
                                                  "trained there on first use)")
     p.add_argument("--judge-steps", type=int, default=JUDGE_STEPS, help="training steps of a new judge")
@@ -313,7 +356,7 @@ def run_data(run_dir: Path, data_dir=None) -> tuple:
 def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch_size: int = 100, steps: int = 50,
                  sampler: str = "ddim", guidance: float = 7.5, guidance_interval="run", seed: int = 0, judge_path=None,
                  judge_steps: int = JUDGE_STEPS, use_ema: bool = True, device="cpu", model=None,
-                 phrasings=UNSEEN_PHRASINGS, progress: bool = True, overwrite: bool = False) -> dict:
+                 phrasings=UNSEEN_PHRASINGS, image_adapter=None, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate the run in `run_dir` (or the given LatentDiffusion `model`); print the table, write
     RUN/eval/<settings>.json and .png, and return the report. guidance_interval: (t_lo, t_hi), None for
     every step, or "run" for the run's own default (cli.default_guidance_interval)."""
@@ -327,18 +370,23 @@ def evaluate_run(run_dir, *, runs_dir="runs", data_dir=None, n: int = 100, batch
     print(f"judge: {judge_path} ({'cached' if info['cached'] else 'trained now'})", file=sys.stderr)
     if model is None:
         model = load_stable_diffusion(str(run_dir / "model.safetensors"), device=device, use_ema=use_ema)
+    if image_adapter is not None:
+        model.load_image_adapter(image_adapter)
     if guidance_interval == "run":
         guidance_interval = default_guidance_interval(str(run_dir / "model.safetensors"))
     report, samples = evaluate(model, train, held, judge, info, n, batch_size=batch_size, seed=seed, steps=steps,
                                sampler=sampler, guidance=guidance, guidance_interval=guidance_interval,
-                               phrasings=phrasings, progress=progress)
+                               phrasings=phrasings, image_prompts=image_adapter is not None, progress=progress)
     report["checkpoint"] = str(run_dir / "model.safetensors")
+    if image_adapter is not None:
+        report["image_adapter"] = str(image_adapter)
     report["judge"]["path"] = str(judge_path)
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     from .cli import free_path
     stem = (f"n{n}-{sampler}{steps}-g{guidance:g}" + ("-t{:g}-{:g}".format(*guidance_interval) if guidance_interval
-                                                      else "") + f"-seed{seed}" + ("-raw" if not use_ema else ""))
+                                                      else "") + f"-seed{seed}" + ("-raw" if not use_ema else "")
+            + (f"-image-{Path(image_adapter).stem}" if image_adapter is not None else ""))
     stem = free_path(str(out / f"{stem}.json"), overwrite)[:-5]
     tmp = f"{stem}.json.tmp-{os.getpid()}"
     Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
@@ -374,6 +422,7 @@ def main(argv=None) -> int:
             unseen_phrasings(args.phrasings)
         except (ValueError, UnicodeDecodeError) as e:
             usage("--phrasings", args.phrasings, str(e).split(": ", 1)[-1])
+    check_readable_file("--image-adapter", args.image_adapter)
     if args.judge is not None and os.path.isdir(args.judge):
         usage("--judge", args.judge, "is a folder, not a judge file")
     device, _ = resolve_device(args.device)
@@ -392,7 +441,8 @@ def main(argv=None) -> int:
                      steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
                      guidance_interval="run" if args.guidance_interval is None else tuple(args.guidance_interval),
                      judge_path=args.judge, judge_steps=args.judge_steps, use_ema=not args.no_ema, device=device,
-                     phrasings=None if args.templates_only else args.phrasings, overwrite=args.overwrite)
+                     phrasings=None if args.templates_only else args.phrasings, image_adapter=args.image_adapter,
+                     overwrite=args.overwrite)
     except (data_module.DataError, CheckpointError) as e:
         fail(str(e))
     return 0

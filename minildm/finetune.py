@@ -12,15 +12,21 @@ in minutes, and ships as a file small enough to share. Two ways, the two that pe
                        the tokenizer with n new rows in the token table, started from a word's vector,
                        and only those rows are trained. Saved as {word: (n, D)}, diffusers' layout.
 
-Both minimise the stage-2 objective (`steps.diffusion_loss`) on the new images' latents, with the base
-model's own VAE, text encoder and schedule, so the same code fine-tunes a CIFAR run on a CPU and SD v1
-on a GPU. The command line:
+A third fine-tune teaches a CIFAR run to read photos as prompts: an image adapter (image_adapter.py), new
+keys and values that let the frozen model's cross-attention read its own VAE's latents of a photo, trained
+on the run's training photos, each prompted with another photo of its class.
+
+All three minimise the stage-2 objective (`steps.diffusion_loss`) with the base model's own VAE, text encoder
+and schedule; the same LoRA and textual-inversion code fine-tunes a CIFAR run on a CPU and SD v1 on a GPU.
+The command line:
 
     python -m minildm.finetune example --data-dir cifar10-train-jpg.tar.gz --out bw-photos
     python -m minildm.finetune lora --ckpt runs/cifar --images bw-photos --text-encoder --out bw-lora.safetensors
     python -m minildm.finetune embedding --ckpt runs/cifar --images bw-photos --word "<bw>" \\
         --caption "a <bw> photo of a {}" --out bw-word.safetensors
     python -m minildm.sample "a black and white photo of a dog" --ckpt runs/cifar --lora bw-lora.safetensors
+    python -m minildm.finetune image-prompt --ckpt runs/cifar --out photo-prompts.safetensors
+    python -m minildm.evaluate runs/cifar --image-adapter photo-prompts.safetensors
 """
 from __future__ import annotations
 

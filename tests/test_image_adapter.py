@@ -221,14 +221,16 @@ def test_the_file_round_trips_and_refuses_another_unet(tmp_path):
         load_image_adapter(tmp_path / "b.safetensors", model.unet)
 
 
-def test_command_line_trains_an_adapter_on_a_runs_own_photos(tmp_path):
-    """`finetune image-prompt --ckpt RUN` trains on the run's training split and writes a loadable file; a file
-    that is not a run's folder is refused with exit status 2."""
+def test_command_line_trains_an_adapter_and_evaluate_scores_image_prompts(tmp_path):
+    """`finetune image-prompt --ckpt RUN` trains on the run's training split and writes a loadable file;
+    `evaluate --image-adapter` prompts each class with its held-out photos and reports the class accuracy and how
+    near samples are to their own prompt; a file that is not a run's folder is a usage error (2), an n that leaves
+    fewer than two held-out photos to compare with a failure found once the data is read (1)."""
     from test_evaluate import ENV, fabricated_cifar
 
     tree = fabricated_cifar(tmp_path)
     train = [sys.executable, "-m", "minildm.train", "--dataset", "cifar", "--data-dir", str(tree), "--preset", "tiny",
-             "--holdout-per-class", "2", "--max-steps", "2", "--batch-size", "8", "--vae-batch-size", "8",
+             "--holdout-per-class", "4", "--max-steps", "2", "--batch-size", "8", "--vae-batch-size", "8",
              "--warmup-steps", "1", "--sample-steps", "2", "--probe-per-class", "0", "--runs-dir", "runs",
              "--name", "tiny"]
     result = subprocess.run(train, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
@@ -237,11 +239,26 @@ def test_command_line_trains_an_adapter_on_a_runs_own_photos(tmp_path):
                "--batch-size", "4", "--out", "photo-prompts.safetensors"]
     result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "on its 60 training photos" in result.stderr and "wrote photo-prompts.safetensors" in result.stdout
+    assert "on its 40 training photos" in result.stderr and "wrote photo-prompts.safetensors" in result.stdout
     from minildm.ldm import load_stable_diffusion
     model = load_stable_diffusion(str(tmp_path / "runs" / "tiny" / "model.safetensors"))
     adapter = load_image_adapter(tmp_path / "photo-prompts.safetensors", model.unet)
     assert adapter.cfg.pairing == "class" and adapter.cfg.latent_size == 32 // model.downsample_factor
+
+    evaluate = [sys.executable, "-m", "minildm.evaluate", "runs/tiny", "--image-adapter", "photo-prompts.safetensors",
+                "--n", "2", "--steps", "2", "--judge-steps", "3", "--batch-size", "20"]
+    result = subprocess.run(evaluate, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "image prompts (a held-out photo of the class, no text): class accuracy" in result.stdout
+    import json
+    report = json.loads(next((tmp_path / "runs" / "tiny" / "eval").glob("*image-photo-prompts.json")).read_text())
+    assert report["image_adapter"] == "photo-prompts.safetensors" and "unseen" not in report
+    assert set(report["image_prompts"]) == {"photos", "distance_to_own_prompt", "distance_to_another_photo",
+                                            "own_over_another"}
+    assert all(0 <= c["accuracy"] <= 1 for c in report["per_class"].values())
+    evaluate[evaluate.index("--n") + 1] = "3"
+    result = subprocess.run(evaluate, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "--n must be at most 2 here" in result.stderr
 
     os.makedirs(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "model.safetensors").write_bytes((tmp_path / "runs" / "tiny" /
@@ -249,3 +266,52 @@ def test_command_line_trains_an_adapter_on_a_runs_own_photos(tmp_path):
     command[command.index("runs/tiny")] = "elsewhere/model.safetensors"
     result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "not a training run's folder" in result.stderr
+
+
+def photos(n=2, seed=0):
+    """n photos of odd sizes (uint8), so encode_photo_prompt resizes and crops them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, 40 + 4 * i, 36), generator=g, dtype=torch.uint8) for i in range(n)]
+
+
+@pytest.fixture()
+def adapted(tmp_path):
+    """A small model with an image adapter file loaded through LatentDiffusion.load_image_adapter."""
+    model = small_model()
+    adapter = adapter_for(model)
+    adapter.cfg.latent_size = 16                     # 32 px photos through the tiny VAE (factor 2)
+    fresh = ImageAdapter(adapter.cfg, model.unet)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fresh.save(tmp_path / "adapter.safetensors")
+    return model, tmp_path / "adapter.safetensors"
+
+
+def test_generate_reads_photos_beside_the_text(adapted):
+    """With an adapter loaded, text alone draws exactly what the base model draws; a photo changes the picture,
+    each photo its own way; sample i of a seeds batch is what seed i alone gives; at scale 0 the photo changes
+    nothing."""
+    model, path = adapted
+    options = dict(num_steps=3, seed=0, height=32, width=32)
+    base = model.generate("a cat", **options)
+    model.load_image_adapter(path)
+    assert torch.equal(model.generate("a cat", **options), base)
+    one, two = photos()
+    with_one = model.generate("a cat", image_prompt=one, **options)
+    assert (with_one - base).abs().max() > 1e-3
+    assert (model.generate("a cat", image_prompt=two, **options) - with_one).abs().max() > 1e-3
+    batch = model.generate("", image_prompt=[one, two], seeds=[5, 6], num_steps=3, height=32, width=32)
+    alone = model.generate("", image_prompt=two, seed=6, num_steps=3, height=32, width=32)
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)
+    model.load_image_adapter(path, scale=0.0)
+    assert torch.equal(model.generate("a cat", image_prompt=one, **options), base)
+    with pytest.raises(ValueError, match="2 prompts and 3 image prompts"):
+        model.generate(["a", "b"], image_prompt=photos(3), num_steps=2, height=32, width=32)
+
+
+def test_a_model_without_an_adapter_refuses_a_photo_and_says_how():
+    """generate(image_prompt=...) on a text-to-image model with no adapter names both ways to read images."""
+    model = small_model()
+    with pytest.raises(ValueError, match="image adapter"):
+        model.generate("", image_prompt=photos(1)[0], num_steps=2, height=32, width=32)
