@@ -12,6 +12,7 @@ one level of 255 at most).
     python -m minildm.sample "a watercolour" --ckpt sd15/ --init-image photo.png --strength 0.6
     python -m minildm.sample "a dog on a bench" --ckpt sd15/ --init-image bench.png --mask mask.png
     python -m minildm.sample --ckpt sd-image-variations-diffusers/ --image-prompt photo.png --n 4
+    python -m minildm.sample --image-adapter photo-prompts.safetensors --image-prompt cat.png --n 4  # your run
 
 With a full CLIP folder the image embedding of an image-variations model can be moved in CLIP's joint space
 (minildm.joint_space): this photo, but a cat; two photos mixed; a caption alone, given a length (a photo of
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image-variations model (lambdalabs/sd-image-variations-diffusers) draws variations of "
                         "this image; it replaces the text prompt. Given several times, the images are mixed in "
                         "CLIP's joint space")
+    p.add_argument("--image-adapter", default=None, metavar="FILE[:SCALE]",
+                   help="a model you trained reads --image-prompt beside the text prompt, with this image adapter "
+                        "(python -m minildm.finetune image-prompt); SCALE weighs the photo (default 1)")
     p.add_argument("--image-weights", type=float, nargs="+", default=None, metavar="W",
                    help="one weight per --image-prompt for the mix (default: equal weights summing to 1); an image "
                         "of weight 0 lends the embedding its length and nothing else")
@@ -181,15 +185,33 @@ def check_flags(args) -> None:
         fail("--mask needs --init-image (the image to inpaint)", USAGE)
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
-    if args.image_prompt and args.prompt:
+    if args.image_adapter is not None:
+        args.image_adapter = split_file_option("--image-adapter", args.image_adapter, "SCALE")
+        path, scale = args.image_adapter
+        check_readable_file("--image-adapter", path)
+        try:
+            number = 1.0 if scale is None else float(scale)
+        except ValueError:
+            usage("--image-adapter", f"{path}:{scale}", "SCALE after the colon must be a number, e.g. photos.safetensors:0.8")
+        check_float("--image-adapter scale", number, 0, 10)
+        args.image_adapter = (path, number)
+        if len(args.image_prompt) != 1:
+            fail(f"--image-adapter reads one photo, given with --image-prompt ({len(args.image_prompt)} given)", USAGE)
+        joint = [flag for flag, value in (("--plus", args.plus), ("--minus", args.minus), ("--clip", args.clip),
+                                          ("--image-weights", args.image_weights), ("--norm", args.norm),
+                                          ("--text-weight", args.text_weight)) if value]
+        if joint:
+            fail(f"{joint[0]} moves an image-variations model's CLIP embedding; with --image-adapter the text goes "
+                 "in the prompt", USAGE)
+    elif args.image_prompt and args.prompt:
         fail(f"--image-prompt replaces the text prompt: give {args.prompt!r} or --image-prompt, not both", USAGE)
     if (args.plus or args.minus) and args.prompt:
         fail(f"an image-variations model reads no prompt: put {args.prompt!r} into the image embedding with --plus",
              USAGE)
-    if (args.image_prompt or args.plus or args.minus) and args.negative:
+    if (args.image_prompt or args.plus or args.minus) and args.negative and not args.image_adapter:
         fail(f"--negative does not go with --{'image-prompt' if args.image_prompt else 'plus or --minus'}: an "
              "image-variations model has no text encoder, its unconditional context is zeros", USAGE)
-    if (args.image_prompt or args.plus or args.minus) and args.embedding:
+    if (args.image_prompt or args.plus or args.minus) and args.embedding and not args.image_adapter:
         fail("--embedding teaches a text encoder a word; an image-variations model (--image-prompt, --plus, "
              "--minus) has none", USAGE)
     check_joint_flags(args)
@@ -342,7 +364,7 @@ def main(argv=None) -> int:
     prompt_images = [read_image(path, None) for path in args.image_prompt]
     recipe = joint_prompt(args, prompt_images)                          # None: one image, varied as it is
     image_prompt = prompt_images[0] if prompt_images and recipe is None else None
-    variations = args.image_prompt or args.plus or args.minus        # an image-variations model's input
+    variations = (args.image_prompt or args.plus or args.minus) and not args.image_adapter  # a variations model's
     if args.init_image:
         image = read_image(args.init_image, "RGB")
         if args.mask:
@@ -363,7 +385,16 @@ def main(argv=None) -> int:
         if args.guidance_interval is not None:
             notes.append("guidance at timesteps {:g}-{:g} only (this run's default; --guidance-interval 0 1000 "
                          "guides every step)".format(*args.guidance_interval))
-    if args.image_prompt and not model.is_image_variations_model:
+    if args.image_adapter:
+        from .convert import CheckpointError
+
+        path, scale = args.image_adapter
+        try:
+            model.load_image_adapter(path, scale)
+        except (ValueError, CheckpointError) as e:
+            fail(f"--image-adapter {path}: {e}")
+        notes.append(f"image adapter {path}: the photo {args.image_prompt[0]} beside the text, at scale {scale:g}")
+    elif args.image_prompt and not model.is_image_variations_model:
         fail(f"{ckpt} reads text prompts: --image-prompt needs an image-variations model (a diffusers folder with "
              "image_encoder/, such as lambdalabs/sd-image-variations-diffusers)", USAGE)
     if (args.plus or args.minus) and not model.is_image_variations_model:
@@ -458,6 +489,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     stem = recipe_stem(args) if variations else slug(args.prompt)
+    if args.image_adapter:  # "a cat like photo", or "like photo"
+        stem = "-".join(part for part in (slug(args.prompt) if args.prompt else "", "like",
+                                          slug(os.path.splitext(os.path.basename(args.image_prompt[0]))[0])) if part)
     steps_run = args.steps if init is None else args.steps - (args.steps - int(args.steps * strength))
     bar = tqdm(total=args.n * steps_run, desc="sampling", unit="step", file=sys.stderr)
     batch = args.batch_size or (25 if max(height, width) <= 64 else 1)
@@ -496,6 +530,8 @@ def main(argv=None) -> int:
                 settings["taesd"] = os.path.abspath(args.taesd)
             if args.embedding:
                 settings["embeddings"] = [os.path.abspath(path) for path, _ in args.embedding]
+            if args.image_adapter:
+                settings["image_adapter"] = [os.path.abspath(args.image_adapter[0]), args.image_adapter[1]]
             if len(args.image_prompt) == 1:
                 settings["image_prompt"] = os.path.abspath(args.image_prompt[0])
             elif args.image_prompt:

@@ -315,3 +315,50 @@ def test_a_model_without_an_adapter_refuses_a_photo_and_says_how():
     model = small_model()
     with pytest.raises(ValueError, match="image adapter"):
         model.generate("", image_prompt=photos(1)[0], num_steps=2, height=32, width=32)
+
+
+def test_sample_command_line_with_an_image_adapter(adapted, tmp_path, monkeypatch):
+    """`sample "a cat" --image-adapter FILE --image-prompt photo.png` draws what generate draws with that photo and
+    records the adapter in the PNG; the flags that belong to image-variations models, two photos, and an adapter
+    without a photo are refused in one line."""
+    import json
+
+    from PIL import Image
+
+    from minildm import convert
+    from minildm.sample import main as sample_main
+
+    model, path = adapted
+    ckpt = tmp_path / "run" / "model.safetensors"
+    convert.save_checkpoint(ckpt, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                            schedule=model.schedule, scale_factor=model.scale_factor)
+    photo = photos(1)[0]
+    Image.fromarray(photo.permute(1, 2, 0).numpy()).save(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)
+    common = ["--ckpt", str(ckpt), "--steps", "3", "--seed", "4", "--height", "32", "--width", "32", "--out", "out"]
+    assert sample_main(["a cat", "--image-adapter", f"{path}:0.5", "--image-prompt", "cat.png", *common]) == 0
+    written = Image.open(tmp_path / "out" / "a-cat-like-cat-4.png")
+    settings = json.loads(written.text["minildm"])
+    assert settings["image_adapter"] == [str(path), 0.5] and settings["image_prompt"].endswith("cat.png")
+
+    from minildm.ldm import load_stable_diffusion
+    again = load_stable_diffusion(str(ckpt))
+    again.load_image_adapter(path, scale=0.5)
+    x = again.generate("a cat", image_prompt=Image.open(tmp_path / "cat.png"), seed=4, num_steps=3, height=32, width=32)
+    drawn = torch.from_numpy(numpy_of(written).copy()).permute(2, 0, 1).float() / 255
+    assert (drawn - x[0]).abs().max() <= 1 / 255 + 1e-6
+
+    refused = {"two photos": (["--image-prompt", "cat.png", "--image-prompt", "cat.png"], "reads one photo"),
+               "a caption for CLIP's space": (["--image-prompt", "cat.png", "--plus", "a dog"], "--plus moves"),
+               "no photo": ([], "reads one photo"),
+               "a negative scale": (["--image-prompt", "cat.png"], "--image-adapter scale")}
+    for name, (extra, words) in refused.items():
+        adapter = f"{path}:-1" if name == "a negative scale" else str(path)
+        with pytest.raises(SystemExit, match=words) as e:
+            sample_main(["a cat", "--image-adapter", adapter, *extra, *common])
+        assert e.value.code == 2, name
+
+
+def numpy_of(image):
+    import numpy
+    return numpy.asarray(image.convert("RGB"))
