@@ -34,8 +34,9 @@ judge that never saw a generated image say what they show:
 With --image-adapter (python -m minildm.finetune image-prompt) the prompts are photos instead of text:
 each class's first n held-out photos, one a sample, with the class's other held-out photos as the real
 images to compare with. The report adds how far a sample is from its own prompt photo against another
-photo of the class: a ratio near 1 means the prompt gave the class and the model drew its own picture,
-near 0 that it copied the photo.
+photo of the class: near 0 the model copied the photo; near 1 it drew a picture of its own, which with a
+high class accuracy means the photo gave the class (a model that ignored the photo would also be near 1,
+at chance accuracy).
 
 Samples use the sampling command line's defaults (DDIM, 50 steps, guidance 7.5; bench/RESULTS.md
 sweeps the scale) and seeds seed + i, so image i of every class starts from the same noise and
@@ -251,7 +252,8 @@ def format_report(report: dict) -> str:
                      f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "
                      f"{report['worst_class_over_judge']:.2f} x); a sample is {i['distance_to_own_prompt']:.3f} from its "
                      f"prompt photo and {i['distance_to_another_photo']:.3f} from another photo of the class (RMS pixel "
-                     f"difference, median; ratio {i['own_over_another']:.2f}: near 1 draws the class, near 0 copies)")
+                     f"difference, median; ratio {i['own_over_another']:.2f}: near 0 copies the photo; near 1 draws the class "
+                     "if the class accuracy says the photo is read at all)")
     else:
         lines.append(f"template prompt (\"{next(iter(report['prompts'].values()))}\"): class accuracy {m['accuracy']:.2f} = "
                      f"{report['accuracy_over_judge']:.2f} x the judge's on real images (worst class "

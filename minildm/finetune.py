@@ -253,18 +253,21 @@ def train_word(model, images, captions, word: str, *, num_vectors: int = 1, init
     return vectors, losses
 
 
-def reference_rows(rows: torch.Tensor, labels: torch.Tensor, pairing: str, generator: torch.Generator) -> torch.Tensor:
+def reference_rows(rows: torch.Tensor, labels: torch.Tensor, pairing: str, generator: torch.Generator,
+                   photos: int | None = None) -> torch.Tensor:
     """The photo each training row is prompted with: itself ("self"), or another photo of its class ("class",
-    drawn uniformly; itself only when its class has one photo)."""
+    drawn uniformly; itself only when its class has one photo). With `photos`, rows i and i + photos are the
+    same photo (a mirrored copy) and neither is another photo of the other."""
     if pairing == "self":
         return rows
     if pairing != "class":
         raise ValueError(f"pairing must be 'class' or 'self', got {pairing!r}")
+    photos = photos or len(labels)
     refs = torch.empty_like(rows)
     for i, row in enumerate(rows.tolist()):
         same = (labels == labels[row]).nonzero().flatten()
-        if len(same) > 1:
-            same = same[same != row]
+        others = same[same % photos != row % photos]
+        same = others if len(others) else same
         refs[i] = same[torch.randint(len(same), (1,), generator=generator)]
     return refs
 
@@ -308,7 +311,7 @@ def train_image_adapter(model, images: torch.Tensor, labels: torch.Tensor, *, pa
     with adapter.attached(unet):
         for _ in range(num_steps):
             rows = torch.randint(0, len(mean), (batch_size,), generator=generator)
-            refs = reference_rows(rows, labels, pairing, generator)
+            refs = reference_rows(rows, labels, pairing, generator, photos=len(images))
             eps = torch.randn(mean[rows].shape, generator=generator)
             z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(device)
             t = torch.randint(0, model.schedule.num_timesteps, (batch_size,), generator=generator)

@@ -127,7 +127,9 @@ class ImageAdapter(nn.Module):
         handles = [unet.register_forward_pre_hook(self._split_context, with_kwargs=True)]
         for name, attn in unet.cross_attention_modules().items():
             handles.append(attn.register_forward_hook(self._image_attention(name.replace(".", "/"))))
-        if self.image_emb is not None and getattr(unet, "context_emb", None) is not None:
+        if self.image_emb is not None:
+            if getattr(unet, "context_emb", None) is None:
+                raise ValueError("this adapter adds a pooled image term beside a pooled caption, and this UNet has none")
             handles.append(unet.context_emb.register_forward_hook(self._image_embedding))
         try:
             yield self
@@ -203,18 +205,20 @@ def photo_pixels(images, size: int) -> torch.Tensor:
 def load_image_adapter(path, unet) -> ImageAdapter:
     """An ImageAdapter for `unet` from a file `ImageAdapter.save` wrote; strict: a file made for another
     UNet (other layers or widths) is refused, naming what differs."""
-    from safetensors import safe_open
+    from .convert import CheckpointError, read_safetensors
 
-    from .convert import CheckpointError
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "minildm_image_adapter" not in meta:
-            raise CheckpointError(f"{path} is not an image adapter (no minildm_image_adapter config in its metadata)")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_safetensors(str(path))           # a damaged or other file: one CheckpointError
+    if "minildm_image_adapter" not in meta:
+        raise CheckpointError(f"{path} is not an image adapter (no minildm_image_adapter config in its metadata)")
     cfg = ImageAdapterConfig.from_dict(json.loads(meta["minildm_image_adapter"]))
+    pooled = unet.context_emb.out_features if unet.cfg.pooled_context else None
+    if (cfg.context_dim, cfg.emb_dim) != (unet.cfg.context_dim, pooled):
+        raise CheckpointError(f"{path} was made for another UNet: a {cfg.context_dim}-wide context and "
+                              f"{'a pooled caption' if cfg.emb_dim else 'no pooled caption'}; this UNet reads a "
+                              f"{unet.cfg.context_dim}-wide context and {'a pooled caption' if pooled else 'none'}")
     ref = next(unet.parameters())
-    adapter = ImageAdapter(cfg, unet).to(ref.device)
+    with torch.random.fork_rng(devices=[]):              # the layers' start is overwritten: leave the stream alone
+        adapter = ImageAdapter(cfg, unet).to(ref.device)
     ours = adapter.state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)

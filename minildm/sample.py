@@ -389,6 +389,9 @@ def main(argv=None) -> int:
         from .convert import CheckpointError
 
         path, scale = args.image_adapter
+        if model.is_image_variations_model:
+            fail(f"--image-adapter is for a text-to-image model you trained; {ckpt} is an image-variations model, "
+                 "which reads --image-prompt as it is", USAGE)
         try:
             model.load_image_adapter(path, scale)
         except (ValueError, CheckpointError) as e:

@@ -15,8 +15,8 @@ the current code prints and draws (tests/test_notebooks.py makes the same compar
   is larger (a cell may allow more with a `# tolerance: 0.05` line); a number followed by a unit of
   time (`12 s`, `0.31s`, `40 ms`) is a wall time and not compared;
 - pictures the same size (up to two pixels, the edge of a tight bounding box), with a mean absolute
-  pixel difference of at most 1% (2% where a cell's tolerance says so: rendering text and antialiasing
-  move a few pixels, a changed curve moves many).
+  pixel difference of at most 1% (2% where a cell declares a tolerance, or what its `# tolerance: 0.05,
+  pictures 0.04` line says: rendering text and antialiasing move a few pixels, a changed curve moves many).
 
 A cell that trains a model prints numbers that depend on the CPU's float arithmetic (an AVX2 machine and
 an AVX-512 one order their sums differently, and a few hundred optimizer steps amplify that), so such a
@@ -42,7 +42,7 @@ IMAGES = ROOT / "lessons" / "images"
 INLINE = "module://matplotlib_inline.backend_inline"
 
 FIGURE_LINE = re.compile(r"^#\s*figure:\s*(\S+)\s*$")
-TOLERANCE_LINE = re.compile(r"^#\s*tolerance:\s*([0-9.eE-]+)")
+TOLERANCE_LINE = re.compile(r"^#\s*tolerance:\s*([0-9.eE-]+)(?:,\s*pictures\s+([0-9.eE-]+))?")
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 WALL_TIME = re.compile(r"\s?(?:s|ms|seconds?|minutes?|min)\b")
 ADDRESS = re.compile(r"0x[0-9a-f]{6,}")
@@ -86,7 +86,14 @@ def execute(path: Path, timeout: int = 900):
 
 def cell_header(cell) -> tuple[list[str], float | None]:
     """The figure names and the tolerance a code cell's leading comment lines declare."""
-    names, tolerance = [], None
+    names, tolerance, _ = cell_tolerances(cell)
+    return names, tolerance
+
+
+def cell_tolerances(cell) -> tuple[list[str], float | None, float | None]:
+    """(figure names, number tolerance, picture tolerance) of a code cell's leading comment lines:
+    `# tolerance: 0.05` or `# tolerance: 0.05, pictures 0.04`."""
+    names, tolerance, pictures = [], None, None
     for line in cell.source.splitlines():
         if not line.startswith("#"):
             break
@@ -94,7 +101,8 @@ def cell_header(cell) -> tuple[list[str], float | None]:
             names.append(m.group(1))
         elif m := TOLERANCE_LINE.match(line):
             tolerance = float(m.group(1))
-    return names, tolerance
+            pictures = float(m.group(2)) if m.group(2) else None
+    return names, tolerance, pictures
 
 
 def images(cell) -> list[bytes]:
@@ -182,14 +190,14 @@ def differences(committed, fresh) -> list[str]:
     for i, (old, new) in enumerate(zip(committed.cells, fresh.cells)):
         if old.cell_type != "code":
             continue
-        _, tolerance = cell_header(old)
+        _, tolerance, picture_tolerance = cell_tolerances(old)
         where = f"cell {i}"
         problems += [f"{where}: {p}" for p in compare_text(text_of(old), text_of(new), tolerance or RTOL)]
         old_images, new_images = images(old), images(new)
         if len(old_images) != len(new_images):
             problems.append(f"{where}: {len(old_images)} pictures committed, {len(new_images)} drawn")
             continue
-        pixel_tol = PIXEL_TOL if tolerance is None else 2 * PIXEL_TOL
+        pixel_tol = picture_tolerance or (PIXEL_TOL if tolerance is None else 2 * PIXEL_TOL)
         for k, (a, b) in enumerate(zip(old_images, new_images)):
             if why := compare_images(a, b, pixel_tol):
                 problems.append(f"{where}, picture {k + 1}: {why}")

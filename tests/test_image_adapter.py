@@ -84,19 +84,29 @@ def test_without_an_image_the_model_is_the_base_model_to_the_bit(pooled):
 
 def test_the_image_term_is_decoupled_cross_attention_written_out():
     """One cross-attention layer with the adapter attached equals to_out(softmax(q k_textᵀ/√d) v_text +
-    s softmax(q k_imgᵀ/√d) v_img), computed here from the weights; s scales the image term."""
+    s softmax(q k_imgᵀ/√d) v_img), computed here from the weights, and the pooled caption's projection gains
+    s image_emb(mean of the image tokens); s scales both image terms."""
     model = small_model()
     adapter = adapter_for(model)
     z_t, t, z_ref, text = inputs(model)
     name, attn = next(iter(model.unet.cross_attention_modules().items()))
-    seen = {}
+    seen, pooled = {}, {}
     adapter.scale = 0.7
+    with torch.no_grad():
+        handle = model.unet.context_emb.register_forward_hook(lambda m, args, out: pooled.update(base=out))
+        model.unet(z_t, t, text)
+        handle.remove()
     with torch.no_grad(), adapter.attached(model.unet):
         context = adapter.context(z_ref, text)
         handle = attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))  # after the adapter's
+        second = model.unet.context_emb.register_forward_hook(lambda m, args, out: pooled.update(out=out))
         model.unet(z_t, t, context)
         handle.remove()
+        second.remove()
         tokens = adapter.tokens(z_ref)
+    # The pooled caption's term gains s * image_emb(mean of the image tokens).
+    expected_pooled = pooled["base"] + 0.7 * F.linear(tokens.mean(1), adapter.image_emb.weight, adapter.image_emb.bias)
+    assert torch.allclose(pooled["out"], expected_pooled, atol=1e-5), (pooled["out"] - expected_pooled).abs().max()
     x = seen["x"]
     B, n, C = x.shape
     nh = attn.num_heads
@@ -148,6 +158,11 @@ def test_pairs_are_another_photo_of_the_class_or_the_photo_itself():
     assert (refs != rows)[labels[rows] != 2].all() and (refs == rows)[labels[rows] == 2].all()
     assert len(set(refs[rows == 0].tolist())) == 2                   # both other cats, drawn at random
     assert torch.equal(finetune.reference_rows(rows, labels, "self", g), rows)
+    # Mirrored copies after the originals (rows i and i + 6 are one photo): a photo is never its own reference.
+    doubled, rows2 = torch.cat([labels, labels]), torch.arange(12).repeat(20)
+    refs = finetune.reference_rows(rows2, doubled, "class", g, photos=6)
+    assert torch.equal(doubled[refs], doubled[rows2])
+    assert (refs % 6 != rows2 % 6)[doubled[rows2] != 2].all() and (refs % 6 == rows2 % 6)[doubled[rows2] == 2].all()
     with pytest.raises(ValueError, match="pairing"):
         finetune.reference_rows(rows, labels, "random", g)
 
@@ -199,7 +214,8 @@ def test_training_lowers_the_objective_and_leaves_the_base_model_alone():
 
 
 def test_the_file_round_trips_and_refuses_another_unet(tmp_path):
-    """save then load_image_adapter gives the same numbers and config; a UNet with other layers is refused."""
+    """save then load_image_adapter gives the same numbers and config without touching the global random stream;
+    a UNet with other layers, another context width or no pooled caption, and a damaged file, are refused."""
     from minildm.convert import CheckpointError
 
     model = small_model()
@@ -219,6 +235,21 @@ def test_the_file_round_trips_and_refuses_another_unet(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
     with pytest.raises(CheckpointError, match="not an image adapter"):
         load_image_adapter(tmp_path / "b.safetensors", model.unet)
+    (tmp_path / "c.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="truncated"):                # one line, no traceback
+        load_image_adapter(tmp_path / "c.safetensors", model.unet)
+    for unpooled_or_wider in (dict(pooled_context=False), dict(context_dim=64)):
+        same_layers = UNetConfig.tiny()
+        same_layers.pooled_context, same_layers.context_dim = True, 32
+        for key, value in unpooled_or_wider.items():
+            setattr(same_layers, key, value)
+        with pytest.raises(CheckpointError, match="another UNet"):
+            load_image_adapter(tmp_path / "a.safetensors", UNet(same_layers))
+    torch.manual_seed(9)
+    expected = torch.rand(2)
+    torch.manual_seed(9)
+    load_image_adapter(tmp_path / "a.safetensors", model.unet)
+    assert torch.equal(torch.rand(2), expected)                      # loading draws nothing from the stream
 
 
 def test_command_line_trains_an_adapter_and_evaluate_scores_image_prompts(tmp_path):
@@ -362,3 +393,20 @@ def test_sample_command_line_with_an_image_adapter(adapted, tmp_path, monkeypatc
 def numpy_of(image):
     import numpy
     return numpy.asarray(image.convert("RGB"))
+
+
+from test_joint_space import folder, parts  # noqa: E402,F401  (fixtures: a tiny image-variations folder)
+
+
+def test_an_image_adapter_on_an_image_variations_model_is_a_usage_error(folder, adapted, tmp_path, monkeypatch):
+    """--image-adapter names a model you trained; on an image-variations folder it is refused with exit 2."""
+    from PIL import Image
+
+    from minildm.sample import main as sample_main
+
+    _, path = adapted
+    Image.fromarray(photos(1)[0].permute(1, 2, 0).numpy()).save(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="is an image-variations model") as e:
+        sample_main(["--ckpt", folder, "--image-adapter", str(path), "--image-prompt", "cat.png", "--steps", "2"])
+    assert e.value.code == 2

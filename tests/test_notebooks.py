@@ -115,6 +115,11 @@ def test_the_comparison_can_fail():
     assert build.compare_images(png(picture), png(picture[1:, :-1]), 0.01) is None
     assert build.compare_images(png(picture), png(picture[:, 3:]), 0.01)
     assert build.compare_images(png(picture), png(moved[:, 1:]), 0.01)
+    # A cell's tolerance line: numbers, and optionally pictures.
+    cell = type("Cell", (), {"source": "# tolerance: 0.05, pictures 0.04\n# figure: x\nprint(1)"})
+    assert build.cell_tolerances(cell) == (["x"], 0.05, 0.04)
+    cell.source = "# tolerance: 0.1\nprint(1)"
+    assert build.cell_tolerances(cell) == ([], 0.1, None) and build.cell_header(cell) == ([], 0.1)
 
 
 def test_a_stale_notebook_is_caught():
