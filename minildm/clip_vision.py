@@ -213,6 +213,18 @@ def _rgb(image) -> torch.Tensor:
     return image
 
 
+def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, size, size): the shorter side resized to `size`, the longer to
+    int(size * long / short), bicubic with antialiasing; then the centred square (offset rounded down)."""
+    H, W = image.shape[-2:]
+    long = int(size * max(H, W) / min(H, W))
+    image = TF.resize(image, [size, long] if H <= W else [long, size], interpolation=InterpolationMode.BICUBIC,
+                      antialias=True)
+    H, W = image.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return image[:, top:top + size, left:left + size]
+
+
 def preprocess(images, size: int = 224) -> torch.Tensor:
     """PIL images or uint8 (C, H, W) tensors (one, a list, or a (B, C, H, W) batch) -> pixels (B, 3, size, size),
     as transformers' CLIPImageProcessor (torchvision) prepares them; size is the model's image_size.
@@ -227,16 +239,6 @@ def preprocess(images, size: int = 224) -> torch.Tensor:
     level or two, and rounds the crop offset to the nearest integer (a one-pixel shift for some sizes)."""
     if isinstance(images, (Image.Image, torch.Tensor)):
         images = [images] if isinstance(images, Image.Image) or images.dim() == 3 else list(images)
-    out = []
-    for image in images:
-        image = _rgb(image)
-        H, W = image.shape[-2:]
-        long = int(size * max(H, W) / min(H, W))
-        image = TF.resize(image, [size, long] if H <= W else [long, size], interpolation=InterpolationMode.BICUBIC,
-                          antialias=True)
-        H, W = image.shape[-2:]
-        top, left = (H - size) // 2, (W - size) // 2
-        out.append(image[:, top:top + size, left:left + size])
-    x = torch.stack(out).float() / 255  # (B, 3, size, size)
+    x = torch.stack([resize_and_crop(_rgb(image), size) for image in images]).float() / 255  # (B, 3, size, size)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std

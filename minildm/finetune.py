@@ -178,6 +178,26 @@ class NewWord:
 
 # ---------------------------------------------------------------------------- the training loop
 
+def latent_batch(model, mean: torch.Tensor, std: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> tuple:
+    """One step's draws for the cached posteriors' `rows`, in this order: a posterior sample z (scaled),
+    timesteps t and noise, all from `generator`; z and noise on the model's device."""
+    eps = torch.randn(mean[rows].shape, generator=generator)
+    z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(model.device)
+    t = torch.randint(0, model.schedule.num_timesteps, (len(rows),), generator=generator)
+    noise = torch.randn(z.shape, generator=generator).to(model.device)
+    return z, t, noise
+
+
+def optimizer_step(optimizer, loss: torch.Tensor, losses: list, bar) -> None:
+    """Backpropagate `loss`, step, and show the mean of the last 20 losses on the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+    bar.update(1)
+    bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+
+
 def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_steps: int = 300,
               batch_size: int = 8, lr: float = 1e-3, min_snr_gamma: float | None = 5.0, seed: int = 0,
               amp: bool = False, flip: bool = True, progress: bool = True) -> list:
@@ -203,19 +223,11 @@ def fine_tune(model, images: torch.Tensor, captions: list, params: list, *, num_
     bar = progress_bar(num_steps, "fine-tuning", progress)
     for _ in range(num_steps):
         rows = torch.randint(0, len(mean), (batch_size,), generator=generator)
-        eps = torch.randn(mean[rows].shape, generator=generator)
-        z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(device)
-        t = torch.randint(0, model.schedule.num_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(z.shape, generator=generator).to(device)
+        z, t, noise = latent_batch(model, mean, std, rows, generator)
         with autocast(amp, device):
             loss = steps.diffusion_loss(denoiser, model.schedule, z, tokens[rows], t.to(device), noise,
                                         min_snr_gamma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        optimizer_step(optimizer, loss, losses, bar)
     bar.close()
     return losses
 
@@ -312,19 +324,11 @@ def train_image_adapter(model, images: torch.Tensor, labels: torch.Tensor, *, pa
         for _ in range(num_steps):
             rows = torch.randint(0, len(mean), (batch_size,), generator=generator)
             refs = reference_rows(rows, labels, pairing, generator, photos=len(images))
-            eps = torch.randn(mean[rows].shape, generator=generator)
-            z = to_diffusion_latents(mean[rows] + std[rows] * eps, model.scale_factor).to(device)
-            t = torch.randint(0, model.schedule.num_timesteps, (batch_size,), generator=generator)
-            noise = torch.randn(z.shape, generator=generator).to(device)
+            z, t, noise = latent_batch(model, mean, std, rows, generator)
             with autocast(amp, device):
                 context = adapter.context(references[refs].to(device), empty.expand(batch_size, -1, -1))
                 loss = steps.diffusion_loss(unet, model.schedule, z, context, t.to(device), noise, min_snr_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            optimizer_step(optimizer, loss, losses, bar)
     bar.close()
     return adapter.eval().requires_grad_(False), losses
 
@@ -468,8 +472,30 @@ def read_images(folder: str, caption: str | None, resolution: int) -> tuple:
     return data.images, [caption.replace("{}", name) for name in names]
 
 
+def check_training_flags(args) -> None:
+    """The optimizer's flags every fine-tune has, each refused in one line (exit 2)."""
+    from .cli import check_float, check_int, check_seed
+
+    check_int("--steps", args.steps, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    check_float("--lr", args.lr, 0.0, 1.0, low_open=True)
+    check_float("--min-snr-gamma", args.min_snr_gamma, 0.0)
+    check_seed("--seed", args.seed)
+
+
+def output_file(args) -> str:
+    """--out as it will be written: a new name unless --overwrite, a .safetensors file in a writable folder."""
+    from .cli import check_writable_dir, fail, free_path
+
+    out = free_path(args.out, args.overwrite)
+    if not out.endswith(".safetensors"):
+        fail(f"--out {out}: write a .safetensors file", 2)
+    check_writable_dir("--out", os.path.dirname(os.path.abspath(out)))
+    return out
+
+
 def main(argv=None) -> int:
-    from .cli import check_float, check_int, check_seed, check_writable_dir, fail, free_path, load_model
+    from .cli import check_float, check_int, fail, load_model
     from .data import DataError
 
     args = build_parser().parse_args(argv)
@@ -477,21 +503,14 @@ def main(argv=None) -> int:
         return _write_example(args)
     if args.command == "image-prompt":
         return _image_prompt(args)
-    check_int("--steps", args.steps, 1)
-    check_int("--batch-size", args.batch_size, 1)
-    check_float("--lr", args.lr, 0.0, 1.0, low_open=True)
-    check_float("--min-snr-gamma", args.min_snr_gamma, 0.0)
-    check_seed("--seed", args.seed)
+    check_training_flags(args)
     if args.command == "lora":
         check_int("--rank", args.rank, 1, 1024)
         if args.alpha is not None:
             check_float("--alpha", args.alpha, 1e-6)
     else:
         check_int("--vectors", args.vectors, 1, 75)
-    out = free_path(args.out, args.overwrite)
-    if not out.endswith(".safetensors"):
-        fail(f"--out {out}: write a .safetensors file", 2)
-    check_writable_dir("--out", os.path.dirname(os.path.abspath(out)))
+    out = output_file(args)
     if not os.path.isdir(args.images):
         fail(f"--images {args.images} is not a folder of images", 2)
     model, path = load_model(args.ckpt, args.runs_dir, args.device, args.dtype)
@@ -552,19 +571,12 @@ def _image_prompt(args) -> int:
     """python -m minildm.finetune image-prompt: an image adapter for a CIFAR run, from its own training split."""
     from pathlib import Path
 
-    from .cli import check_float, check_int, check_seed, check_writable_dir, fail, find_checkpoint, free_path, load_model
+    from .cli import fail, find_checkpoint, load_model
     from .data import DataError
     from .evaluate import run_data
 
-    check_int("--steps", args.steps, 1)
-    check_int("--batch-size", args.batch_size, 1)
-    check_float("--lr", args.lr, 0.0, 1.0, low_open=True)
-    check_float("--min-snr-gamma", args.min_snr_gamma, 0.0)
-    check_seed("--seed", args.seed)
-    out = free_path(args.out, args.overwrite)
-    if not out.endswith(".safetensors"):
-        fail(f"--out {out}: write a .safetensors file", 2)
-    check_writable_dir("--out", os.path.dirname(os.path.abspath(out)))
+    check_training_flags(args)
+    out = output_file(args)
     path = find_checkpoint(args.ckpt, args.runs_dir)
     run_dir = Path(path if os.path.isdir(path) else os.path.dirname(path))
     if not (run_dir / "config.json").is_file():

@@ -181,24 +181,13 @@ def photo_pixels(images, size: int) -> torch.Tensor:
     in [-1, 1], the way the run saw its training photos: the shorter side resized to `size` (bicubic, antialiased),
     the centre square cut out. Greyscale becomes RGB, transparency goes onto white (as CLIP's preprocessing)."""
     from PIL import Image
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
 
-    from .clip_vision import _rgb
+    from .clip_vision import _rgb, resize_and_crop
 
     if isinstance(images, (Image.Image, torch.Tensor)):
         images = [images] if isinstance(images, Image.Image) or images.dim() == 3 else list(images)
-    out = []
-    for image in images:
-        image = _rgb(image)
-        H, W = image.shape[-2:]
-        if (H, W) != (size, size):
-            long = int(size * max(H, W) / min(H, W))
-            image = TF.resize(image, [size, long] if H <= W else [long, size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
-            H, W = image.shape[-2:]
-            image = image[:, (H - size) // 2:(H - size) // 2 + size, (W - size) // 2:(W - size) // 2 + size]
-        out.append(image)
+    out = [_rgb(image) for image in images]
+    out = [image if image.shape[-2:] == (size, size) else resize_and_crop(image, size) for image in out]
     return torch.stack(out).float() / 127.5 - 1
 
 

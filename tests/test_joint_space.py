@@ -16,24 +16,11 @@ from minildm.ldm import load_stable_diffusion
 from minildm.sample import main as sample_main
 from minildm.tokenizer import CLIPTokenizer
 from test_clip_vision import TINY_TEXT, TINY_VISION, _pooled, _randomize
-from test_image_variations import PROJECTION, _photo, reference_parts, reference_pipeline
+from test_image_variations import PROJECTION, _photo, folder, parts, reference_parts, reference_pipeline  # noqa: F401
 from test_ldm import SIZE, as_denoisers, assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(scope="module")
-def parts():
-    return reference_parts()
-
-
-@pytest.fixture(scope="module")
-def folder(parts, tmp_path_factory):
-    """The tiny image-variations pipeline, saved by diffusers in lambdalabs' layout."""
-    path = tmp_path_factory.mktemp("variations") / "pipe"
-    reference_pipeline(parts).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
