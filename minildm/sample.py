@@ -186,15 +186,7 @@ def check_flags(args) -> None:
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength:g} needs --init-image (the image img2img starts from)", USAGE)
     if args.image_adapter is not None:
-        args.image_adapter = split_file_option("--image-adapter", args.image_adapter, "SCALE")
-        path, scale = args.image_adapter
-        check_readable_file("--image-adapter", path)
-        try:
-            number = 1.0 if scale is None else float(scale)
-        except ValueError:
-            usage("--image-adapter", f"{path}:{scale}", "SCALE after the colon must be a number, e.g. photos.safetensors:0.8")
-        check_float("--image-adapter scale", number, 0, 10)
-        args.image_adapter = (path, number)
+        args.image_adapter = image_adapter_option(args.image_adapter)
         if len(args.image_prompt) != 1:
             fail(f"--image-adapter reads one photo, given with --image-prompt ({len(args.image_prompt)} given)", USAGE)
         joint = [flag for flag, value in (("--plus", args.plus), ("--minus", args.minus), ("--clip", args.clip),
@@ -225,6 +217,18 @@ def check_flags(args) -> None:
     for path, _ in args.embedding:
         check_readable_file("--embedding", path)
     args.lora = lora_files(args.lora)
+
+
+def image_adapter_option(value: str) -> tuple[str, float]:
+    """--image-adapter FILE[:SCALE] -> (file, scale): a readable file and a scale from 0 to 10 (default 1)."""
+    path, scale = split_file_option("--image-adapter", value, "SCALE")
+    check_readable_file("--image-adapter", path)
+    try:
+        number = 1.0 if scale is None else float(scale)
+    except ValueError:
+        usage("--image-adapter", f"{path}:{scale}", "SCALE after the colon must be a number, e.g. photos.safetensors:0.8")
+    check_float("--image-adapter scale", number, 0, 10)
+    return path, number
 
 
 def check_joint_flags(args) -> None:

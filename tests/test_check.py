@@ -417,6 +417,52 @@ def test_lcm_exercises_catch_the_usual_mistakes():
     assert ref.lcm_timesteps(4) == lcm_timesteps(NoiseSchedule.sd(), 4).tolist() == [999, 759, 499, 259]
 
 
+def test_fine_tuning_exercises_catch_the_usual_mistakes():
+    """Chapter 11: a LoRA count that forgets a convolution's kernel, a new word read from a detached copy (no
+    gradient reaches it), and grey photos truncated instead of rounded, each fail."""
+    kernel_forgotten = lambda shapes, rank: sum(rank * (s[0] + s[1]) for s in shapes)
+    r = _run("11", lora_numbers=kernel_forgotten)["lora_numbers"]
+    assert r.status == "fail" and "4-dimensional" in r.message
+
+    def detached(table, tokens, first, vectors):
+        return torch.cat([table[:first], vectors.detach()])[tokens]
+    r = _run("11", new_word_rows=detached)["new_word_rows"]
+    assert r.status == "fail" and "no gradient" in r.message
+    truncated = lambda x: (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).to(torch.uint8)[:, None].expand(
+        -1, 3, -1, -1)
+    assert _run("11", black_and_white=truncated)["black_and_white"].status == "fail"
+
+
+def test_images_as_prompts_exercises_catch_the_usual_mistakes():
+    """Chapter 12: patches flattened channel-last, scores of raw (not unit) embeddings, a mix of raw image
+    embeddings, one softmax over text and image tokens together, and photos paired with themselves, each fail."""
+    import torch.nn.functional as F
+
+    def channel_last(pixels, P):
+        B, C, H, W = pixels.shape
+        x = pixels.unfold(2, P, P).unfold(3, P, P)                          # (B, C, H/P, W/P, P, P)
+        return x.permute(0, 2, 3, 4, 5, 1).reshape(B, (H // P) * (W // P), P * P * C)
+    r = _run("12", patchify=channel_last)["patchify"]
+    assert r.status == "fail" and "channel, then row, then column" in r.message
+    raw = lambda image, text, scale: scale.exp() * image @ text.T
+    assert _run("12", clip_scores=raw)["clip_scores"].status == "fail"
+
+    def raw_mix(image_embeds, image_weights, plus_embeds, minus_embeds, a, norm=None):
+        w = torch.tensor(image_weights)
+        e = (w[:, None] * image_embeds).sum(0) + a * plus_embeds.sum(0) - a * minus_embeds.sum(0)
+        return e
+    assert _run("12", joint_mix=raw_mix)["joint_mix"].status == "fail"
+
+    def one_softmax(q, kt, vt, ki, vi, scale):
+        return F.scaled_dot_product_attention(q, torch.cat([kt, ki], 2), torch.cat([vt, scale * vi], 2))
+    assert _run("12", decoupled_attention=one_softmax)["decoupled_attention"].status == "fail"
+    r = _run("12", class_pairs=lambda labels, generator: torch.arange(len(labels)))["class_pairs"]
+    assert r.status == "fail" and "paired with itself" in r.message
+    fixed = lambda labels, generator: torch.tensor([1, 0, 0, 4, 3, 5, 7, 6, 6, 6])
+    r = _run("12", class_pairs=fixed)["class_pairs"]
+    assert r.status == "fail" and "same pairs for every generator" in r.message
+
+
 def test_break_it_wrong_and_missing_answers():
     """A wrong prediction fails without revealing the answer; a missing one is TODO."""
     results = _run("09", SNR_RATIO_UNSCALED=1 / 0.18215, EMA_INIT_SHARE=None, NO_GUIDANCE_CHOICE="a")

@@ -302,7 +302,7 @@ FORM = dict(negative="", sampler="ddim", karras=False, steps=5, guidance=7.5, wi
 def form(prompt, seed, **changes):
     values = dict(FORM, **changes)
     return [prompt, values["negative"], values["sampler"], values["karras"], values["steps"], values["guidance"],
-            seed, values["width"], values["height"], values["count"], values["init"], values["strength"]]
+            seed, values["width"], values["height"], values["count"], values["init"], values["strength"], None]
 
 
 def test_every_endpoint_through_the_python_client(client, workdir, monkeypatch):

@@ -15,7 +15,7 @@ The exit status is 0 only when every exercise checked passes. The test suite (te
 runs the same checks on the package's own implementations, which must pass, and on deliberately wrong
 answers, which must fail.
 
-In files: compare.py (records and comparisons), chapters_01_05.py, chapters_06_09.py and chapter_10.py
+In files: compare.py (records and comparisons), chapters_01_05.py, chapters_06_09.py and chapter_10.py to chapter_12.py
 (each chapter's checks; the reference answers are the package's own functions), runner.py (the table of
 the chapters they declare, the command line). The exercise files are in the repository's
 lessons/exercises/ (MINILDM_EXERCISES points elsewhere; `pip install` does not copy them).

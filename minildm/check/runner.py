@@ -10,6 +10,8 @@ from .compare import EXERCISE_DIR, CheckFailed, Result
 from .chapters_01_05 import CHAPTER_01, CHAPTER_02, CHAPTER_03, CHAPTER_04, CHAPTER_05
 from .chapters_06_09 import CHAPTER_06, CHAPTER_07, CHAPTER_08, CHAPTER_09
 from .chapter_10 import CHAPTER_10
+from .chapter_11 import CHAPTER_11
+from .chapter_12 import CHAPTER_12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -17,9 +19,10 @@ from .chapter_10 import CHAPTER_10
 # ----------------------------------------------------------------------------------------------
 
 # Each chapter is declared (number, exercise file, title, checks, reference) next to its checks,
-# in chapters_01_05.py, chapters_06_09.py and chapter_10.py.
+# in chapters_01_05.py, chapters_06_09.py and chapter_10.py to chapter_12.py.
 CHAPTERS = {c.number: c for c in (CHAPTER_01, CHAPTER_02, CHAPTER_03, CHAPTER_04, CHAPTER_05,
-                                  CHAPTER_06, CHAPTER_07, CHAPTER_08, CHAPTER_09, CHAPTER_10)}
+                                  CHAPTER_06, CHAPTER_07, CHAPTER_08, CHAPTER_09, CHAPTER_10, CHAPTER_11,
+                                  CHAPTER_12)}
 
 
 def load_impl(path) -> object:

@@ -2,6 +2,8 @@
 
     python -m minildm.studio                               your training runs (newest first)
     python -m minildm.studio --ckpt v1-5-pruned-emaonly.safetensors --taesd taesd/
+    python -m minildm.studio --ckpt sd-image-variations-diffusers/ --clip clip-vit-large-patch14/
+    python -m minildm.studio --image-adapter photo-prompts.safetensors      photos as prompts for your run
 
 It needs the optional dependencies: `pip install -r requirements-studio.txt` (Gradio).
 

@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_writable_dir, fail
-from ..sample import check_taesd_folder, lora_files
+from ..cli import USAGE, CommandError, Parser, check_choice, check_int, check_writable_dir, fail, usage
+from ..sample import check_taesd_folder, image_adapter_option, lora_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA for SD v1 (kohya or diffusers layout) into every SD v1 model the page loads, "
                         "times SCALE (default 1); e.g. the LCM-LoRA, then pick the lcm sampler")
+    p.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="a full CLIP folder (openai/clip-vit-large-patch14): an image-variations model then also "
+                        "takes captions, moved in CLIP's joint space (Look inside: a photo and words)")
+    p.add_argument("--image-adapter", default=None, metavar="FILE[:SCALE]",
+                   help="an image adapter for one of your runs (python -m minildm.finetune image-prompt): that run "
+                        "then reads a photo beside the prompt; SCALE weighs the photo (default 1)")
     p.add_argument("--out", default="studio-outputs", help="folder for the images made (PNG with their settings)")
     p.add_argument("--port", type=int, default=7860, help="port of the page")
     p.add_argument("--listen", action="store_true",
@@ -42,6 +48,10 @@ def main(argv=None) -> int:
     check_writable_dir("--out", args.out)
     check_taesd_folder(args.taesd)
     args.lora = lora_files(args.lora)
+    if args.clip is not None and not os.path.isdir(args.clip):
+        usage("--clip", args.clip, "must be a folder (a transformers CLIP folder such as openai/clip-vit-large-patch14)")
+    if args.image_adapter is not None:
+        args.image_adapter = image_adapter_option(args.image_adapter)
     for path in args.ckpt:
         if not os.path.exists(path) and not os.path.isdir(os.path.join(args.runs_dir, path)):
             fail(f"--ckpt {path}: not found", USAGE)
@@ -56,8 +66,8 @@ def main(argv=None) -> int:
     from .page import CSS, LESSONS, build
     from .session import Studio
 
-    studio = Studio(args.ckpt, args.runs_dir, taesd=args.taesd, loras=args.lora, device=args.device, dtype=args.dtype,
-                    out=args.out)
+    studio = Studio(args.ckpt, args.runs_dir, taesd=args.taesd, loras=args.lora, clip=args.clip,
+                    image_adapter=args.image_adapter, device=args.device, dtype=args.dtype, out=args.out)
     models = studio.models()
     if not models:
         fail(f"no model to offer: no run in {args.runs_dir}/ and no --ckpt. Train one with `python -m minildm.train "

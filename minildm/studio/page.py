@@ -26,7 +26,7 @@ CSS = """
 #status progress { width: 100%; height: 0.8em; }
 .note { font-size: 0.9em; opacity: 0.8; }
 #output img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#gallery img, #compare img, #arithmetic img { image-rendering: pixelated; }
+#gallery img, #compare img, #arithmetic img, #image-arithmetic img { image-rendering: pixelated; }
 """
 
 
@@ -135,6 +135,14 @@ def build(studio: Studio):
                                              elem_id="strength")
                         inpaint_note = gr.Markdown(studio.inpainting_note(), elem_id="inpaint-note",
                                                    elem_classes="note")
+                    with gr.Accordion("Image prompt", open=d["image_prompt"] == "variations",
+                                      elem_id="image-prompt-box"):
+                        image_note = gr.Markdown(studio.image_prompt_note(), elem_id="image-prompt-note",
+                                                 elem_classes="note")
+                        image_prompt = gr.Image(label="Photo as the prompt", type="filepath", format="png",
+                                                image_mode=None, elem_id="image-prompt",
+                                                sources=["upload", "clipboard"])    # as it is, as the CLI reads it
+                        refuse_unreadable(image_prompt, "image prompt")
                     with gr.Accordion("Settings from an image", open=False, elem_id="settings-from-image"):
                         dropped = gr.File(label="Drop a PNG made by minildm or AUTOMATIC1111 to restore its settings",
                                           file_types=[".png"], elem_id="dropped")
@@ -196,8 +204,26 @@ def build(studio: Studio):
                 arith_button = gr.Button("Draw A, B, C and A + weight (C - B)", elem_id="arithmetic-button")
                 arith_out = gr.Gallery(label="Arithmetic", elem_id="arithmetic", columns=6, format="png",
                                        allow_preview=False, height="auto")
+            with gr.Accordion("A photo and words in CLIP's joint space (image-variations models)", open=True):
+                gr.Markdown("CLIP puts photos and captions in one space. This draws the photo's variation moved "
+                            "away from one caption and towards another by a weight a: the photo, then a = each "
+                            "weight (a = 0 is the plain variation): \"this photo, but a cat\". Needs an "
+                            "image-variations model and the studio started with --clip. "
+                            + lesson_link("12_images_as_prompts.md", "Lesson 12") + ".", elem_classes="note")
+                with gr.Row():
+                    ia_photo = gr.Image(label="Photo", type="filepath", format="png", image_mode=None,
+                                        elem_id="ia-photo", sources=["upload", "clipboard"], height=160)
+                    refuse_unreadable(ia_photo, "photo")
+                    with gr.Column():
+                        ia_minus = gr.Textbox("a dog", label="Take away", elem_id="ia-minus")
+                        ia_plus = gr.Textbox("a cat", label="Add", elem_id="ia-plus")
+                        ia_weights = gr.Textbox("0, 0.5, 1", label="Weights a", elem_id="ia-weights")
+                ia_button = gr.Button("Draw the photo - a (take away) + a (add)", elem_id="image-arithmetic-button")
+                ia_out = gr.Gallery(label="The photo, then each weight", elem_id="image-arithmetic", columns=6,
+                                    format="png", allow_preview=False, height="auto")
 
-        fields = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, init, strength]
+        fields = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, init, strength,
+                  image_prompt]
         # What restoring settings fills in: never the image editor, which Gradio would rebuild for the
         # session (as it rebuilds any component an event outputs to), losing refuse_unreadable's wrapper.
         settable = [prompt, negative, sampler, karras, steps, guidance, seed, width, height, count, strength]
@@ -206,14 +232,15 @@ def build(studio: Studio):
         # ----- callbacks: page values -> Studio -> components ------------------------------------
 
         def request(prompt_, negative_, sampler_, karras_, steps_, guidance_, seed_, width_, height_, count_,
-                    init_, strength_) -> Request:
+                    init_, strength_, image_prompt_=None) -> Request:
             init_image, mask = editor_files(init_)
             return Request(prompt=prompt_ or "", negative=negative_ or "", sampler=sampler_, karras=bool(karras_),
                            steps=whole(steps_, "Steps"), guidance=number(guidance_, "Guidance scale"),
                            seed=whole(seed_, "Seed") if seed_ is not None else -1,
                            width=None if init_image else whole(width_, "Width"),
                            height=None if init_image else whole(height_, "Height"), count=whole(count_, "Images"),
-                           init_image=init_image, strength=float(strength_) if init_image else None, mask=mask)
+                           init_image=init_image, strength=float(strength_) if init_image else None, mask=mask,
+                           image_prompt=image_prompt_ or None)
 
         def editor_files(value):
             """The image editor's value -> (start image file, mask file or None)."""
@@ -260,12 +287,12 @@ def build(studio: Studio):
         def model_fields():
             """What the page shows about the loaded model: the list, the line about it, the form's defaults."""
             if studio.model is None:
-                return [gr.update(choices=studio.models(), value=None), studio.describe()] + [gr.update()] * 7
+                return [gr.update(choices=studio.models(), value=None), studio.describe()] + [gr.update()] * 8
             dd = studio.defaults()
             size = gr.update(value=dd["size"], step=dd["size_step"])
             return [gr.update(choices=studio.models(), value=studio.model_name), studio.describe(), dd["sampler"],
                     dd["steps"], dd["guidance"], size, size, studio.inpainting_note(),
-                    1.0 if dd["inpainting_model"] else 0.75]
+                    1.0 if dd["inpainting_model"] else 0.75, studio.image_prompt_note()]
 
         def switch(name):
             try:
@@ -327,9 +354,18 @@ def build(studio: Studio):
             figure_image(strip.figure)
             return [(image, label) for image, label in zip(strip.images, strip.labels)]
 
+        def show_image_arithmetic(photo, minus, plus, weights_text):
+            try:
+                weights = [float(v) for v in (weights_text or "").replace(";", ",").split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"Weights {weights_text!r}: give numbers separated by commas, e.g. 0, 0.5, 1")
+            strip = studio.image_arithmetic(photo, minus or "", plus or "", weights)
+            figure_image(strip.figure)
+            return [(image, label) for image, label in zip(strip.images, strip.labels)]
+
         # ----- wiring; every event has an api_name, so gradio_client reaches it ----------------------
 
-        model_outputs = [about, sampler, steps, guidance, width, height, inpaint_note, strength]
+        model_outputs = [about, sampler, steps, guidance, width, height, inpaint_note, strength, image_note]
         model.input(guarded(switch), model, model_outputs, api_name="use_model", concurrency_id="model")
         built_with = studio.model_name
 
@@ -360,6 +396,8 @@ def build(studio: Studio):
                              api_name="compare", concurrency_id="model")
         arith_button.click(guarded(show_arithmetic), [prompt_a, prompt_b, prompt_c, weight], arith_out,
                            api_name="arithmetic", concurrency_id="model")
+        ia_button.click(guarded(show_image_arithmetic), [ia_photo, ia_minus, ia_plus, ia_weights], ia_out,
+                        api_name="image_arithmetic", concurrency_id="model")
     return page
 
 

@@ -11,6 +11,11 @@ without a browser, and `page.py` only lays it out.
       .generate(request)               a generator of Events: a preview per step, then each image saved
       .stop()                          end the running generation at its next step
       .filmstrip() / .attention(...) / .compare(...) / .arithmetic(...)    the views, on the last image
+      .image_arithmetic(photo, minus, plus, weights)     a photo and captions in CLIP's joint space
+
+Photos as prompts: an image-variations model reads one in place of the text (and, given a full CLIP,
+captions mixed into it in CLIP's joint space); a run you trained reads one beside the text through its
+image adapter (`python -m minildm.finetune image-prompt`).
 
 One thread does all the model's work (loading, sampling, the views), one job at a time, so the page's
 requests queue behind it. It is one thread for a reason beyond order: PyTorch's CPU kernels run on an
@@ -62,6 +67,8 @@ class Request:
     init_image: str | None = None       # a file: image to image
     strength: float | None = None
     mask: str | None = None             # a file, white = repaint
+    image_prompt: str | None = None     # a file: the photo an image-variations model varies, or a run's
+                                        # image adapter reads beside the text
 
 
 @dataclass
@@ -104,11 +111,15 @@ class PreviewBudget:
 
 
 class Studio:
-    def __init__(self, ckpts=(), runs_dir: str = "runs", *, taesd: str | None = None, loras=(), device: str = "auto",
-                 dtype: str = "auto", out: str = "studio-outputs"):
+    def __init__(self, ckpts=(), runs_dir: str = "runs", *, taesd: str | None = None, loras=(), clip: str | None = None,
+                 image_adapter: tuple | None = None, device: str = "auto", dtype: str = "auto",
+                 out: str = "studio-outputs"):
         """taesd: a TAESD folder every SD-sized model decodes with; loras: (file, scale) pairs merged into
-        every SD-sized model when it is loaded (the small CIFAR-sized runs are left as trained)."""
+        every SD-sized model when it is loaded (the small CIFAR-sized runs are left as trained); clip: a
+        full CLIP folder whose text tower puts captions into an image-variations model's prompt;
+        image_adapter: (file, scale), attached to the run it was trained for."""
         self.ckpts, self.runs_dir, self.taesd, self.loras = list(ckpts), runs_dir, taesd, list(loras)
+        self.clip, self.image_adapter = clip, image_adapter
         self.device, self.dtype, self.out = device, dtype, out
         self.model = None
         self.model_name = None
@@ -186,9 +197,19 @@ class Studio:
     def _add_ons(self, model, path):
         """Merge the LoRA files and load TAESD into `model` where they fit: a Stable Diffusion-sized model
         they do not fit is an error, a small run is used without them (returned as the list of what
-        was left out, which the page shows)."""
+        was left out, which the page shows). The LoRA files are for text-to-image models: an
+        image-variations model takes the CLIP text tower of --clip instead; the image adapter goes into
+        the run it was trained for and is left out of the others."""
         sd_sized, skipped = model.default_size >= 512, []
-        for file, scale in self.loras:
+        variations = model.is_image_variations_model
+        if variations and self.clip:
+            try:
+                model.load_text_clip(self.clip)
+            except ValueError as e:
+                raise ValueError(f"--clip {self.clip}: {e}") from None
+        if variations and self.loras:
+            skipped.append("the LoRA files")
+        for file, scale in self.loras if not variations else ():
             try:
                 model.load_lora(file, scale)
             except ValueError as e:
@@ -204,6 +225,13 @@ class Studio:
                 if sd_sized:
                     raise ValueError(f"--taesd {self.taesd}: {e}") from None
                 skipped.append("TAESD")
+        if self.image_adapter:
+            try:
+                if variations:
+                    raise ValueError("an image-variations model reads photos already")
+                model.load_image_adapter(*self.image_adapter)
+            except ValueError:                              # made for another run (CheckpointError included)
+                skipped.append("the image adapter")
         return model, skipped
 
     def _time_preview(self) -> float:
@@ -223,6 +251,9 @@ class Studio:
         return {"sampler": sampler, "steps": steps, "guidance": guidance, "size": model.default_size,
                 "size_step": math.lcm(8, model.size_multiple), "max_size": 4 * model.default_size,
                 "inpainting_model": model.is_inpainting_model, "takes_guidance": model.takes_guidance,
+                "image_prompt": ("variations" if model.is_image_variations_model else
+                                 "adapter" if model.image_adapter is not None else None),
+                "captions": model.text_clip is not None,
                 "decoder": "TAESD" if model.tiny_decoder is not None else "VAE",
                 "guidance_interval": self.guidance_interval, "dtype": str(model.dtype)[6:]}
 
@@ -232,7 +263,12 @@ class Studio:
             return "No model loaded: pick one in the Model list."
         d = self.defaults()
         kind = ("an inpainting model (9-channel UNet)" if d["inpainting_model"] else
+                "an image-variations model (a photo is its prompt" + (", captions through CLIP's joint space)"
+                                                                      if d["captions"] else ")")
+                if d["image_prompt"] == "variations" else
                 "an LCM-distilled model" if d["takes_guidance"] else "a text-to-image model")
+        if d["image_prompt"] == "adapter":
+            kind += " with an image adapter (a photo beside the prompt)"
         interval = d["guidance_interval"]
         guided = (f"; guidance at timesteps {interval[0]:g}-{interval[1]:g} (this run's default)" if interval else "")
         loras = (f", {len(self.loras)} LoRA file(s) merged" if self.loras and "the LoRA files" not in self.skipped
@@ -242,6 +278,19 @@ class Studio:
                 f"{d['decoder']}, previews {self.preview_cost * 1000:.0f} ms each{guided}{skipped}")
 
     # ----- generating -----------------------------------------------------------------------------
+
+    def image_prompt_note(self) -> str:
+        """How the loaded model reads a photo prompt, for the page."""
+        kind = self.defaults()["image_prompt"] if self.model is not None else None
+        if kind == "variations":
+            return ("This image-variations model draws variations of the photo: it reads the photo in place of "
+                    "text (leave the prompts empty). Lesson 12.")
+        if kind == "adapter":
+            return ("This run reads the photo beside the prompt (which may be empty) through its image adapter. "
+                    "Lesson 12.")
+        return ("This model reads text only: photos are read by an image-variations model, or by a run you "
+                "trained with its image adapter (python -m minildm.finetune image-prompt; start the studio with "
+                "--image-adapter FILE). Lesson 12.")
 
     def inpainting_note(self) -> str:
         """How the loaded model inpaints, for the page."""
@@ -283,6 +332,16 @@ class Studio:
             r.seed = random.SystemRandom().randrange(2**31)
         if not (isinstance(r.seed, int) and r.seed + r.count <= 2**63):
             raise ValueError(f"Seed {r.seed}: must be a whole number from 0 (or -1 for a random one)")
+        if d["image_prompt"] == "variations":
+            if not r.image_prompt:
+                raise ValueError("this is an image-variations model: upload a photo under Image prompt")
+            if r.prompt or r.negative:
+                raise ValueError("an image-variations model reads the photo, not text: clear the "
+                                 + ("prompt" if r.prompt else "negative prompt")
+                                 + " (captions go in through Look inside, with --clip)")
+        elif r.image_prompt and d["image_prompt"] is None:
+            raise ValueError("this model reads text only: an image prompt needs an image-variations model, or "
+                             "for a run you trained an image adapter (start the studio with --image-adapter)")
         if r.mask and not r.init_image:
             raise ValueError("a mask needs an image to paint it on: upload one under Image to image")
         if d["inpainting_model"] and not (r.init_image and r.mask):
@@ -353,6 +412,10 @@ class Studio:
             s["loras"] = [[os.path.abspath(path), scale] for path, scale in self.loras]
         if self.model.tiny_decoder is not None:
             s["taesd"] = os.path.abspath(self.taesd)
+        if r.image_prompt is not None and self.model.image_adapter is not None:
+            s["image_adapter"] = [os.path.abspath(self.image_adapter[0]), self.image_adapter[1]]
+        if r.image_prompt is not None:
+            s["image_prompt"] = os.path.abspath(r.image_prompt)
         if r.init_image is not None:
             s.update(init_image=os.path.abspath(r.init_image), strength=r.strength)
         if r.mask is not None:
@@ -392,15 +455,27 @@ class Studio:
             init, mask = self.read_images(r)
             r.init_image = self.keep_input(r.init_image, "image") if r.init_image else None
             r.mask = self.keep_input(r.mask, "mask") if r.mask else None
+            photo = self.read_photo(r.image_prompt) if r.image_prompt else None
+            r.image_prompt = self.keep_input(r.image_prompt, "prompt") if r.image_prompt else None
             r.width = r.width or self.model.default_size
             r.height = r.height or self.model.default_size
             self.model.check_size(r.height, r.width)
             os.makedirs(self.out, exist_ok=True)
-            self._generate(r, init, mask, events)
+            self._generate(r, init, mask, events, photo)
         except BaseException as e:  # noqa: BLE001  (reported to the page's side of the queue)
             events.put(e)
 
-    def _generate(self, r: Request, init, mask, events: queue.Queue) -> None:
+    def read_photo(self, path: str):
+        """An image prompt's file as a PIL image, as it is (as `python -m minildm.sample` reads it)."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return im.copy()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"the image prompt is not an image that can be read ({type(e).__name__})") from None
+
+    def _generate(self, r: Request, init, mask, events: queue.Queue, photo=None) -> None:
         model = self.model
         cost = self.preview_cost
         steps_run = r.steps if init is None else int(r.steps * r.strength)
@@ -432,7 +507,8 @@ class Studio:
 
             settings = self.settings(r, seed)
             try:
-                x = model.generate(r.prompt, negative_prompt=r.negative, num_steps=r.steps, sampler=r.sampler,
+                x = model.generate(r.prompt, negative_prompt=r.negative, image_prompt=photo, num_steps=r.steps,
+                                   sampler=r.sampler,
                                    guidance_scale=r.guidance, guidance_interval=self.guidance_interval,
                                    height=r.height, width=r.width, seeds=[seed], init_image=init,
                                    strength=r.strength if init is not None else 0.8, mask=mask, callback=callback,
@@ -453,7 +529,7 @@ class Studio:
     def _save(self, x: torch.Tensor, settings: dict) -> str:
         from ..cli import free_path
 
-        path = free_path(os.path.join(self.out, f"{slug(settings['prompt'])}-{settings['seed']}.png"))
+        path = free_path(os.path.join(self.out, f"{file_stem(settings)}-{settings['seed']}.png"))
         save_png(to_pil(x), path, settings)
         self.history.insert(0, (path, settings))
         return path
@@ -466,7 +542,7 @@ class Studio:
             raise ValueError(f"this image was made with {made_with}: pick that model first")
         keys = {k: settings[k] for k in ("prompt", "negative", "sampler", "karras", "steps", "guidance", "seed",
                                          "width", "height", "strength") if settings.get(k) is not None}
-        for name in ("init_image", "mask"):
+        for name in ("init_image", "mask", "image_prompt"):
             if settings.get(name):
                 if not os.path.isfile(settings[name]):
                     raise ValueError(f"this image started from {settings[name]}, which is gone: upload it again")
@@ -529,8 +605,12 @@ class Studio:
 
     # ----- the views, on the last image -----------------------------------------------------------
 
-    def _last_settings(self) -> dict:
-        self._text_to_image_model()
+    def _last_settings(self, from_text: bool = True) -> dict:
+        """The last image's settings; from_text: for a view that draws it again from its prompt."""
+        if from_text:
+            self._text_to_image_model()
+        elif self.model is None:
+            raise ValueError("no model loaded: pick one in the Model list")
         if self.last is None:
             raise ValueError("make an image first: the views look inside the last image generated")
         return self.last["settings"]
@@ -540,15 +620,19 @@ class Studio:
             raise ValueError("no model loaded: pick one in the Model list")
         if self.model.is_inpainting_model:
             raise ValueError("the views draw from text alone, which an inpainting model cannot: pick another model")
+        if self.model.is_image_variations_model:
+            raise ValueError("this view draws from text, which an image-variations model does not read: its panel "
+                             "is the photo and words in CLIP's joint space")
 
     def filmstrip(self, max_columns: int = 8):
         """The last image's filmstrip (views.filmstrip_from_steps) from the steps kept while it was made,
         decoded at the preview's size (256 px for SD: 16 decodes of SD's VAE at 512 px would take minutes)."""
-        s = self._last_settings()
+        s = self._last_settings(from_text=False)
+        what = f'"{s["prompt"]}"' if s["prompt"] else "variation of " + os.path.basename(s.get("image_prompt") or "")
         return self.on_model_thread(views.filmstrip_from_steps,
                                     self.model, self.last["caught"], self.last["x"] * 2 - 1, max_columns=max_columns,
                                     shown_only=True, max_latent_side=32,
-                                    title=f'"{s["prompt"]}", {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
+                                    title=f'{what}, {s["sampler"]}, {s["steps"]} steps, seed {s["seed"]}')
 
     def attention(self):
         """Cross-attention maps of the last image's prompt and seed (views.attention_maps_view), regenerated
@@ -615,3 +699,43 @@ class Studio:
                                     weight=weight, sampler=s["sampler"], num_steps=s["steps"],
                                     guidance_scale=s["guidance"], height=s.get("height"), width=s.get("width"),
                                     guidance_interval=self.guidance_interval)
+
+    def image_arithmetic(self, photo: str, minus: str, plus: str, weights):
+        """views.image_arithmetic: the photo, then u(u(photo) - a u(minus) + a u(plus)) at the photo's length
+        for each weight a, at the last image's seed, steps and sampler (or the model's defaults). Needs an
+        image-variations model and, for the captions, the studio's --clip."""
+        model = self.model
+        if model is None:
+            raise ValueError("no model loaded: pick one in the Model list")
+        if not model.is_image_variations_model:
+            raise ValueError("this panel moves an image-variations model's photo embedding: load one (a diffusers "
+                             "folder with image_encoder/, such as lambdalabs/sd-image-variations-diffusers)")
+        if model.text_clip is None:
+            raise ValueError("the captions need CLIP's text tower: start the studio with --clip FOLDER "
+                             "(openai/clip-vit-large-patch14)")
+        if not photo:
+            raise ValueError("upload the photo to start from")
+        if not (minus.strip() and plus.strip()):
+            raise ValueError("give both captions: the one to take away and the one to add")
+        weights = list(weights)
+        if not 1 <= len(weights) <= 8 or not all(math.isfinite(a) and -10 <= a <= 10 for a in weights):
+            raise ValueError("weights: one to eight numbers from -10 to 10")
+        image = self.read_photo(photo)
+        if self.last is not None:
+            s = self.last["settings"]
+        else:
+            d = self.defaults()
+            s = {"seed": 0, "sampler": d["sampler"], "steps": d["steps"], "guidance": d["guidance"]}
+        return self.on_model_thread(views.image_arithmetic, model, image, minus.strip(), plus.strip(), weights=weights,
+                                    seed=s["seed"], sampler=s["sampler"], num_steps=s["steps"],
+                                    guidance_scale=s["guidance"], guidance_interval=self.guidance_interval)
+
+
+def file_stem(settings: dict) -> str:
+    """An image's file name before its seed: the prompt; for a photo prompt, whose upload has no name of its
+    own here, 'variation' (an image-variations model) or '<prompt>-like-photo' (a run's image adapter)."""
+    if settings.get("image_prompt") and "image_adapter" not in settings:
+        return "variation"
+    if settings.get("image_prompt"):
+        return "-".join(part for part in (slug(settings["prompt"]) if settings["prompt"] else "", "like-photo") if part)
+    return slug(settings["prompt"])
