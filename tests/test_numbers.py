@@ -326,6 +326,8 @@ SOURCED = {
     ],
     "README.md": [
         ("0.99 times as often as", results("**0.83 = 0.99x** the template")),
+        ("the hour bought\n  1,553 steps and a model that drew the prompted class 27% of the time",
+         results("the diffusion model 1,553 steps", table("| prompt (n = 50 per class) |"))),
         ("(6,021 diffusion steps in the hour", results(*ONE_HOUR)),
         ("about 1.5 hours on a card", results("about 1.5 hours")),
         ("(the share of near-copies: about 1% for new images)", results("(new images: about 1%)")),
