@@ -1,6 +1,7 @@
 """The studio: its session in plain Python (the same images as `python -m minildm.sample`, Stop, the
 preview's budget, one-line messages), every page event through Gradio's Python client, and the page in a
 real headless Chromium, as a person uses it."""
+import contextlib
 import io
 import json
 import os
@@ -277,22 +278,31 @@ def test_a_saved_image_re_runs_from_its_settings(studio):
 
 # ----- every page event through Gradio's Python client --------------------------------------------
 
-@pytest.fixture(scope="module")
-def client(workdir):
+@contextlib.contextmanager
+def page_client(studio):
+    """The page of a Studio served on a free port, and a Gradio Python client on it."""
     pytest.importorskip("gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from gradio_client import Client
 
     from minildm.studio.page import build
 
-    studio = Studio([], str(workdir / "runs"), out=str(workdir / "client-out"), dtype="float32")
-    studio.use(studio.models()[0])
     page = build(studio)
     page.queue(default_concurrency_limit=1)
     port = browser.free_port()
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), studio
-    page.close()
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def client(workdir):
+    studio = Studio([], str(workdir / "runs"), out=str(workdir / "client-out"), dtype="float32")
+    studio.use(studio.models()[0])
+    with page_client(studio) as c:
+        yield c, studio
 
 
 FORM = dict(negative="", sampler="ddim", karras=False, steps=5, guidance=7.5, width=32, height=32, count=1,
@@ -382,9 +392,9 @@ def test_inpainting_from_a_painted_mask_through_the_client(client, workdir, monk
 
 # ----- the page in a real browser ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser_page(workdir):
-    """The studio started by its command line, and a headless Chromium page on it."""
+@contextlib.contextmanager
+def studio_in_browser(*args, cwd):
+    """`python -m minildm.studio ARGS --dtype float32` started in `cwd`, and a headless Chromium page on it."""
     pytest.importorskip("gradio")
     pytest.importorskip("playwright")
 
@@ -392,10 +402,16 @@ def browser_page(workdir):
         if os.environ.get("MINILDM_REQUIRE_BROWSER"):
             pytest.fail("no Chromium (apt-get install chromium): the browser tests must run here")
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    with browser.studio_server("--runs-dir", "runs", "--out", "page-out", "--dtype", "float32",
-                               port=browser.free_port(), cwd=str(workdir)) as (url, _), \
+    with browser.studio_server(*args, "--dtype", "float32", port=browser.free_port(), cwd=str(cwd)) as (url, _), \
             browser.browser_page() as page:
         page.goto(url)
+        yield page
+
+
+@pytest.fixture(scope="module")
+def browser_page(workdir):
+    """The studio started by its command line, and a headless Chromium page on it."""
+    with studio_in_browser("--runs-dir", "runs", "--out", "page-out", cwd=workdir) as page:
         yield page
 
 

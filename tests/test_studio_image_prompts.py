@@ -16,6 +16,7 @@ from minildm.schedule import NoiseSchedule
 from minildm.studio import browser
 from minildm.studio.session import Request, Studio
 from test_convert import tiny_models
+from test_studio import page_client, studio_in_browser
 from test_image_adapter import adapter_for, small_model
 from test_image_variations import _photo
 from test_joint_space import clip, folder, parts  # noqa: F401  (fixtures: tiny image-variations folder, CLIP)
@@ -190,18 +191,8 @@ def test_the_command_line_refuses_a_missing_clip_or_adapter(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def client(variations):
-    pytest.importorskip("gradio")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from gradio_client import Client
-
-    from minildm.studio.page import build
-
-    page = build(variations)
-    page.queue(default_concurrency_limit=1)
-    port = browser.free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    page.close()
+    with page_client(variations) as c:
+        yield c
 
 
 def test_the_page_varies_a_photo_and_draws_the_joint_space_strip(client, variations, photo):
@@ -226,17 +217,8 @@ def test_the_page_varies_a_photo_and_draws_the_joint_space_strip(client, variati
 @pytest.fixture(scope="module")
 def variations_page(folder, clip, tmp_path_factory):  # noqa: F811
     """`python -m minildm.studio --ckpt FOLDER --clip CLIP` and a headless Chromium page on it."""
-    pytest.importorskip("gradio")
-    pytest.importorskip("playwright")
-    if browser.chromium_path() is None:
-        if os.environ.get("MINILDM_REQUIRE_BROWSER"):
-            pytest.fail("no Chromium (apt-get install chromium): the browser tests must run here")
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    root = tmp_path_factory.mktemp("variations-page")
-    with browser.studio_server("--ckpt", folder, "--clip", clip[0], "--runs-dir", "runs", "--out", "page-out",
-                               "--dtype", "float32", port=browser.free_port(), cwd=str(root)) as (url, _), \
-            browser.browser_page() as page:
-        page.goto(url)
+    with studio_in_browser("--ckpt", folder, "--clip", clip[0], "--runs-dir", "runs", "--out", "page-out",
+                           cwd=tmp_path_factory.mktemp("variations-page")) as page:
         yield page
 
 
