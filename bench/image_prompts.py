@@ -39,7 +39,8 @@ SHOWN = ("airplane", "cat", "dog", "horse")
 
 
 def adapter_for(model, run: Path, train, pairing: str, steps: int, seed: int) -> tuple:
-    """(adapter, seconds it took to train, 0 when reused) for `pairing`, trained on the run's training split."""
+    """(adapter, seconds it took to train or 0 when reused, its file) for `pairing`, trained on the run's
+    training split."""
     path = run / "adapters" / f"{pairing}-{steps}steps-seed{seed}.safetensors"
     if path.exists():
         print(f"reusing {path}", file=sys.stderr)
