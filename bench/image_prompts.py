@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minildm.cli import default_guidance_interval  # noqa: E402
 from minildm.evaluate import evaluate, run_data  # noqa: E402
